@@ -1,0 +1,1 @@
+"""CLI command groups that live in their own modules."""

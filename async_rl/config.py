@@ -1,0 +1,423 @@
+"""The typed configuration tree: one pydantic model per component.
+
+Every field is declared and documented once, next to its default, with its bounds.
+A component receives only its own section (``cfg.buffer``, ``cfg.learner`` …), never the
+whole tree. Loading (YAML + dotted overrides, one-line errors) lives in ``config_io.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None,
+        description="HF-format model directory. None builds the tiny local model "
+        "(`async-rl init-model`) into the run folder and reuses it on later runs.",
+    )
+    size: Literal["tiny", "small"] = Field("tiny", description="Size of the built local model.")
+    seed: int = Field(0, ge=0, description="Seed of the built local model's random init.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of actors and learner (float32 is the fast CPU setting)."
+    )
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt+response the actors serve.")
+    rope_scaling: dict | None = Field(
+        None,
+        description='RoPE scaling passed to vLLM, e.g. {"rope_type": "yarn", "factor": 2.5, '
+        '"original_max_position_embeddings": 32768}.',
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SynthConfig(Section):
+    task: Literal["arith"] = Field("arith", description="Built-in synthetic task family.")
+    n_train: int = Field(2000, gt=0, description="Training prompts generated.")
+    n_heldout: int = Field(200, gt=0, description="Held-out prompts (disjoint seed stream).")
+    n_sft: int = Field(2000, gt=0, description="SFT rows (prompt + worked solution).")
+    min_digits: int = Field(1, ge=1, le=12, description="Fewest digits in an operand.")
+    max_digits: int = Field(2, ge=1, le=12, description="Most digits in an operand.")
+    min_terms: int = Field(2, ge=2, le=8, description="Fewest operands in an expression.")
+    max_terms: int = Field(2, ge=2, le=8, description="Most operands in an expression.")
+    ops: list[Literal["+", "-", "*"]] = Field(["+", "-"], min_length=1, description="Operators used.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SynthConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"min_digits={self.min_digits} > max_digits={self.max_digits}: min must be <= max"
+            )
+        if self.min_terms > self.max_terms:
+            raise ValueError(
+                f"min_terms={self.min_terms} > max_terms={self.max_terms}: min must be <= max"
+            )
+        return self
+
+
+class DataConfig(Section):
+    train: str = Field(
+        "synthetic",
+        description="Training prompts: 'synthetic' (built-in task, see `synth`) or a "
+        ".parquet/.jsonl file in the verl/Klear row format.",
+    )
+    heldout: str = Field(
+        "synthetic", description="Held-out prompts for evaluation: 'synthetic' or a file."
+    )
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    seed: int = Field(0, ge=0, description="Seed of the synthetic streams and of prompt order.")
+    system_prompt: str | None = Field(None, description="Optional system message prepended to prompts.")
+
+
+# --------------------------------------------------------------------------- reward
+
+
+class RewardConfig(Section):
+    correct: float = Field(1.0, description="Reward of a verified correct answer.")
+    wrong: float = Field(-1.0, description="Reward of a wrong or missing answer.")
+    missing_think_close: float = Field(
+        -0.5, description="Reward when `</think>` is missing (only if require_think_format)."
+    )
+    missing_think_open: float = Field(
+        -2.0, description="Reward when `<think>` is missing (only if require_think_format)."
+    )
+    require_think_format: bool = Field(
+        False, description="Apply the Klear think-format penalties above."
+    )
+    workers: int = Field(2, ge=1, le=256, description="Reward worker processes (pebble pool).")
+    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout; a timeout scores as wrong.")
+    code_max_tests: int = Field(16, ge=1, description="Code reward: tests sampled per program (K).")
+    code_soft: bool = Field(True, description="Code reward: passed/total (soft) instead of all-pass.")
+    code_test_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Code reward: wall-clock (and CPU) limit of one test run."
+    )
+    code_time_budget_s: float = Field(
+        3.5,
+        gt=0,
+        description="Code reward: wall-clock for all of one program's tests (tests past it score "
+        "as timeouts); capped at timeout_s minus 1.5 s for sandbox start-up and clean-up.",
+    )
+    code_memory_mb: int = Field(
+        1024, ge=64, le=65536, description="Code reward: address-space limit of a test run (MiB)."
+    )
+    code_output_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Code reward: most stdout bytes one test may print."
+    )
+    code_float_tol: float = Field(
+        0.0, ge=0, lt=1, description="Code reward: relative/absolute tolerance of numeric tokens (0 = exact)."
+    )
+    code_isolation: Literal["auto", "firejail", "bwrap", "rlimits"] = Field(
+        "auto",
+        description="Code reward sandbox: 'auto' picks the strongest that works (firejail > bwrap > "
+        "rlimits); naming one makes its absence an error instead of a fallback.",
+    )
+    code_sandbox_user: str = Field(
+        "asyncrl-sandbox",
+        description="Unprivileged user the programs run as when the trainer runs as root "
+        "(created by scripts/install.sh); untrusted code never runs as root.",
+    )
+
+
+# --------------------------------------------------------------------------- actors
+
+
+class ActorsConfig(Section):
+    count: int = Field(1, ge=0, description="vLLM actors (engines) generating concurrently.")
+    n_samples_per_prompt: int = Field(8, ge=1, description="Responses per prompt (the group size n).")
+    prompts_in_flight: int = Field(16, ge=1, description="Prompts each actor keeps submitted.")
+    temperature: float = Field(1.0, ge=0, description="Rollout sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling.")
+    top_k: int = Field(-1, ge=-1, description="Rollout top-k (-1 = off).")
+    max_tokens: int = Field(64, gt=0, description="Longest response generated.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    seed: int | None = Field(0, description="Sampling seed (None = nondeterministic).")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / compilation (fast on CPU).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
+    multiprocess_engine: bool = Field(
+        False, description="vLLM's multi-process engine (slow start on CPU) instead of in-process."
+    )
+    recompute_kv_on_update: bool = Field(
+        True, description="After a weight update, recompute running requests' KV under new weights."
+    )
+    cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per actor.")
+    gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor.")
+
+
+# --------------------------------------------------------------------------- buffer
+
+
+class BufferConfig(Section):
+    capacity_rows: int = Field(1_000_000, gt=0, description="Most rows kept; oldest evicted first.")
+    capacity_bytes: int = Field(8 << 30, gt=0, description="Most bytes on disk; oldest evicted first.")
+    segment_bytes: int = Field(64 << 20, gt=0, description="An Arrow IPC segment rolls past this size.")
+    fsync: Literal["batch", "interval", "never"] = Field(
+        "batch", description="When appended batches are fsynced before being acknowledged."
+    )
+    fsync_interval_s: float = Field(1.0, gt=0, description="Interval for fsync: interval.")
+    sampler: Literal["fifo", "uniform", "prioritized"] = Field(
+        "fifo", description="Which groups a sample returns first."
+    )
+    max_staleness: int = Field(
+        4, ge=0, description="Rows older than this many policy versions are never trained on."
+    )
+    max_times_sampled: int = Field(1, ge=1, description="Times a group may be returned (1 = once).")
+    min_size_to_sample: int = Field(4, ge=1, description="Groups stored before sampling starts.")
+    samples_per_insert: float | None = Field(
+        None, gt=0, description="Rate limiter: target groups sampled per group inserted (None = off)."
+    )
+    spi_tolerance: float = Field(
+        8.0, ge=0, description="Rate limiter slack, in groups, around samples_per_insert."
+    )
+    filter_zero_advantage: bool = Field(
+        True, description="Skip groups whose rewards are all equal (their advantages are 0)."
+    )
+    host: str = Field("127.0.0.1", description="Service bind address.")
+    port: int = Field(0, ge=0, le=65535, description="Service port (0 = pick a free one).")
+    max_message_bytes: int = Field(256 << 20, gt=0, description="Largest request the service accepts.")
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class LearnerConfig(Section):
+    ranks: int = Field(1, ge=1, description="Data-parallel learner ranks (one DeepSpeed group).")
+    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    groups_per_step: int = Field(8, ge=1, description="Prompt groups sampled per learner step.")
+    mini_batches_per_step: int = Field(
+        1, ge=1, description="Optimizer steps per sampled batch (Klear: 8 for math)."
+    )
+    micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of a packed micro-batch.")
+    logprob_chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk when computing logprobs from hidden states."
+    )
+    max_steps: int = Field(200, ge=0, description="Learner steps to run (0 = until stopped).")
+    checkpoint_every: int = Field(50, ge=0, description="Steps between checkpoints (0 = off).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")
+    eval_every: int = Field(10, ge=0, description="Steps between held-out evaluations (0 = off).")
+    eval_prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
+    sft_epochs: float = Field(0.0, ge=0, description="SFT warm-start epochs before RL (0 = none).")
+    sft_lr: float = Field(1e-3, gt=0, description="SFT learning rate.")
+    sft_batch_size: int = Field(32, ge=1, description="SFT rows per optimizer step.")
+    cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
+    gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner rank.")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero(cls, stage: int) -> int:
+        if stage not in (0, 1, 2, 3):
+            raise ValueError("must be 0, 1, 2 or 3")
+        return stage
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+class LossConfig(Section):
+    type: Literal["gppo", "ppo", "dapo", "cispo", "gspo", "gspo_token", "reinforce_tis"] = Field(
+        "gppo", description="Objective (ALGORITHMS.md §1, §3)."
+    )
+    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip ε_l (ratio ≥ 1−ε_l).")
+    eps_high: float = Field(0.28, ge=0, description="Upper clip ε_h (ratio ≤ 1+ε_h).")
+    beta1: float = Field(1.0, ge=0, description="GPPO low-side gradient scale β1.")
+    beta2: float = Field(1.0, ge=0, description="GPPO high-side gradient scale β2.")
+    dual_clip_c: float | None = Field(10.0, gt=1, description="Dual clip c for A<0 (None = off).")
+    only_high: bool = Field(False, description="GPPO: keep only the high-side gradient.")
+    cispo_two_sided: bool = Field(False, description="CISPO: also bound the weight below by 1−ε_l.")
+
+
+class StalenessScheduleConfig(Section):
+    type: Literal["constant", "linear", "inverse"] = Field(
+        "constant", description="How clip bounds move with staleness s: ε0, ε0(1+κs), ε0/(1+κs)."
+    )
+    kappa: float = Field(0.25, ge=0, description="Schedule slope κ.")
+    eps_min: float = Field(0.01, ge=0, description="Clamp floor of ε(s).")
+    eps_max: float = Field(0.9, gt=0, description="Clamp ceiling of ε(s); ε_l(s) stays below 1.")
+
+
+class OffPolicyConfig(Section):
+    mode: Literal["decoupled", "coupled"] = Field(
+        "decoupled", description="Clip centre: recomputed proximal logprobs, or behaviour logprobs."
+    )
+    tis_cap: float | None = Field(2.0, gt=0, description="Truncate the behaviour weight w at C.")
+    icepop: tuple[float, float] | None = Field(
+        None, description="Mask tokens whose w lies outside [α, β] (IcePop, e.g. [0.5, 5])."
+    )
+    m2po_tau: float | None = Field(None, gt=0, description="M2PO second-moment threshold τ.")
+
+    @field_validator("icepop")
+    @classmethod
+    def _icepop(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not 0 <= bounds[0] < bounds[1]:
+            raise ValueError(f"{list(bounds)}: need 0 <= α < β, e.g. [0.5, 5]")
+        return bounds
+
+
+class AdvantageConfig(Section):
+    type: Literal["grpo", "drgrpo"] = Field("grpo", description="Group z-score, or mean-centred only.")
+    std: Literal["unbiased", "population"] = Field("unbiased", description="Std estimator (GRPO).")
+    eps: float = Field(1e-6, ge=0, description="Added to the std.")
+
+
+class OverlongConfig(Section):
+    shaping: bool = Field(False, description="DAPO soft overlong penalty.")
+    buffer_tokens: int = Field(16, ge=1, description="L_cache: length of the penalty ramp.")
+    penalty_factor: float = Field(1.0, ge=0, description="Penalty at the max length.")
+    filter: bool = Field(False, description="Drop responses cut at max_tokens (no EOS).")
+
+
+class AlgorithmConfig(Section):
+    mode: Literal["async", "sync"] = Field("async", description="Asynchronous, or generate→train.")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    off_policy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
+    staleness_schedule: StalenessScheduleConfig = Field(default_factory=StalenessScheduleConfig)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="Loss aggregation (token-mean uses the global token count)."
+    )
+    sum_norm_tokens: int = Field(
+        1024, gt=0, description="Constant length L of seq-mean-token-sum-norm (Dr.GRPO), e.g. max_tokens."
+    )
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    sft_coef: float = Field(0.1, ge=0, description="Klear α: NLL on fully correct responses.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty (Klear and DAPO use 0).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus (0 = logged only).")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightsConfig(Section):
+    publish_every: int = Field(1, ge=1, description="Learner steps between weight publishes.")
+    host: str = Field("127.0.0.1", description="Publisher bind address.")
+    port: int = Field(0, ge=0, le=65535, description="Publisher port (0 = pick a free one).")
+    chunk_bytes: int = Field(1 << 20, ge=4096, description="Payload chunk size.")
+    wire_dtype: Literal["same", "bfloat16", "float16"] = Field(
+        "same", description="Send fp32 masters as this dtype ('same' = unchanged)."
+    )
+    changed_only: bool = Field(False, description="Send only tensors that changed since the last publish.")
+    curve_keys_dir: str | None = Field(
+        None, description="ZeroMQ CURVE keys (`async-rl keys generate DIR`); required off loopback."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="Full ZeroMQ endpoint to bind, e.g. 'ipc:///tmp/w.sock' (None = tcp on host:port).",
+    )
+    credit_chunks: int = Field(
+        16, ge=1, le=1024, description="Chunks a subscriber lets the publisher have in flight to it."
+    )
+    heartbeat_s: float = Field(
+        0.5, gt=0, le=60, description="Idle subscribers re-announce their version this often."
+    )
+    stall_timeout_s: float = Field(
+        10.0, gt=0, description="A transfer or peer silent this long is dropped (and re-requested)."
+    )
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class ClusterConfig(Section):
+    ray_address: str | None = Field(
+        None, description="None starts a private local Ray; 'auto' or HOST:PORT joins a cluster."
+    )
+    bind_host: str = Field("127.0.0.1", description="Address every service binds (loopback locally).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs given to a private local Ray.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy on clusters."
+    )
+
+
+# --------------------------------------------------------------------------- logging / run
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to the run folder.")
+    console: Literal["auto", "rich", "plain"] = Field(
+        "auto", description="Live display: rich on a TTY, plain lines otherwise."
+    )
+    log_every: int = Field(1, ge=1, description="Learner steps between metric lines.")
+
+
+class RunConfig(Section):
+    dir: str = Field("runs/tiny", description="Run folder: config, metrics, checkpoints, buffer, model.")
+    seed: int = Field(0, ge=0, description="Global seed.")
+    resume: bool = Field(False, description="Continue the run in `dir` from its last checkpoint.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop after this much wall-clock.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        if self.actors.max_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"actors.max_tokens={self.actors.max_tokens} must be below "
+                f"model.max_model_len={self.model.max_model_len}"
+            )
+        if self.learner.groups_per_step % self.learner.mini_batches_per_step:
+            raise ValueError(
+                f"learner.groups_per_step={self.learner.groups_per_step} must be a multiple of "
+                f"learner.mini_batches_per_step={self.learner.mini_batches_per_step}"
+            )
+        if self.algorithm.overlong.shaping and (
+            self.algorithm.overlong.buffer_tokens >= self.actors.max_tokens
+        ):
+            raise ValueError(
+                f"algorithm.overlong.buffer_tokens={self.algorithm.overlong.buffer_tokens} must be "
+                f"below actors.max_tokens={self.actors.max_tokens}"
+            )
+        sched = self.algorithm.staleness_schedule
+        if sched.eps_min > sched.eps_max:
+            raise ValueError(
+                f"algorithm.staleness_schedule.eps_min={sched.eps_min} > eps_max={sched.eps_max}"
+            )
+        if self.cluster.bind_host not in ("127.0.0.1", "localhost", "::1") and (
+            self.weights.curve_keys_dir is None
+        ):
+            raise ValueError(
+                f"cluster.bind_host={self.cluster.bind_host}: off loopback weights.curve_keys_dir "
+                "must be set (`async-rl keys generate DIR`) so traffic is authenticated"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+

@@ -1,0 +1,1 @@
+"""Prompt sources: built-in synthetic tasks and the verl/Klear row format."""
