@@ -105,10 +105,10 @@ class RewardConfig(Section):
         2.0, gt=0, le=60, description="Code reward: wall-clock (and CPU) limit of one test run."
     )
     code_time_budget_s: float = Field(
-        3.5,
+        3.0,
         gt=0,
         description="Code reward: wall-clock for all of one program's tests (tests past it score "
-        "as timeouts); capped at timeout_s minus 1.5 s for sandbox start-up and clean-up.",
+        "as timeouts); capped at timeout_s minus 2 s for sandbox start-up and clean-up.",
     )
     code_memory_mb: int = Field(
         1024, ge=64, le=65536, description="Code reward: address-space limit of a test run (MiB)."
@@ -236,7 +236,9 @@ class LearnerConfig(Section):
 
 class LossConfig(Section):
     type: Literal["gppo", "ppo", "dapo", "cispo", "gspo", "gspo_token", "reinforce_tis"] = Field(
-        "gppo", description="Objective (ALGORITHMS.md §1, §3)."
+        "gppo",
+        description="Objective (ALGORITHMS.md §1, §3); ppo clips symmetrically with eps_low, "
+        "the others use eps_low/eps_high.",
     )
     eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip ε_l (ratio ≥ 1−ε_l).")
     eps_high: float = Field(0.28, ge=0, description="Upper clip ε_h (ratio ≤ 1+ε_h).")

@@ -27,6 +27,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firejail bubblewrap >/dev/null
     fi
     id -u asyncrl-sandbox >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin asyncrl-sandbox
+    # Firejail mounts each run's directory over the user's home, so the home must exist
+    # and belong to the user (firejail refuses otherwise); nothing is ever kept in it.
+    sandbox_home=$(getent passwd asyncrl-sandbox | cut -d: -f6)
+    install -d -o asyncrl-sandbox -g asyncrl-sandbox -m 700 "$sandbox_home"
 fi
 
 echo "async-rl: install done in $(( $(date +%s) - start )) s"

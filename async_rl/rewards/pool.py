@@ -39,16 +39,21 @@ def score_direct(kind: str, response: str, ground_truth: str, extra_info: dict |
     return module.score(response, ground_truth, extra_info or {}, cfg)
 
 
-def _warm_up() -> None:
-    # Import the heavy parsers before any timed call so the first call is not charged for them.
-    importlib.import_module("async_rl.rewards.math")
+def _warm_up(cfg: RewardConfig, kinds: tuple[str, ...]) -> None:
+    # Import the heavy parsers (and probe the code sandbox) before any timed call, so the first
+    # call is not charged for them.
     importlib.import_module("math_verify")
+    for kind in kinds:
+        module = importlib.import_module(REWARD_MODULES[kind])
+        if hasattr(module, "warm_up"):
+            module.warm_up(cfg)
 
 
 class RewardPool:
     """Scores responses in worker processes; ``submit`` never raises for a bad response."""
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, *, kinds: tuple[str, ...] = ("math",)):
+        """``kinds``: reward functions each worker prepares at start (the rest load on first use)."""
         import pebble
 
         self._cfg = cfg
@@ -56,6 +61,7 @@ class RewardPool:
             max_workers=cfg.workers,
             max_tasks=MAX_TASKS_PER_WORKER,
             initializer=_warm_up,
+            initargs=(cfg, tuple(kinds)),
             context=multiprocessing.get_context("spawn"),
         )
 

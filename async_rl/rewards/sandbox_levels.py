@@ -1,0 +1,177 @@
+"""Isolation levels of the code sandbox: who runs the program and inside what.
+
+Strongest first:
+
+1. ``firejail`` — no network, the run's directory as a private home, a read-only view of
+   the system with /tmp, /var/tmp, /dev/shm and this project hidden, no capabilities,
+   seccomp, a private PID namespace, rlimits.
+2. ``bwrap`` — user/PID/net/IPC/UTS namespaces, only /usr (and the lib/bin links) mounted
+   read-only, the run's directory as the only writable place, no /etc, no /home, no /tmp.
+3. ``unshare`` (root only) — net/PID/IPC/mount namespaces, then the sandbox user with no
+   capabilities and rlimits. Weaker: the whole filesystem is visible, and world-writable
+   directories (/tmp, /dev/shm) stay writable.
+4. ``rlimits`` — a fresh session, a scrubbed environment, rlimits, the sandbox user when
+   root. Weakest: no network isolation, and the program can signal processes of its user.
+
+Untrusted code never runs as root: when the trainer is root the program runs as
+``RewardConfig.code_sandbox_user`` (created by ``scripts/install.sh``); otherwise as the
+trainer's own unprivileged user. Firejail's own ``--timeout`` is not used (it adds ~2 s
+per run); the host times runs out itself and kills the whole process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("firejail", "bwrap", "unshare", "rlimits")
+# Levels whose program lives in a private PID namespace: the harness may kill(-1) there.
+PID_NAMESPACED = frozenset({"firejail", "bwrap", "unshare"})
+SYSTEM_PATH = "/usr/bin:/bin"
+# The jailed environment: nothing inherited from the trainer (tokens, keys, proxies).
+SCRUBBED_ENV = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+# Shared by every run of the sandbox user (RLIMIT_NPROC counts per user), so it bounds a
+# fork bomb without starving the other programs being checked at the same time.
+MAX_PROCESSES = 512
+MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file a test writes grows past this
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BWRAP_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+
+
+class SandboxUnavailable(RuntimeError):
+    """No isolation level (or not the one named in the config) works on this machine."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who runs the program: ``uid``/``gid`` set only when switching away from root."""
+
+    uid: int | None
+    gid: int | None
+    name: str
+
+    @property
+    def switches(self) -> bool:
+        return self.uid is not None
+
+
+def sandbox_identity(user: str) -> Identity:
+    """The sandbox user when we are root (refusing to go on without one), else ourselves."""
+    if os.geteuid() != 0:
+        return Identity(None, None, pwd.getpwuid(os.geteuid()).pw_name)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise SandboxUnavailable(
+            f"reward.code_sandbox_user={user!r}: no such user; run scripts/install.sh as root "
+            "(it creates it) — untrusted code is never run as root"
+        ) from None
+    if entry.pw_uid == 0:
+        raise SandboxUnavailable(
+            f"reward.code_sandbox_user={user!r} is root; name an unprivileged user"
+        )
+    return Identity(entry.pw_uid, entry.pw_gid, user)
+
+
+def system_python() -> str:
+    """The system interpreter (the sandbox user cannot read the project's virtualenv)."""
+    found = shutil.which("python3", path=SYSTEM_PATH)
+    if found is None:
+        raise SandboxUnavailable("no python3 in /usr/bin:/bin for the sandboxed programs")
+    return found
+
+
+def command(level: str, workdir: Path, base: Path, ident: Identity) -> list[str]:
+    """The argv that runs ``harness.py`` in ``workdir`` at ``level``."""
+    python = system_python()
+    if level == "firejail":
+        return [
+            "firejail", "--quiet", "--noprofile", "--net=none", f"--private={workdir}",
+            "--private-cwd", *[f"--blacklist={path}" for path in _hidden(base)],
+            "--private-dev", "--read-only=/",
+            "--caps.drop=all", "--seccomp", "--nonewprivs", "--noroot", "--nosound",
+            "--no3d", "--nodvd", "--notv", "--nou2f", "--novideo",
+            f"--rlimit-nproc={MAX_PROCESSES}", f"--rlimit-fsize={MAX_FILE_BYTES}",
+            python, "-I", "harness.py",
+        ]  # fmt: skip
+    if level == "bwrap":
+        return ["bwrap", *_bwrap_mounts(workdir), python, "-I", "harness.py"]
+    if level == "unshare":
+        return [
+            "unshare", "--net", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
+            "setpriv", f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            python, "-I", "harness.py",
+        ]  # fmt: skip
+    if level == "rlimits":
+        return [python, "-I", "harness.py"]
+    raise ValueError(f"reward.code_isolation={level!r}: must be one of {LEVELS}")
+
+
+def _hidden(base: Path) -> list[str]:
+    """What a firejailed program must not even read: shared scratch (other users' and
+    other programs' files, the run directories) and this project (configs, run folders)."""
+    return sorted({str(base), "/tmp", "/var/tmp", "/dev/shm", str(PROJECT_ROOT)})
+
+
+def _bwrap_mounts(workdir: Path) -> list[str]:
+    args = ["--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    for path in BWRAP_SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(workdir), "/sandbox"]
+    args += ["--remount-ro", "/", "--chdir", "/sandbox", "--clearenv"]
+    for key, value in {**SCRUBBED_ENV, "HOME": "/sandbox"}.items():
+        args += ["--setenv", key, value]
+    return args
+
+
+def launch_env(level: str, workdir: Path, ident: Identity) -> dict[str, str]:
+    """The scrubbed environment, with HOME where the program's writable directory is
+    (firejail mounts the run's directory over the user's home)."""
+    home = str(workdir)
+    if level == "firejail":
+        home = pwd.getpwuid(ident.uid if ident.switches else os.geteuid()).pw_dir
+    return {**SCRUBBED_ENV, "HOME": home, "TMPDIR": home}  # /tmp is hidden or shared
+
+
+def launch_identity(level: str, ident: Identity) -> Identity:
+    """Who exec()s the command: ``unshare`` needs root to build namespaces and drops to
+    the sandbox user itself (setpriv); every other level is launched as the sandbox user."""
+    return Identity(None, None, "root") if level == "unshare" else ident
+
+
+def candidates(preference: str, ident: Identity) -> list[str]:
+    """Levels to try, strongest first (only the named one unless ``auto``)."""
+    if preference != "auto":
+        return [preference]
+    tools = {"firejail": "firejail", "bwrap": "bwrap", "unshare": "unshare"}
+    levels = [lvl for lvl in LEVELS if lvl not in tools or shutil.which(tools[lvl])]
+    if not ident.switches and os.geteuid() != 0:
+        levels = [lvl for lvl in levels if lvl != "unshare"]  # needs root to make namespaces
+    return levels
+
+
+def report(level: str, failures: dict[str, str]) -> None:
+    """Says once per process which level checks programs, loudly when it is a weak one."""
+    skipped = "; ".join(f"{lvl}: {why}" for lvl, why in failures.items())
+    if level in ("firejail", "bwrap"):
+        log.info("code sandbox: %s%s", level, f" (unavailable: {skipped})" if skipped else "")
+        return
+    log.warning(
+        "code sandbox: WEAK ISOLATION (%s) — untrusted programs are %s. Install firejail or "
+        "bubblewrap (scripts/install.sh does, as root). Unavailable: %s",
+        level,
+        "in net/PID namespaces but see the whole filesystem"
+        if level == "unshare"
+        else "limited by rlimits only, WITH network access",
+        skipped or "none",
+    )

@@ -1,0 +1,55 @@
+"""Shared by the sandbox integration tests: configs, fenced responses, stray-process checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+
+import psutil
+
+from async_rl.config import RewardConfig
+
+DAEMON_TAG = "987.6543"  # a daemon's `sleep` argument, unique enough to find it on the host
+
+
+def fast_config(**overrides) -> RewardConfig:
+    """Short limits so adversarial programs time out quickly."""
+    base = dict(code_test_timeout_s=1.0, code_time_budget_s=2.5, timeout_s=4.5, code_memory_mb=256)
+    return RewardConfig(**{**base, **overrides})
+
+
+def fenced(program: str) -> str:
+    return f"<think>I will write it.</think>\nHere it is:\n```python\n{program}\n```\n"
+
+
+def stdin_cases(pairs: list[tuple[str, str]]) -> str:
+    return json.dumps({"inputs": [i for i, _ in pairs], "outputs": [o for _, o in pairs]})
+
+
+def sandbox_uid() -> int | None:
+    """The uid programs run as, when it differs from ours (the trainer is root)."""
+    if os.geteuid() != 0:
+        return None
+    return pwd.getpwnam(RewardConfig().code_sandbox_user).pw_uid
+
+
+def stray_processes() -> list[str]:
+    """Processes a sandboxed program left on the host: anything running as the sandbox
+    user, or any harness/daemon by command line. The tests run one program at a time."""
+    uid = sandbox_uid()
+    strays = []
+    for proc in psutil.process_iter(["uids", "cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (
+                (uid is not None and proc.info["uids"].real == uid)
+                or "harness.py" in cmdline
+                or DAEMON_TAG in cmdline
+            ):
+                strays.append(f"{proc.pid}: {cmdline[:80]}")
+        except (psutil.Error, TypeError):
+            continue
+    return strays
