@@ -1,0 +1,143 @@
+"""The learner's objective: sanitise a micro-batch, apply staleness and clip schedules, run the
+configured surrogate (``learners/surrogates.py``), aggregate with the global normaliser, add the
+Klear SFT term and the entropy bonus, and report metrics. Chosen once from config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from async_rl.config import AlgorithmConfig
+from learners.advantages import sft_nll
+from learners.aggregation import Aggregation, build_aggregation
+from learners.staleness import clip_bounds, fresh_rows
+from learners.surrogates import MIN_COUNT, OBJECTIVES, TokenBatch, log_ratio
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch of response tokens, padded to ``[B, T]``.
+
+    Per-token arrays share the shape ``[B, T]``; positions outside ``mask`` may hold anything,
+    including ``-inf`` (they are replaced before any arithmetic, so no NaN reaches a gradient).
+    """
+
+    logp: Tensor  # [B, T] current-policy logprobs of the response tokens (requires grad)
+    logp_old: Tensor  # [B, T] clip centre, no grad: proximal (decoupled) or behaviour (coupled)
+    behavior_weight: Tensor  # [B, T] w after TIS/IcePop/M2PO (ones in coupled mode), no grad
+    advantages: Tensor  # [B] per sequence (broadcast over tokens)
+    mask: Tensor  # [B, T] bool: tokens that get gradient
+    denom_mask: Tensor  # [B, T] bool: tokens counted in the normaliser (IcePop-masked stay in)
+    staleness: Tensor  # [B] int64
+    global_tokens: Tensor  # scalar: Σ denom_mask over the whole mini-batch, all micro-batches and ranks
+    global_seqs: Tensor  # scalar: sequences in the whole mini-batch, all ranks
+    entropy: Tensor | None = None  # [B, T] per-token entropy (logged; bonus if entropy_coef > 0)
+    sft_rows: Tensor | None = None  # [B] bool: fully correct rows (reward == 1.0) for the Klear SFT term
+    global_sft_tokens: Tensor | None = None  # scalar: Σ denom_mask over sft rows, whole mini-batch
+
+
+Objective = Callable[[LossInputs], tuple[Tensor, dict[str, Tensor]]]
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def token_batch(inp: LossInputs, keep: Tensor, cfg: AlgorithmConfig) -> TokenBatch:
+    """Sanitise one micro-batch: values outside ``keep`` become 0 (``where``, never multiply,
+    so a ``-inf`` padding logprob cannot turn into a NaN gradient)."""
+    zero = torch.zeros_like(inp.logp).detach()
+    eps_low, eps_high = clip_bounds(cfg.loss, cfg.staleness_schedule, inp.staleness, inp.logp.dtype)
+    return TokenBatch(
+        lp=torch.where(keep, inp.logp, zero),
+        lp_old=torch.where(keep, inp.logp_old.detach().to(zero.dtype), zero),
+        w=torch.where(keep, inp.behavior_weight.detach().to(zero.dtype), zero),
+        adv=inp.advantages.detach().to(zero.dtype).unsqueeze(1),
+        mask=keep,
+        eps_low=eps_low.unsqueeze(1),
+        eps_high=eps_high.unsqueeze(1),
+    )
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=MIN_COUNT)
+
+
+def batch_metrics(inp: LossInputs, tb: TokenBatch, fresh: Tensor) -> dict[str, Tensor]:
+    """Ratio and weight statistics, approx KL (k3 = r − 1 − log r), staleness, masked tokens."""
+    log_r = log_ratio(tb)
+    ratio = log_r.exp()
+    zero = torch.zeros_like(ratio)
+    metrics = {
+        "ratio/mean": masked_mean(ratio, tb.mask),
+        "ratio/max": torch.where(tb.mask, ratio, zero).amax(),
+        "ratio/min": torch.where(tb.mask, ratio, torch.full_like(ratio, float("inf"))).amin().nan_to_num(posinf=0.0),
+        "weight/mean": masked_mean(tb.w, tb.mask),
+        "weight/max": torch.where(tb.mask, tb.w, zero).amax(),
+        "approx_kl": masked_mean(ratio - 1 - log_r, tb.mask),
+        "staleness/mean": inp.staleness.to(torch.float64).mean(),
+        "staleness/max": inp.staleness.amax(),
+        "tokens/grad": tb.mask.sum(),
+        "tokens/masked_stale": (inp.mask & ~fresh.unsqueeze(1)).sum(),
+        "tokens/masked_offpolicy": (inp.denom_mask & ~inp.mask).sum(),
+    }
+    if inp.entropy is not None:
+        metrics["entropy"] = masked_mean(inp.entropy.detach(), inp.denom_mask)
+    return metrics
+
+
+def extra_terms(
+    inp: LossInputs, fresh: Tensor, cfg: AlgorithmConfig, aggregate: Aggregation
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Klear's SFT term α·NLL on fully correct rows (paper Eq. 13–14) and the entropy bonus."""
+    extra = torch.zeros((), dtype=inp.logp.dtype, device=inp.logp.device)
+    metrics: dict[str, Tensor] = {}
+    if cfg.sft_coef > 0 and inp.sft_rows is not None:
+        rows = (inp.sft_rows & fresh).unsqueeze(1)
+        sft = sft_nll(inp.logp, inp.denom_mask & rows, inp.global_sft_tokens)
+        extra = extra + cfg.sft_coef * sft
+        metrics["loss/sft"] = sft.detach()
+    if cfg.entropy_coef > 0 and inp.entropy is not None:
+        keep = inp.denom_mask & fresh.unsqueeze(1)
+        ent = torch.where(keep, inp.entropy, torch.zeros_like(inp.entropy))
+        bonus = aggregate(ent, inp.denom_mask, inp.global_tokens, inp.global_seqs)
+        extra = extra - cfg.entropy_coef * bonus
+    return extra, metrics
+
+
+def build_objective(cfg: AlgorithmConfig, *, max_staleness: int) -> Objective:
+    """Choose the objective, aggregation and clip schedule once; return ``objective(inp)``.
+
+    ``objective`` returns ``(loss, metrics)``: the loss is already normalised by the global
+    counts, so the SUM of the micro-batch losses over micro-batches and DP ranks is the exact
+    mini-batch loss (an engine that averages gradients over ranks, as DeepSpeed does, must scale
+    each rank's loss by the world size). Rows with staleness > ``max_staleness`` never contribute.
+
+    Metrics (0-d tensors, this micro-batch): ``loss/pg``, ``loss/sft``, ``clip/{high,low,dual}_frac``
+    (GSPO: ``clip/{high,low}_seq_frac``), ``ratio/{mean,min,max}``, ``weight/{mean,max}``,
+    ``approx_kl`` (k3), ``entropy``, ``staleness/{mean,max}``, ``tokens/grad``,
+    ``tokens/masked_stale``, ``tokens/masked_offpolicy`` (IcePop/M2PO-masked, still counted in N).
+    """
+    if cfg.kl_coef > 0:
+        raise ValueError(
+            f"algorithm.kl_coef={cfg.kl_coef}: a KL penalty needs reference-policy logprobs, "
+            "which the learner does not compute; set it to 0 (Klear and DAPO use 0)"
+        )
+    token_loss = OBJECTIVES[cfg.loss.type]
+    aggregate = build_aggregation(cfg.aggregation, norm_tokens=cfg.sum_norm_tokens)
+
+    def objective(inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        fresh = fresh_rows(inp.staleness, max_staleness)
+        tb = token_batch(inp, inp.mask & fresh.unsqueeze(1), cfg)
+        per_token, metrics = token_loss(tb, cfg.loss)
+        pg = aggregate(per_token, inp.denom_mask, inp.global_tokens, inp.global_seqs)
+        extra, extra_metrics = extra_terms(inp, fresh, cfg, aggregate)
+        with torch.no_grad():
+            metrics.update(batch_metrics(inp, tb, fresh), **extra_metrics)
+            metrics["loss/pg"] = pg.detach()
+        return pg + extra, metrics
+
+    return objective
