@@ -1,0 +1,317 @@
+"""Replay buffer benchmark: ingest, sample latency and memory, against a plain baseline.
+
+    python benchmarks/buffer_bench.py [--quick]
+
+Rows measured (each also run through the baseline in the same run):
+- ingest trajectories/s, 1k-token rows (256 prompt + 768 response tokens), batches of 256,
+  fsync per batch: in-process and over ZeroMQ loopback (the service is its own process);
+- sample latency p50/p99 for a 512-row batch (64 groups of 8) at 100k and 1M stored rows;
+- resident memory (RSS) after filling 100k and 1M rows.
+Sampling/memory runs use short rows (32 response tokens) so a million rows fill in seconds;
+each runs in a fresh process so RSS is not polluted by the other measurements.
+
+Baseline: what a framework without a replay buffer does: a Python list of dicts, persisted
+by appending pickle dumps of each batch to a file (fsync per batch), the same policy (FIFO,
+complete groups, staleness and reuse checks) implemented with plain Python loops, and pickle
+over a ZeroMQ REQ/REP socket for the remote case. (Pickle is fine here: it is the baseline.)
+The raw disk ceiling (os.write + fsync of the same bytes) is printed for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from async_rl.config import BufferConfig  # noqa: E402
+from buffer.testing import synthetic_batch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "buffer_bench.json"
+GROUPS_PER_BATCH, GROUP_SIZE = 32, 8  # 256 rows per insert
+PROMPT_LEN, RESPONSE_LEN = 256, 768  # a "1k-token row"
+SMALL_RESPONSE = 32  # rows used to fill 1M-row buffers quickly
+SAMPLE_GROUPS = 64  # 512 rows per sample
+TARGETS = {"ingest_inproc": 50_000, "ingest_zmq": 20_000, "sample_p50_ms": 2.0, "rss_ratio": 2.0}
+
+
+def _batches(n: int, *, response_len: int = RESPONSE_LEN, prompt_len: int = PROMPT_LEN, tag: str = "b"):
+    return [
+        synthetic_batch(groups=[f"{tag}{i}-{k}" for k in range(GROUPS_PER_BATCH)],
+                        group_size=GROUP_SIZE, response_len=response_len, prompt_len=prompt_len,
+                        seed=i % 16)
+        for i in range(n)
+    ]
+
+
+def _as_dicts(batches):
+    return [b.to_pylist() for b in batches]
+
+
+# ------------------------------------------------------------------ ingest
+
+
+def ingest_inprocess(directory: Path, batches) -> float:
+    from buffer.store import ReplayStore
+
+    store = ReplayStore(directory, BufferConfig(fsync="batch"))
+    start = time.perf_counter()
+    for batch in batches:
+        store.insert(batch)
+    elapsed = time.perf_counter() - start
+    store.close()
+    return sum(b.num_rows for b in batches) / elapsed
+
+
+def ingest_zmq(directory: Path, batches) -> float:
+    from buffer.client import BufferClient
+    from buffer.service import start_service
+
+    handle = start_service(directory, BufferConfig(fsync="batch"))
+    try:
+        with BufferClient(handle.address) as client:
+            start = time.perf_counter()
+            for batch in batches:
+                client.insert(batch)
+            elapsed = time.perf_counter() - start
+    finally:
+        handle.stop()
+    return sum(b.num_rows for b in batches) / elapsed
+
+
+class PickleBaseline:
+    """A list of dicts; each batch is appended to a pickle log and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.rows: list[dict] = []
+        self.seen: set[str] = set()
+        self.log = open(path, "ab")  # noqa: SIM115
+
+    def insert(self, rows: list[dict]) -> int:
+        fresh = [r for r in rows if r["traj_id"] not in self.seen]
+        pickle.dump(fresh, self.log)
+        self.log.flush()
+        os.fsync(self.log.fileno())
+        self.seen.update(r["traj_id"] for r in fresh)
+        self.rows.extend(fresh)
+        return len(fresh)
+
+    def sample(self, n_groups: int, learner_version: int, max_staleness: int, max_times: int):
+        groups: dict[str, list[dict]] = {}
+        for row in self.rows:  # the plain way: scan for complete, fresh, unused groups
+            if row["times_sampled"] < max_times and (
+                learner_version - min(row["token_versions"]) <= max_staleness
+            ):
+                groups.setdefault(row["group_id"], []).append(row)
+        picked = [g for g in groups.values() if len(g) == g[0]["group_size"]][:n_groups]
+        out = [row for group in picked for row in group]
+        for row in out:
+            row["times_sampled"] += 1
+        return out
+
+
+def baseline_ingest_inprocess(directory: Path, dict_batches) -> float:
+    base = PickleBaseline(directory / "baseline.pkl")
+    start = time.perf_counter()
+    for rows in dict_batches:
+        base.insert(rows)
+    return sum(len(r) for r in dict_batches) / (time.perf_counter() - start)
+
+
+def _baseline_server(address_queue, directory: str) -> None:
+    import zmq
+
+    base = PickleBaseline(Path(directory) / "baseline-zmq.pkl")
+    socket = zmq.Context.instance().socket(zmq.REP)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    address_queue.put(f"tcp://127.0.0.1:{port}")
+    while True:
+        message = socket.recv()
+        if message == b"stop":
+            socket.send(b"ok")
+            return
+        socket.send(pickle.dumps(base.insert(pickle.loads(message))))
+
+
+def baseline_ingest_zmq(directory: Path, dict_batches) -> float:
+    import zmq
+
+    queue = mp.Queue()
+    server = mp.Process(target=_baseline_server, args=(queue, str(directory)))
+    server.start()
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.connect(queue.get(timeout=60))
+    start = time.perf_counter()
+    for rows in dict_batches:
+        socket.send(pickle.dumps(rows))
+        pickle.loads(socket.recv())
+    elapsed = time.perf_counter() - start
+    socket.send(b"stop")
+    socket.recv()
+    socket.close()
+    server.join(30)
+    return sum(len(r) for r in dict_batches) / elapsed
+
+
+def disk_ceiling(directory: Path, batches) -> float:
+    """rows/s of writing the same bytes with os.write + fsync per batch (no Arrow, no index)."""
+    payloads = [b.serialize() for b in batches]
+    fd = os.open(directory / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    start = time.perf_counter()
+    for data in payloads:
+        os.write(fd, data)
+        os.fsync(fd)
+    elapsed = time.perf_counter() - start
+    os.close(fd)
+    return sum(b.num_rows for b in batches) / elapsed
+
+
+# ------------------------------------------------------------------ sample + memory
+
+
+def _sample_run(kind: str, n_rows: int, n_samples: int, directory: str, out) -> None:
+    """In a fresh process: fill ``n_rows`` short rows, then time samples and read RSS."""
+    n_batches = n_rows // (GROUPS_PER_BATCH * GROUP_SIZE)
+    sampler = _fill_store if kind == "buffer" else _fill_baseline
+    sample = sampler(Path(directory), n_batches)
+    rss_filled = psutil.Process().memory_info().rss
+    times = []
+    for _ in range(n_samples):
+        start = time.perf_counter()
+        rows = sample()
+        times.append(time.perf_counter() - start)
+        assert rows == SAMPLE_GROUPS * GROUP_SIZE, rows
+    times_ms = np.array(times) * 1e3
+    out.put({"p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99)),
+             "rss_mb": rss_filled / 2**20,
+             "rss_after_samples_mb": psutil.Process().memory_info().rss / 2**20})
+
+
+def _fill_store(directory: Path, n_batches: int):
+    from buffer.store import ReplayStore
+
+    cfg = BufferConfig(fsync="never", max_times_sampled=1_000_000, max_staleness=1000,
+                       capacity_rows=10_000_000, min_size_to_sample=1)
+    store = ReplayStore(directory, cfg)
+    for i in range(n_batches):
+        store.insert(_small_batch(i))
+    return lambda: store.sample(SAMPLE_GROUPS)[0].num_rows
+
+
+def _small_batch(i: int):
+    return synthetic_batch(groups=[f"s{i}-{k}" for k in range(GROUPS_PER_BATCH)], group_size=GROUP_SIZE,
+                           response_len=SMALL_RESPONSE, prompt_len=16, seed=i % 16)
+
+
+def _fill_baseline(directory: Path, n_batches: int):
+    base = PickleBaseline(directory / "baseline.pkl")
+    template = _small_batch(0).to_pylist()
+    for i in range(n_batches):
+        rows = [dict(r, traj_id=f"{i}/{r['traj_id']}", group_id=f"{i}/{r['group_id']}",
+                     prompt_tokens=list(r["prompt_tokens"]), response_tokens=list(r["response_tokens"]),
+                     behavior_logprobs=list(r["behavior_logprobs"]),
+                     token_versions=list(r["token_versions"])) for r in template]
+        base.rows.extend(rows)  # the fill is not what is measured here
+    return lambda: len(base.sample(SAMPLE_GROUPS, 0, 1000, 1_000_000))
+
+
+def sample_and_memory(kind: str, n_rows: int, n_samples: int) -> dict:
+    directory = tempfile.mkdtemp(prefix=f"buffer-bench-{kind}-")
+    ctx = mp.get_context("spawn")  # a clean process: RSS is this measurement's only
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_sample_run, args=(kind, n_rows, n_samples, directory, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join(60)
+    shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10x fewer rows; under a minute")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    load_before = os.getloadavg()
+    results = {"rows": {}, "quick": args.quick, "targets": TARGETS}
+    _ingest_rows(results, n_batches=max(4, 40 // scale))
+    for n_rows in (100_000 // scale, 1_000_000 // scale):
+        for kind in ("buffer", "baseline"):
+            # the baseline scans every row per sample (seconds at 1M rows): fewer repeats
+            samples = 200 if kind == "buffer" else (20 if n_rows <= 100_000 // scale else 5)
+            results["rows"][f"sample_{kind}_{n_rows}"] = sample_and_memory(kind, n_rows, samples)
+    load_after = os.getloadavg()
+    results["machine"] = {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "contended": max(load_before[0], load_after[0]) > 0.75 * (os.cpu_count() or 1),
+    }
+    _report(results, small=100_000 // scale, large=1_000_000 // scale)
+
+
+def _ingest_rows(results: dict, n_batches: int) -> None:
+    batches = _batches(n_batches)
+    dicts = _as_dicts(batches)
+    work = Path(tempfile.mkdtemp(prefix="buffer-bench-"))
+    try:
+        rows = results["rows"]
+        rows["row_bytes"] = batches[0].nbytes / batches[0].num_rows
+        rows["disk_ceiling"] = disk_ceiling(work, batches)
+        rows["ingest_inproc"] = ingest_inprocess(work / "inproc", batches)
+        rows["ingest_inproc_baseline"] = baseline_ingest_inprocess(work, dicts)
+        rows["ingest_zmq"] = ingest_zmq(work / "zmq", batches)
+        rows["ingest_zmq_baseline"] = baseline_ingest_zmq(work, dicts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(results: dict, small: int, large: int) -> None:
+    r = results["rows"]
+    sb, bb = r[f"sample_buffer_{small}"], r[f"sample_baseline_{small}"]
+    sl, bl = r[f"sample_buffer_{large}"], r[f"sample_baseline_{large}"]
+    table = [
+        ("ingest traj/s in-process (fsync/batch)", r["ingest_inproc"], r["ingest_inproc_baseline"],
+         f">= {TARGETS['ingest_inproc']:,}", True),
+        ("ingest traj/s over ZMQ loopback", r["ingest_zmq"], r["ingest_zmq_baseline"],
+         f">= {TARGETS['ingest_zmq']:,}", True),
+        (f"sample p50 ms, 512 rows @ {small:,}", sb["p50_ms"], bb["p50_ms"], "<= 2", False),
+        (f"sample p99 ms, 512 rows @ {small:,}", sb["p99_ms"], bb["p99_ms"], "", False),
+        (f"sample p50 ms, 512 rows @ {large:,}", sl["p50_ms"], bl["p50_ms"], "<= 2", False),
+        (f"sample p99 ms, 512 rows @ {large:,}", sl["p99_ms"], bl["p99_ms"], "", False),
+        (f"RSS MB @ {small:,} rows", sb["rss_mb"], bb["rss_mb"], "", False),
+        (f"RSS MB @ {large:,} rows", sl["rss_mb"], bl["rss_mb"],
+         f"<= 2x RSS@{small:,} = {2 * sb['rss_mb']:.0f}", False),
+    ]
+    results["table"] = []
+    print(f"\nreplay buffer benchmark{' (quick)' if results['quick'] else ''}; "
+          f"row = {r['row_bytes']:.0f} B for ingest; contended={results['machine']['contended']} "
+          f"(loadavg {results['machine']['loadavg_before'][0]:.1f}→{results['machine']['loadavg_after'][0]:.1f})")
+    print(f"{'measure':44s} {'buffer':>12s} {'baseline':>12s} {'target':>22s}  better")
+    for name, ours, base, target, higher_is_better in table:
+        better = ours > base if higher_is_better else ours < base
+        results["table"].append({"measure": name, "buffer": ours, "baseline": base,
+                                 "target": target, "better_than_baseline": better})
+        print(f"{name:44s} {ours:12.2f} {base:12.2f} {target:>22s}  {'yes' if better else 'NO'}")
+    print(f"{'disk ceiling traj/s (os.write+fsync only)':44s} {r['disk_ceiling']:12.0f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The buffer client used by actors, the learner and the CLI.
+
+    client = BufferClient("tcp://127.0.0.1:5555")
+    client.insert(batch)                  # returns once the rows are durable (the ack)
+    table = client.sample(8, timeout_s=30)  # whole groups, or None (see client.last_refusal)
+
+One client per thread (a ZeroMQ socket is not thread-safe). Requests carry an id; a reply
+to a request that already timed out is discarded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pyarrow as pa
+import zmq
+
+from buffer.wire import ipc_to_table, pack_header, table_to_ipc, unpack_header
+
+REPLY_GRACE_S = 30.0  # added to a sample's blocking timeout: the server answers at the deadline
+RATE_LIMIT_BACKOFF_S = 0.05  # pause between retries of an insert the rate limiter refused
+
+
+class BufferRequestError(RuntimeError):
+    """The service answered with an error (bad request); the message is the server's."""
+
+
+class BufferClient:
+    def __init__(self, address: str, *, timeout_s: float = 60.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.last_refusal: str | None = None
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+
+    # ------------------------------------------------------------------ verbs
+
+    def insert(self, batch: pa.RecordBatch | pa.Table, *, retry_for_s: float = 600.0) -> dict:
+        """Send a trajectory batch; returns the ack ``{accepted, duplicates, fsynced}``.
+
+        Inserts are idempotent on traj_id, so re-sending after a timeout is safe. A refusal by
+        the rate limiter is retried for ``retry_for_s`` before raising BufferRequestError.
+        """
+        payload = table_to_ipc(batch)
+        deadline = time.monotonic() + retry_for_s
+        while True:
+            header, _ = self._call({"verb": "insert"}, [payload], raise_error=False)
+            if header["ok"]:
+                return {k: header[k] for k in ("accepted", "duplicates", "fsynced")}
+            if not header.get("retry") or time.monotonic() > deadline:
+                raise BufferRequestError(header["error"])
+            time.sleep(RATE_LIMIT_BACKOFF_S)
+
+    def sample(self, n_groups: int, *, timeout_s: float = 0.0, peek: bool = False) -> pa.Table | None:
+        """Up to ``n_groups`` whole groups, waiting up to ``timeout_s`` for them; None if refused
+        (the reason is in ``last_refusal``). ``peek`` does not count as a use."""
+        request = {"verb": "sample", "n_groups": int(n_groups), "timeout_s": float(timeout_s),
+                   "peek": peek}
+        header, frames = self._call(request, wait_s=timeout_s + REPLY_GRACE_S)
+        self.last_refusal = header.get("refused")
+        return ipc_to_table(frames[0]) if frames else None
+
+    def stats(self) -> dict:
+        return self._call({"verb": "stats"})[0]["stats"]
+
+    def set_learner_version(self, version: int) -> int:
+        return self._call({"verb": "set_learner_version", "version": int(version)})[0][
+            "learner_version"
+        ]
+
+    def head(self, n: int = 10, *, random: bool = False, where: str | None = None,
+             data_source: str | None = None, min_staleness: int | None = None) -> pa.Table:
+        """The newest ``n`` stored rows (or ``n`` random ones) passing the filters; inspection
+        only, with ``staleness`` and ``status`` columns added."""
+        request = {"verb": "head", "n": n, "random": random, "where": where,
+                   "data_source": data_source, "min_staleness": min_staleness}
+        return ipc_to_table(self._call(request)[1][0])
+
+    def ping(self) -> dict:
+        return self._call({"verb": "ping"})[0]
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> BufferClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _call(self, header: dict, payload: list | None = None, *, wait_s: float | None = None,
+              raise_error: bool = True) -> tuple[dict, list]:
+        request_id = next(self._ids)
+        self._socket.send_multipart([pack_header({**header, "id": request_id}), *(payload or [])],
+                                    copy=False)
+        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
+        while True:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self._socket.poll(remaining_ms):
+                raise TimeoutError(f"buffer at {self.address}: no reply to {header['verb']!r}")
+            frames = self._socket.recv_multipart(copy=False)
+            reply = unpack_header(frames[0].buffer)
+            if reply.get("id") != request_id:
+                continue  # the late answer to a request that already timed out
+            if raise_error and not reply["ok"]:
+                raise BufferRequestError(reply["error"])
+            return reply, [f.buffer for f in frames[1:]]

@@ -1,0 +1,307 @@
+"""The buffer as its own process behind one ZeroMQ ROUTER socket.
+
+    python -m buffer.service --dir RUN_DIR/buffer [--host 127.0.0.1] [--port 0] [--config-json '{...}']
+
+Actors send ``insert`` requests from DEALER sockets and may keep several in flight (a push
+stream with an acknowledgement per batch: an ack means the rows are durable under the fsync
+policy); the learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
+``head``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle).
+
+One thread owns the store. A ``sample`` that the rate limiter refuses is parked until it can
+be served or its ``timeout_s`` passes, so a blocked learner never stalls the actors.
+Bad requests (unknown verb, bad header, wrong schema, oversized) get an error reply and the
+loop keeps serving. On start the bound address is written to ``DIR/service.json``.
+
+Shutdown order: SIGTERM/SIGINT sets a flag → the loop answers parked samples with a refusal
+→ the store closes (active segment gets its end-of-stream marker, journal fsynced) → the
+socket closes → ``service.json`` is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from async_rl.config import BufferConfig
+from buffer import inspection
+from buffer.schema import SchemaError
+from buffer.store import RateLimited, ReplayStore
+from buffer.wire import VERBS, ipc_to_table, pack_header, table_to_ipc, unpack_header
+
+log = logging.getLogger("buffer.service")
+
+SERVICE_FILE = "service.json"
+POLL_MS = 50  # loop wake-up for parked samples, interval fsync and the stop flag
+MAX_HEAD_ROWS = 10_000  # bounds a `head` reply
+
+
+@dataclass
+class ParkedSample:
+    identity: bytes
+    header: dict
+    deadline: float
+
+
+@dataclass
+class BufferService:
+    store: ReplayStore
+    cfg: BufferConfig
+    parked: list[ParkedSample] = field(default_factory=list)
+    stopping: bool = False
+    parent_pid: int | None = None  # stop when this process is gone (no orphaned services)
+
+    def bind(self, host: str, port: int) -> str:
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        # A hard cap well above max_message_bytes: ZMQ drops the peer past it, while messages
+        # between the two get a readable error reply from handle().
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes + (1 << 20))
+        if port:
+            self.socket.bind(f"tcp://{host}:{port}")
+        else:
+            self.socket.bind_to_random_port(f"tcp://{host}")
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.address
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self.stopping:
+            if poller.poll(POLL_MS):
+                self._receive_all()
+            self._serve_parked()
+            self.store.tick()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("parent process %d is gone: stopping", self.parent_pid)
+                self.stopping = True
+        for parked in self.parked:
+            self._reply(parked.identity, parked.header, ok=False, error="shutting down")
+        self.parked.clear()
+
+    def _receive_all(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle(frames[0].bytes, frames[1:])
+
+    def handle(self, identity: bytes, frames: list) -> None:
+        header: dict = {}
+        try:
+            if not frames:
+                raise ValueError("empty request")
+            header = unpack_header(frames[0].buffer)  # first: the error reply needs its id
+            size = sum(len(f.buffer) for f in frames)
+            if size > self.cfg.max_message_bytes:
+                raise ValueError(
+                    f"message of {size} bytes exceeds max_message_bytes={self.cfg.max_message_bytes}"
+                )
+            verb = header.get("verb")
+            if verb not in VERBS:
+                raise ValueError(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
+            getattr(self, f"_on_{verb}")(identity, header, frames[1:])
+        except (ValueError, SchemaError, RateLimited, TypeError, KeyError) as err:
+            self._reply(identity, header, ok=False, error=f"{type(err).__name__}: {err}",
+                        retry=isinstance(err, RateLimited))
+        except Exception as err:  # a bug must not take ingest down: answer, log, keep serving
+            log.exception("request %r failed", header.get("verb"))
+            self._reply(identity, header, ok=False, error=f"internal error: {type(err).__name__}: {err}")
+
+    def _on_ping(self, identity, header, payload) -> None:
+        self._reply(identity, header, pid=os.getpid())
+
+    def _on_insert(self, identity, header, payload) -> None:
+        if len(payload) != 1:
+            raise ValueError("insert needs exactly one Arrow IPC payload frame")
+        ack = self.store.insert(ipc_to_table(payload[0].buffer))
+        self._reply(identity, header, **ack.as_dict())
+
+    def _on_sample(self, identity, header, payload) -> None:
+        timeout_s = float(header.get("timeout_s", 0.0))
+        parked = ParkedSample(identity, header, time.monotonic() + timeout_s)
+        if not self._try_sample(parked, final=timeout_s <= 0):
+            self.parked.append(parked)
+
+    def _try_sample(self, parked: ParkedSample, *, final: bool) -> bool:
+        """Serve a sample if possible (or refuse it when ``final``); True when answered."""
+        n_groups = int(parked.header["n_groups"])
+        if n_groups < 1:
+            raise ValueError(f"n_groups={n_groups}: must be >= 1")
+        table, reason = self.store.sample(n_groups, peek=bool(parked.header.get("peek")))
+        if table is not None:
+            self._reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
+            return True
+        if final:
+            self._reply(parked.identity, parked.header, refused=reason)
+        return final
+
+    def _serve_parked(self) -> None:
+        now = time.monotonic()
+        waiting = self.parked
+        self.parked = []
+        for parked in waiting:
+            if not self._try_sample(parked, final=now >= parked.deadline):
+                self.parked.append(parked)
+
+    def _on_stats(self, identity, header, payload) -> None:
+        self._reply(identity, header, stats=inspection.stats(self.store))
+
+    def _on_set_learner_version(self, identity, header, payload) -> None:
+        self.store.set_learner_version(int(header["version"]))
+        self._reply(identity, header, learner_version=self.store.learner_version)
+
+    def _on_head(self, identity, header, payload) -> None:
+        n = min(int(header.get("n", 10)), MAX_HEAD_ROWS)
+        filters = {k: header.get(k) for k in ("where", "data_source", "min_staleness")}
+        table = inspection.inspect_rows(self.store, n, random=bool(header.get("random")),
+                                        seed=int(header.get("seed", 0)), **filters)
+        self._reply(identity, header, [table_to_ipc(table)], rows=table.num_rows)
+
+    def _reply(self, identity: bytes, request: dict, payload: list | None = None, *,
+               ok: bool = True, **fields) -> None:
+        header = {"id": request.get("id"), "ok": ok, **fields}
+        self.socket.send_multipart([identity, pack_header(header), *(payload or [])], copy=False)
+
+    def close(self) -> None:
+        self.store.close()
+        self.socket.close()
+        self.ctx.term()
+
+
+# ---------------------------------------------------------------------- process entry point
+
+
+def write_service_file(directory: Path, address: str) -> None:
+    """Atomically publish where the service listens, so a parent can find it."""
+    info = {"address": address, "pid": os.getpid(), "started_at": time.time()}
+    tmp = directory / (SERVICE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, directory / SERVICE_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s buffer %(levelname)s %(message)s")
+    cfg = BufferConfig.model_validate(json.loads(args.config_json or "{}"))
+    host = args.host or cfg.host
+    port = cfg.port if args.port is None else args.port
+    directory = Path(args.dir)
+    store = ReplayStore(directory, cfg, seed=args.seed)
+    for report in store.recovery:
+        log.warning("recovered segment: %s", json.dumps(report))
+    service = BufferService(store, cfg, parent_pid=os.getppid() if args.exit_with_parent else None)
+    address = service.bind(host, port)
+
+    def _stop(signum, frame):
+        service.stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    write_service_file(directory, address)
+    log.info("serving %s on %s (%d rows stored)", directory, address, store.index.n_rows)
+    try:
+        service.serve()
+    finally:
+        service.close()
+        (directory / SERVICE_FILE).unlink(missing_ok=True)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m buffer.service", description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", required=True, help="buffer folder (segments + journal)")
+    parser.add_argument("--host", default=None, help="bind address (default: buffer.host)")
+    parser.add_argument("--port", type=int, default=None, help="port, 0 = any (default: buffer.port)")
+    parser.add_argument("--config-json", default=None, help="BufferConfig fields as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random samplers")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop cleanly when the parent process exits")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class ServiceHandle:
+    """A buffer service subprocess started by :func:`start_service`."""
+
+    process: subprocess.Popen
+    address: str
+    directory: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (clean shutdown), then SIGKILL if it has not exited in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL this service process only (a crash, as tests simulate)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start_service(
+    directory: str | Path, cfg: BufferConfig | None = None, *, host: str | None = None,
+    port: int | None = None, seed: int = 0, timeout_s: float = 60.0, log_file: Path | None = None,
+) -> ServiceHandle:
+    """Start ``python -m buffer.service`` and wait until it has written its address."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SERVICE_FILE).unlink(missing_ok=True)
+    cfg = cfg or BufferConfig()
+    cmd = [sys.executable, "-m", "buffer.service", "--dir", str(directory),
+           "--config-json", cfg.model_dump_json(), "--seed", str(seed), "--exit-with-parent"]
+    if host is not None:
+        cmd += ["--host", host]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    out = open(log_file or directory / "service.log", "ab")  # noqa: SIM115 (child owns it)
+    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=_repo_root())
+    out.close()
+    return ServiceHandle(process, _wait_for_address(directory, process, timeout_s), directory)
+
+
+def _wait_for_address(directory: Path, process: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    path = directory / SERVICE_FILE
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"buffer service exited with code {process.returncode}; see {directory}/service.log"
+            )
+        if path.exists():
+            info = json.loads(path.read_text())
+            if info.get("pid") == process.pid:
+                return info["address"]
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise TimeoutError(f"buffer service did not start within {timeout_s}s; see {directory}/service.log")
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""The durable replay store: segments on disk, an index in memory, group-aware sampling.
+
+Life of a batch: ``insert`` validates it against the trajectory schema, drops rows whose
+``traj_id`` is already stored (inserts are idempotent), appends the rest to the active
+segment, fsyncs under the ``fsync`` policy, indexes the rows and only then returns the ack.
+``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
+not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
+before it is returned so a restart never hands a group out more often than allowed.
+A group that can never be sampled again is retired with a reason; a closed segment whose
+groups are all retired is deleted.
+
+Opening a folder recovers it: every complete batch of every segment is indexed again (torn
+tails are truncated and reported), then the journal restores times-sampled counts,
+evictions and the learner version. ``read_only=True`` recovers in memory without touching
+the folder (inspection of a live or dead job).
+
+Not thread-safe: one owner (the service loop, or a test) calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from async_rl.config import BufferConfig
+from buffer.index import EVICTION_REASONS, Column, RowFacts, Status, TrajectoryIndex, hash_ids
+from buffer.journal import Journal, read_journal
+from buffer.rate_limiter import RateLimiter
+from buffer.samplers import SAMPLERS
+from buffer.schema import TRAJECTORY_SCHEMA, min_token_version, validate_batch
+from buffer.segments import (
+    SegmentWriter,
+    list_segments,
+    release_pages,
+    scan_segment,
+    segment_path,
+    truncate_segment,
+)
+
+log = logging.getLogger(__name__)
+
+RELEASE_PAGES_S = 10.0  # how often sampled rows' mapped pages are dropped from RSS
+
+
+class RateLimited(RuntimeError):
+    """An insert refused by the rate limiter; the message says why. Retry later."""
+
+
+@dataclass
+class Segment:
+    path: Path
+    bytes: int
+    rows: int = 0
+    pending: int = 0  # rows whose group is still LIVE: the segment is kept while > 0
+    mapping: object = None  # the read-only memory map its batches point into (closed segments)
+
+
+@dataclass
+class Ack:
+    accepted: int
+    duplicates: int
+    fsynced: bool
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "fsynced": self.fsynced}
+
+
+class ReplayStore:
+    def __init__(
+        self, directory: str | Path, cfg: BufferConfig, *, read_only: bool = False, seed: int = 0
+    ) -> None:
+        self.dir = Path(directory)
+        self.cfg = cfg
+        self.read_only = read_only
+        if not read_only:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.index = TrajectoryIndex()
+        self.batches: list[pa.RecordBatch | None] = []
+        self.batch_segment = Column(np.int32)
+        self.segments: dict[int, Segment] = {}
+        self.recovery: list[dict] = []
+        self.rng = np.random.default_rng(seed)
+        self._writer: SegmentWriter | None = None
+        self._writer_id = 0
+        self._live_from = 0  # no group before this one is LIVE
+        self._stale_checked: tuple[int, int] | None = None  # (learner version, rows) last scanned
+        self._flat_checked = -1  # rows stored when zero-advantage groups were last filtered
+        self.state = read_journal(self.dir)
+        self._recover_segments()
+        self._restore_state()
+        # The ratio is enforced from the moment the store opens, like a fresh Reverb table.
+        self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
+        self._writer_id = max(self.segments, default=0)  # the next segment gets a new number
+        self._last_fsync = self._last_release = time.monotonic()
+        self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover_segments(self) -> None:
+        for seg_id, path in list_segments(self.dir):
+            scan = scan_segment(path, TRAJECTORY_SCHEMA)
+            if scan.torn_bytes or scan.error:
+                self._report_torn(seg_id, scan)
+            self.segments[seg_id] = Segment(path=path, bytes=scan.good_bytes, mapping=scan.mapping)
+            for batch in scan.batches:
+                self._index_batch(batch, seg_id)
+
+    def _report_torn(self, seg_id: int, scan) -> None:
+        report = {
+            "segment": scan.path.name,
+            "batches_kept": len(scan.batches),
+            "bytes_kept": scan.good_bytes,
+            "bytes_dropped": scan.torn_bytes,
+            "error": scan.error,
+            "truncated": not self.read_only and scan.torn_bytes > 0,
+        }
+        self.recovery.append(report)
+        log.warning("buffer recovery: %s", report)
+        if report["truncated"]:
+            truncate_segment(scan.path, scan.good_bytes)
+
+    def _restore_state(self) -> None:
+        """Re-apply journaled sample counts and evictions to the freshly built index."""
+        idx = self.index
+        ts = idx.group_times_sampled.view
+        status = idx.group_status.view
+        for ghash, count in self.state.times_sampled.items():
+            gid = idx.group_of_hash.get(ghash)
+            if gid is not None:
+                ts[gid] = count
+        for ghash, code in self.state.evicted.items():
+            gid = idx.group_of_hash.get(ghash)
+            if gid is not None:
+                status[gid] = code
+        consumed = (status == Status.LIVE) & (ts >= self.cfg.max_times_sampled)
+        status[consumed] = Status.CONSUMED
+        for seg in self.segments.values():
+            seg.pending = 0
+        self._count_pending(np.flatnonzero(status == Status.LIVE), +1)
+        if not self.read_only:
+            self._delete_dead_segments()
+
+    def _stored_groups(self) -> set[int]:
+        """Hashes of the groups with rows in a segment still on disk."""
+        gids = np.unique(self.index.row_group.view[self.stored_rows()])
+        return set(self.index.group_hash.view[gids].tolist())
+
+    # ------------------------------------------------------------------ insert
+
+    def insert(self, data: pa.RecordBatch | pa.Table) -> Ack:
+        """Store a batch durably (under the fsync policy) and return what was accepted.
+
+        Raises ``SchemaError`` for a batch that breaks the contract and ``RateLimited`` when
+        the actors are too far ahead of the learner (nothing is stored then).
+        """
+        self._require_writable()
+        batch = validate_batch(data)
+        fresh, hashes = self._fresh_rows(batch)
+        duplicates = batch.num_rows - len(fresh)
+        if not len(fresh):
+            return Ack(0, duplicates, self._maybe_fsync(force=False))
+        refusal = self.limiter.insert_refusal()
+        if refusal:
+            raise RateLimited(refusal)
+        if len(fresh) < batch.num_rows:
+            batch = batch.take(pa.array(fresh))
+        seg_id = self._active_writer()
+        self._writer.append(batch)
+        fsynced = self._maybe_fsync(force=self.cfg.fsync == "batch")
+        self.segments[seg_id].bytes = self._writer.size
+        completed_before = self.index.completed_groups
+        self._index_batch(batch, seg_id, traj_hashes=hashes[fresh])
+        self.limiter.inserted += self.index.completed_groups - completed_before
+        self._after_insert()
+        return Ack(batch.num_rows, duplicates, fsynced)
+
+    def _fresh_rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers of the batch whose traj_id is new (first occurrence within the batch),
+        and the traj_id hashes of all its rows."""
+        hashes = hash_ids(batch.column("traj_id").to_pylist())
+        _, first = np.unique(hashes, return_index=True)
+        first.sort()
+        return first[~self.index.traj_hashes.contains(hashes[first])], hashes
+
+    def _active_writer(self) -> int:
+        if self._writer is not None and self._writer.size >= self.cfg.segment_bytes:
+            self._roll_segment()
+        if self._writer is None:
+            self._writer_id += 1
+            path = segment_path(self.dir, self._writer_id)
+            self._writer = SegmentWriter(path, TRAJECTORY_SCHEMA)
+            self.segments[self._writer_id] = Segment(path=path, bytes=self._writer.size)
+        return self._writer_id
+
+    def _roll_segment(self) -> None:
+        """Close the active segment and swap its in-memory batches for memory-mapped ones."""
+        seg_id, writer = self._writer_id, self._writer
+        writer.close()
+        self._writer = None
+        scan = scan_segment(writer.path, TRAJECTORY_SCHEMA)
+        self.segments[seg_id].mapping = scan.mapping
+        ids = np.flatnonzero(self.batch_segment.view == seg_id)
+        for batch_id, batch in zip(ids.tolist(), scan.batches, strict=True):
+            if self.batches[batch_id] is not None:
+                self.batches[batch_id] = batch
+        self._delete_dead_segments()
+
+    def _maybe_fsync(self, *, force: bool) -> bool:
+        due = self.cfg.fsync == "interval" and (
+            time.monotonic() - self._last_fsync >= self.cfg.fsync_interval_s
+        )
+        if not (force or due):
+            return False
+        if self._writer is not None:
+            self._writer.fsync()
+        self.journal.fsync()
+        self._last_fsync = time.monotonic()
+        return True
+
+    def tick(self) -> None:
+        """Periodic work for the service loop: the interval fsync, releasing mapped pages."""
+        if not self.read_only:
+            self._maybe_fsync(force=False)
+        if time.monotonic() - self._last_release >= RELEASE_PAGES_S:
+            self.release_pages()
+
+    def release_pages(self) -> None:
+        """Drop sampled rows' pages from resident memory (they stay in the page cache)."""
+        for seg in self.segments.values():
+            release_pages(seg.mapping)
+        self._last_release = time.monotonic()
+
+    def _index_batch(self, batch: pa.RecordBatch, seg_id: int, traj_hashes=None) -> None:
+        """Index a stored batch. Without ``traj_hashes`` (recovery) rows already indexed are
+        skipped; with them (insert) the caller has already deduplicated."""
+        batch_id = len(self.batches)
+        keep = np.arange(batch.num_rows)
+        traj = traj_hashes
+        if traj is None:
+            traj = hash_ids(batch.column("traj_id").to_pylist())
+            keep = keep[~self.index.traj_hashes.contains(traj)]  # a duplicate on disk
+        self.batches.append(batch)
+        self.batch_segment.extend(np.array([seg_id]))
+        self.index.add_rows(batch_id, _row_facts(batch, traj, keep), offsets=keep)
+        seg = self.segments[seg_id]
+        seg.rows += len(keep)
+        gids = self.index.row_group.view[self.index.n_rows - len(keep) :]
+        seg.pending += int((self.index.group_status.view[gids] == Status.LIVE).sum())
+
+    def _after_insert(self) -> None:
+        self._evict_to_capacity()
+        if self.journal.needs_compaction:
+            stored = self._stored_groups()
+            self.state.prune(stored)
+            self.journal.compact(self.state, stored)
+
+    # ------------------------------------------------------------------ sample
+
+    def set_learner_version(self, version: int) -> None:
+        """Record the learner's policy version (journaled) and evict what became too stale."""
+        self._require_writable()
+        self._record({"op": "version", "v": int(version)})
+        self._evict_stale()
+        self._maybe_fsync(force=self.cfg.fsync == "batch")
+
+    @property
+    def learner_version(self) -> int:
+        return self.state.learner_version
+
+    def sample(self, n_groups: int, *, peek: bool = False) -> tuple[pa.Table | None, str | None]:
+        """Up to ``n_groups`` whole groups as one table, or ``(None, reason)`` if refused.
+
+        ``peek`` looks without counting the sample (inspection): no times-sampled update, no
+        rate limiting, nothing journaled, no eviction.
+        """
+        if not peek:
+            self._require_writable()
+            self._evict_stale()
+            self._filter_zero_advantage()
+        candidates = self._candidates()
+        if not peek:
+            refusal = self.limiter.sample_refusal(n_groups, len(candidates))
+            if refusal:
+                return None, refusal
+        elif not len(candidates):
+            return None, "empty: no sampleable group"
+        picked = self._pick(candidates, n_groups)
+        counts = self.index.group_times_sampled.view[picked] + (0 if peek else 1)
+        table = self._read_groups(picked, counts)  # before counting: that may delete segments
+        if not peek:
+            self._count_sample(picked)
+        return table, None
+
+    def sampleable_groups(self) -> int:
+        """How many groups a sample could return right now."""
+        return int(len(self._candidates()))
+
+    def _live_slice(self) -> int:
+        """First group number that may still be LIVE: groups only ever leave LIVE, so the
+        oldest LIVE group bounds every scan (old, retired groups are never looked at)."""
+        status = self.index.group_status.view
+        live = np.flatnonzero(status[self._live_from :] == Status.LIVE)
+        self._live_from = self._live_from + int(live[0]) if len(live) else len(status)
+        return self._live_from
+
+    def _candidates(self) -> np.ndarray:
+        idx, lo = self.index, self._live_slice()
+        mask = idx.group_status.view[lo:] == Status.LIVE
+        mask &= idx.group_count.view[lo:] >= idx.group_size.view[lo:]
+        mask &= idx.group_times_sampled.view[lo:] < self.cfg.max_times_sampled
+        mask &= idx.group_min_version.view[lo:] >= self.learner_version - self.cfg.max_staleness
+        if self.cfg.filter_zero_advantage:
+            mask &= idx.group_reward_min.view[lo:] != idx.group_reward_max.view[lo:]
+        return np.flatnonzero(mask) + lo
+
+    def _pick(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        sampler = SAMPLERS[self.cfg.sampler]
+        idx = self.index
+        return sampler(candidates, idx.group_min_version.view, idx.group_times_sampled.view,
+                       self.learner_version, n, self.rng)
+
+    def _count_sample(self, picked: np.ndarray) -> None:
+        hashes = self.index.group_hash.view[picked]
+        self._record({"op": "sample", "g": hashes.tolist()})
+        ts = self.index.group_times_sampled.view
+        ts[picked] += 1
+        self.limiter.sampled += len(picked)
+        used_up = picked[ts[picked] >= self.cfg.max_times_sampled]
+        self._retire(used_up, Status.CONSUMED)
+
+    def _read_groups(self, gids: np.ndarray, times_sampled: np.ndarray) -> pa.Table:
+        """The rows of the given groups, group by group, with ``times_sampled`` filled in."""
+        rows, sizes = self._rows_of_groups(gids)
+        table = self.read_rows(rows)
+        per_row = np.repeat(times_sampled, sizes).astype(np.int32)
+        col = table.schema.get_field_index("times_sampled")
+        return table.set_column(col, TRAJECTORY_SCHEMA.field("times_sampled"), pa.array(per_row))
+
+    def _rows_of_groups(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers of the groups, group after group, and each group's row count."""
+        idx = self.index
+        if any(g in idx.scattered for g in gids.tolist()):
+            parts = [idx.group_rows(g) for g in gids.tolist()]
+            rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            return rows, np.array([len(p) for p in parts], dtype=np.int64)
+        sizes = idx.group_count.view[gids].astype(np.int64)
+        starts = idx.group_first_row.view[gids]
+        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return np.repeat(starts, sizes) + within, sizes
+
+    def read_rows(self, rows: np.ndarray) -> pa.Table:
+        """Stored rows by row number, in that order, sliced zero-copy from their batches."""
+        if not len(rows):
+            return TRAJECTORY_SCHEMA.empty_table()
+        batch_of = self.index.row_batch.view[rows]
+        offset = self.index.row_offset.view[rows]
+        breaks = np.flatnonzero((np.diff(batch_of) != 0) | (np.diff(offset) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(rows)]])
+        pieces = [
+            self.batches[int(batch_of[s])].slice(int(offset[s]), e - s)
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+        return pa.Table.from_batches(pieces, schema=TRAJECTORY_SCHEMA)
+
+    # ------------------------------------------------------------------ eviction
+
+    def _evict_stale(self) -> None:
+        key = (self.learner_version, self.index.n_rows)
+        if key == self._stale_checked:  # nothing changed since the last pass
+            return
+        self._stale_checked = key
+        idx, lo = self.index, self._live_slice()
+        floor = self.learner_version - self.cfg.max_staleness
+        stale = (idx.group_status.view[lo:] == Status.LIVE) & (idx.group_min_version.view[lo:] < floor)
+        self._retire(np.flatnonzero(stale) + lo, Status.STALE)
+
+    def _filter_zero_advantage(self) -> None:
+        if not self.cfg.filter_zero_advantage or self._flat_checked == self.index.n_rows:
+            return
+        self._flat_checked = self.index.n_rows
+        idx, lo = self.index, self._live_slice()
+        flat = idx.group_status.view[lo:] == Status.LIVE
+        flat &= idx.group_count.view[lo:] >= idx.group_size.view[lo:]
+        flat &= idx.group_reward_min.view[lo:] == idx.group_reward_max.view[lo:]
+        self._retire(np.flatnonzero(flat) + lo, Status.ZERO_ADVANTAGE)
+
+    def _evict_to_capacity(self) -> None:
+        idx, lo = self.index, self._live_slice()
+        live = np.flatnonzero(idx.group_status.view[lo:] == Status.LIVE) + lo
+        live_rows = np.cumsum(idx.group_count.view[live][::-1])[::-1]  # rows from g onwards
+        self._retire(live[live_rows > self.cfg.capacity_rows], Status.CAPACITY)
+        while self._disk_bytes() > self.cfg.capacity_bytes and len(self.segments) > 1:
+            oldest = min(self.segments)
+            if oldest == self._writer_id and self._writer is not None:
+                break
+            in_oldest = np.flatnonzero(self.batch_segment.view == oldest)
+            rows = np.flatnonzero(np.isin(idx.row_batch.view, in_oldest))
+            gids = np.unique(idx.row_group.view[rows])
+            self._retire(gids[idx.group_status.view[gids] == Status.LIVE], Status.CAPACITY)
+            if oldest in self.segments:
+                self._delete_segment(oldest)
+
+    def _disk_bytes(self) -> int:
+        return sum(seg.bytes for seg in self.segments.values())
+
+    def _retire(self, gids: np.ndarray, status: Status) -> None:
+        """Make LIVE groups terminal with a reason: counted, journaled, segments freed."""
+        if not len(gids):
+            return
+        rows = int(self.index.group_count.view[gids].sum())
+        self.index.group_status.view[gids] = status
+        self._count_pending(gids, -1)
+        if status is not Status.CONSUMED:
+            reason = EVICTION_REASONS[status]
+            hashes = self.index.group_hash.view[gids].tolist()
+            self._record({"op": "evict", "reason": reason, "status": int(status), "g": hashes,
+                          "rows": rows})
+        self._delete_dead_segments()
+
+    def _count_pending(self, gids: np.ndarray, sign: int) -> None:
+        if not len(gids):
+            return
+        rows = np.concatenate([self.index.group_rows(g) for g in gids.tolist()])
+        segs = self.batch_segment.view[self.index.row_batch.view[rows]]
+        for seg_id, count in zip(*np.unique(segs, return_counts=True), strict=True):
+            if int(seg_id) in self.segments:
+                self.segments[int(seg_id)].pending += sign * int(count)
+
+    def _delete_dead_segments(self) -> None:
+        if self.read_only:
+            return
+        for seg_id in [s for s, seg in self.segments.items() if seg.pending <= 0]:
+            if seg_id != self._writer_id or self._writer is None:
+                self._delete_segment(seg_id)
+
+    def _delete_segment(self, seg_id: int) -> None:
+        seg = self.segments.pop(seg_id)
+        for batch_id in np.flatnonzero(self.batch_segment.view == seg_id).tolist():
+            self.batches[batch_id] = None
+        seg.path.unlink(missing_ok=True)
+        log.info("buffer: deleted segment %s (%d rows, all retired)", seg.path.name, seg.rows)
+
+    # ------------------------------------------------------------------ state
+
+    def _record(self, entry: dict) -> None:
+        self.state.apply(entry)
+        if self.journal is not None:
+            self.journal.append(entry)
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"buffer at {self.dir} was opened read-only (inspection)")
+
+    def stored_rows(self) -> np.ndarray:
+        """Row numbers whose segment is still on disk, oldest first."""
+        present = np.fromiter((b is not None for b in self.batches), bool, len(self.batches))
+        return np.flatnonzero(present[self.index.row_batch.view]) if len(present) else present
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.journal is not None:
+            self.journal.close()
+
+
+def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> RowFacts:
+    def pick(name):
+        return batch.column(name).to_numpy(zero_copy_only=False)[keep]
+
+    return RowFacts(
+        traj_hashes=traj[keep],
+        group_hashes=hash_ids(batch.column("group_id").take(pa.array(keep)).to_pylist()),
+        group_sizes=pick("group_size"),
+        min_versions=min_token_version(batch)[keep],
+        rewards=pick("reward"),
+        resp_lens=pc.list_value_length(batch.column("response_tokens")).to_numpy()[keep],
+        actor_ids=batch.column("actor_id").take(pa.array(keep)),
+        data_sources=batch.column("data_source").take(pa.array(keep)),
+    )

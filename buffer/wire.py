@@ -1,0 +1,43 @@
+"""The buffer's wire format: a msgpack header frame, then raw Arrow IPC bytes. No pickle.
+
+Request:  ``[header, payload?]`` with header ``{"verb": str, "id": int, ...arguments}``.
+Reply:    ``[header, payload?]`` with header ``{"id": int, "ok": bool, "error"?: str, ...}``.
+A payload is one Arrow IPC *stream* (schema + batches), the same bytes a segment holds.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pyarrow as pa
+
+VERBS = ("insert", "sample", "stats", "set_learner_version", "head", "ping")
+
+
+def pack_header(header: dict) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(frame) -> dict:
+    """Decode a header frame; raises ValueError for anything that is not a msgpack map."""
+    try:
+        header = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except Exception as err:  # msgpack raises several unrelated types on garbage
+        raise ValueError(f"header is not msgpack: {type(err).__name__}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header must be a msgpack map")
+    return header
+
+
+def table_to_ipc(data: pa.Table | pa.RecordBatch) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data)
+    return sink.getvalue()
+
+
+def ipc_to_table(payload) -> pa.Table:
+    """Decode an Arrow IPC stream; raises ValueError on malformed bytes."""
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"payload is not an Arrow IPC stream: {err}") from None

@@ -1,0 +1,95 @@
+"""The trajectory contract: schema, length invariant, batch builder, staleness."""
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from buffer.schema import (
+    TRAJECTORY_SCHEMA,
+    SchemaError,
+    build_batch,
+    min_token_version,
+    row_staleness,
+    validate_batch,
+)
+
+
+def _batch(**overrides):
+    args = dict(
+        traj_id=["t0", "t1", "t2"],
+        group_id=["g0", "g0", "g1"],
+        prompt_tokens=[[1, 2], [1, 2], [3]],
+        response_tokens=[[5, 6, 7], [8], [9, 9]],
+        behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.5], [-1.0, -2.0]],
+        token_versions=[[3, 4, 4], [2], [5, 6]],
+        reward=[1.0, 0.0, 1.0],
+    )
+    args.update(overrides)
+    return build_batch(**args)
+
+
+def test_build_batch_produces_exactly_the_trajectory_schema():
+    batch = _batch(actor_id="actor-7", data_source="math")
+    assert batch.schema.equals(TRAJECTORY_SCHEMA)
+    assert batch.column("actor_id").to_pylist() == ["actor-7"] * 3
+    assert batch.column("times_sampled").to_pylist() == [0, 0, 0]
+
+
+def test_group_size_defaults_to_rows_of_the_group_in_the_batch():
+    assert _batch().column("group_size").to_pylist() == [2, 2, 1]
+
+
+def test_unequal_per_token_lengths_are_rejected_naming_column_and_row():
+    with pytest.raises(SchemaError, match=r"behavior_logprobs: row 1 .*'t1'.* 2 entries"):
+        _batch(behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.5, -0.6], [-1.0, -2.0]])
+    with pytest.raises(SchemaError, match="token_versions: row 2"):
+        _batch(token_versions=[[3, 4, 4], [2], [5]])
+
+
+def test_empty_response_is_rejected():
+    with pytest.raises(SchemaError, match="response_tokens: row 1 is empty"):
+        _batch(response_tokens=[[5, 6, 7], [], [9, 9]], behavior_logprobs=[[0.0] * 3, [], [0.0] * 2],
+               token_versions=[[0] * 3, [], [0] * 2])
+
+
+def test_missing_and_extra_columns_are_named():
+    batch = _batch()
+    with pytest.raises(SchemaError, match=r"missing \['reward'\]"):
+        validate_batch(batch.drop_columns(["reward"]))
+    with pytest.raises(SchemaError, match=r"unexpected \['extra'\]"):
+        validate_batch(batch.append_column("extra", pa.array([1, 2, 3])))
+
+
+def test_nulls_are_rejected():
+    batch = _batch()
+    rewards = pa.array([1.0, None, 0.0], pa.float32())
+    bad = batch.set_column(batch.schema.get_field_index("reward"), "reward", rewards)
+    with pytest.raises(SchemaError, match="reward: 1 null"):
+        validate_batch(bad)
+
+
+def test_castable_types_and_column_order_are_normalised():
+    table = pa.Table.from_batches([_batch()])
+    tokens = pa.array([[5, 6, 7], [8], [9, 9]], pa.list_(pa.int64()))
+    table = table.set_column(table.schema.get_field_index("response_tokens"), "response_tokens", tokens)
+    table = table.select(list(reversed(table.schema.names)))
+    batch = validate_batch(table)
+    assert batch.schema.equals(TRAJECTORY_SCHEMA)
+    assert batch.column("response_tokens").to_pylist() == [[5, 6, 7], [8], [9, 9]]
+
+
+def test_staleness_is_learner_version_minus_oldest_token_version():
+    batch = _batch()
+    assert min_token_version(batch).tolist() == [3, 2, 5]
+    assert row_staleness(batch, 7).tolist() == [4, 5, 2]
+    table = pa.Table.from_batches([batch.slice(1, 2), batch.slice(0, 1)])
+    assert row_staleness(table, 7).tolist() == [5, 2, 4]
+
+
+def test_created_at_is_a_utc_timestamp():
+    when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    batch = _batch(created_at=when)
+    assert batch.column("created_at")[0].as_py() == when
+    assert np.all(batch.column("group_size").to_numpy() >= 1)
