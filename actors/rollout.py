@@ -1,0 +1,225 @@
+"""The actor loop: generate continuously, score off the hot path, write acknowledged groups.
+
+    prompts ──► [≤ prompts_in_flight groups on the engine] ──► rewards (process pool)
+                     ▲ staleness gate                            │
+                     │                                           ▼
+    weight subscriber ──► engine.update_weights      BufferWriter ──► buffer (ack)
+
+Each group is one asyncio task: tokenise the prompt, ``engine.generate`` n samples (one vLLM
+request joining the continuous batch), score every sample in the reward pool, build the Arrow
+batch, hand it to the writer. Reward calls never block generation: they run in worker
+processes while the engine keeps serving the other groups. A slot is freed only once the
+writer accepted the batch, so a slow or rate-limited buffer throttles generation.
+
+Weight sets arrive on the subscriber's thread; ``_on_weights`` runs the engine update on the
+actor's loop and returns when the new weights serve, so the subscriber waits meanwhile.
+
+Shutdown order (``stop`` then ``run`` returning): stop taking prompts → close the weight
+subscriber → let running groups finish (``drain_s``) and cancel the rest → flush the writer
+(acknowledged rows only) → close the writer. The engine and the reward pool belong to the
+caller (``ActorRuntime.close`` shuts those down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from actors.aio import BackgroundLoop
+from actors.backpressure import StalenessGate
+from actors.engine import Sample, VllmEngine
+from actors.prompts import encode_prompt
+from actors.trajectories import group_batch
+from actors.writer import BufferWriter
+from async_rl.config import ActorsConfig
+from async_rl.rewards.base import RewardRecord, failure
+from async_rl.rewards.pool import reward_kind
+from async_rl.tasks.dataset import PromptRow
+
+log = logging.getLogger(__name__)
+
+# A reward future unresolved this long after the pool's own timeout is abandoned: the pool
+# should have answered, so something below it is stuck; the actor must not be.
+REWARD_GRACE_S = 10.0
+# How often the loop re-checks the staleness gate and the stop flag while slots are full.
+POLL_S = 0.05
+# Running groups get this long to finish on stop before they are cancelled.
+DRAIN_S = 30.0
+
+Scorer = Callable[[str, str, str, dict], Future]  # (kind, response, truth, extra) -> Future[RewardRecord]
+
+
+@dataclass
+class ActorMetrics:
+    """Counters read by ``Actor.metrics()``; updated on the actor's loop only."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    groups_done: int = 0
+    groups_skipped: int = 0
+    reward_sum: float = 0.0
+    reward_count: int = 0
+    reward_failures: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+    updates: int = 0
+    last_update_s: float | None = None
+    gate_waits: int = 0
+
+
+class Actor:
+    """One vLLM actor: ``run()`` generates until ``stop()`` (or ``max_groups`` groups)."""
+
+    def __init__(
+        self, *, actor_id: str, engine: VllmEngine, loop: BackgroundLoop, prompts: Iterator[PromptRow],
+        score: Scorer, buffer_address: str, cfg: ActorsConfig, reward_timeout_s: float,
+        reward_failure_score: float = -1.0, gate: StalenessGate | None = None,
+        reward_grace_s: float = REWARD_GRACE_S,
+    ):
+        self.actor_id = actor_id
+        self.engine = engine
+        self.loop = loop
+        self._prompts = prompts
+        self._score = score
+        self._buffer_address = buffer_address
+        self._cfg = cfg
+        self._reward_wait_s = reward_timeout_s + reward_grace_s
+        self._failure_score = reward_failure_score
+        self._gate = gate or StalenessGate(None, None)
+        self._kv_on_update = "recompute" if cfg.recompute_kv_on_update else "keep"
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task] = set()
+        self._writer: BufferWriter | None = None
+        self.stats = ActorMetrics()
+
+    # ------------------------------------------------------------------ control (any thread)
+
+    def run(self, *, max_groups: int | None = None, timeout_s: float | None = None) -> ActorMetrics:
+        """Generate until stopped (or ``max_groups`` groups were acknowledged); blocks."""
+        return self.loop.run(self._run(max_groups), timeout_s)
+
+    def stop(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._stopping.set)
+
+    def on_weights(self, version: int, named_tensors) -> None:
+        """The subscriber's callback: returns once ``version`` serves (raises if it failed).
+
+        A version not newer than the served one (the learner re-announcing the weights the
+        engine started from) is skipped.
+        """
+        if version <= self.engine.version:
+            log.info("weights v%d: already serving v%d, skipped", version, self.engine.version)
+            return
+        report = self.loop.run(self.engine.update_weights(version, named_tensors))
+        self.stats.updates += 1
+        self.stats.last_update_s = report.total_s
+
+    def metrics(self) -> dict:
+        """tokens/s, in-flight requests, weight version, update latency, rewards, finish reasons."""
+        s = self.stats
+        elapsed = max(time.monotonic() - s.started_at, 1e-9)
+        return {
+            "actor_id": self.actor_id,
+            "tokens_per_s": s.tokens / elapsed,
+            "tokens": s.tokens,
+            "groups_in_flight": len(self._in_flight),
+            "groups_done": s.groups_done,
+            "groups_skipped": s.groups_skipped,
+            "weight_version": self.engine.version,
+            "weight_updates": s.updates,
+            "update_latency_s": s.last_update_s,
+            "reward_mean": s.reward_sum / s.reward_count if s.reward_count else None,
+            "reward_failures": s.reward_failures,
+            "finish_reasons": dict(s.finish_reasons),
+            "staleness_gate_waits": s.gate_waits,
+            "buffer_pending": self._writer.pending if self._writer else 0,
+            "rows_acked": self._writer.stats.rows_acked if self._writer else 0,
+        }
+
+    # ------------------------------------------------------------------ the loop (actor's loop)
+
+    async def _run(self, max_groups: int | None) -> ActorMetrics:
+        self._stopping.clear()
+        self._writer = BufferWriter(self._buffer_address, max_pending=self._cfg.prompts_in_flight).start()
+        submitted = 0
+        try:
+            while not self._stopping.is_set() and (max_groups is None or submitted < max_groups):
+                if len(self._in_flight) < self._cfg.prompts_in_flight and self._gate.may_submit(self.engine.version):
+                    self._launch(next(self._prompts))
+                    submitted += 1
+                    continue
+                if len(self._in_flight) < self._cfg.prompts_in_flight:
+                    self.stats.gate_waits += 1
+                await self._reap(POLL_S)
+            await self._finish_running(DRAIN_S)
+            await self._writer.flush(DRAIN_S)
+        finally:
+            for task in self._in_flight:
+                task.cancel()
+            await self._writer.close()
+        return self.stats
+
+    def _launch(self, row: PromptRow) -> None:
+        self._gate.record_submit()
+        task = asyncio.get_running_loop().create_task(self._group(row))
+        self._in_flight.add(task)
+
+    async def _reap(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a group to finish; a failed group stops the actor."""
+        if not self._in_flight:
+            await asyncio.sleep(timeout)
+            return
+        done, _ = await asyncio.wait(self._in_flight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            self._in_flight.discard(task)
+            task.result()  # engine errors are fatal: the controller restarts the actor
+
+    async def _finish_running(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await self._reap(min(1.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------ one group
+
+    async def _group(self, row: PromptRow) -> None:
+        prompt_ids = encode_prompt(self.engine.tokenizer, row.messages)
+        if len(prompt_ids) + self._cfg.max_tokens > self.engine.max_model_len:
+            self.stats.groups_skipped += 1
+            log.warning("prompt %s: %d tokens + max_tokens exceed max_model_len; skipped",
+                        row.prompt_id, len(prompt_ids))
+            return
+        samples = await self.engine.generate(prompt_ids, n=self._cfg.n_samples_per_prompt)
+        if any(not s.token_ids for s in samples):
+            self.stats.groups_skipped += 1
+            return
+        rewards = await asyncio.gather(*(self._reward(row, s) for s in samples))
+        batch = group_batch(
+            group_id=f"{self.actor_id}-{uuid.uuid4().hex[:16]}", actor_id=self.actor_id, row=row,
+            prompt_tokens=prompt_ids, samples=samples, rewards=rewards, kv_on_update=self._kv_on_update,
+        )
+        await self._writer.put(batch)
+        self._count(samples, rewards)
+
+    async def _reward(self, row: PromptRow, sample: Sample) -> RewardRecord:
+        """Score one sample; any failure becomes the failure reward with its reason."""
+        try:
+            future = self._score(reward_kind(row.data_source), sample.text, row.ground_truth, row.extra_info)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._reward_wait_s)
+        except TimeoutError:
+            return failure(self._failure_score, "timeout", f"no reward after {self._reward_wait_s:g} s")
+        except Exception as err:  # a broken scorer must not take the actor down
+            return failure(self._failure_score, "error", f"{type(err).__name__}: {err}")
+
+    def _count(self, samples: list[Sample], rewards: list[RewardRecord]) -> None:
+        s = self.stats
+        s.groups_done += 1
+        s.tokens += sum(len(x.token_ids) for x in samples)
+        s.finish_reasons.update(x.finish_reason for x in samples)
+        s.reward_sum += sum(r.score for r in rewards)
+        s.reward_count += len(rewards)
+        s.reward_failures += sum(r.status in ("timeout", "error") for r in rewards)

@@ -1,0 +1,69 @@
+"""Wiring one actor from config sections: engine, reward pool, weight subscriber, loop.
+
+    runtime = ActorRuntime.start(actor_id="actor-0", model_dir=..., prompts_path=...,
+                                 buffer_address=..., weights_address=..., actors=cfg.actors,
+                                 model=cfg.model, reward=cfg.reward, weights=cfg.weights,
+                                 work_dir=run_dir / "actors" / "actor-0")
+    runtime.actor.run()            # until runtime.actor.stop()
+    runtime.close()
+
+Close order: stop the actor loop → close the weight subscriber (no update can start) → shut the
+engine down → close the reward pool → stop the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.aio import BackgroundLoop
+from actors.backpressure import StalenessGate
+from actors.engine import VllmEngine
+from actors.prompts import file_prompts
+from actors.rollout import Actor
+from async_rl.config import ActorsConfig, ModelConfig, RewardConfig, WeightsConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorRuntime:
+    actor: Actor
+    loop: BackgroundLoop
+    engine: VllmEngine
+    rewards: object
+    subscriber: object | None
+
+    @classmethod
+    def start(
+        cls, *, actor_id: str, model_dir: Path, prompts_path: Path, buffer_address: str,
+        weights_address: str | None, actors: ActorsConfig, model: ModelConfig, reward: RewardConfig,
+        weights: WeightsConfig, work_dir: Path, max_staleness: int | None = None,
+        groups_per_version: float | None = None, prompt_seed: int = 0, initial_version: int = 0,
+    ) -> ActorRuntime:
+        """Start everything one actor needs; ``run()`` on the returned actor generates."""
+        from async_rl.rewards.pool import RewardPool
+
+        loop = BackgroundLoop(name=f"{actor_id}-loop")
+        engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work_dir, version=initial_version))
+        rewards = RewardPool(reward)
+        actor = Actor(
+            actor_id=actor_id, engine=engine, loop=loop, prompts=file_prompts(prompts_path, seed=prompt_seed),
+            score=rewards.submit, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
+            reward_failure_score=reward.wrong, gate=StalenessGate(max_staleness, groups_per_version),
+        )
+        subscriber = None
+        if weights_address is not None:
+            from async_rl.weights.subscriber import WeightSubscriber
+
+            subscriber = WeightSubscriber(weights_address, actor.on_weights, weights).start()
+        return cls(actor, loop, engine, rewards, subscriber)
+
+    def close(self) -> None:
+        self.actor.stop()
+        if self.subscriber is not None:
+            self.subscriber.close()
+        self.engine.shutdown()
+        self.rewards.close()
+        self.loop.close()
