@@ -199,7 +199,7 @@ def main() -> None:
     _register_optional_commands()
     try:
         app()
-    except (UserError, ConfigError, DatasetError, FileNotFoundError) as err:
+    except (UserError, ConfigError, DatasetError, FileNotFoundError, FileExistsError) as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(USER_ERROR_EXIT)
 

@@ -36,7 +36,15 @@ class PreparedRun:
 
 
 def prepare_run(cfg: Config) -> PreparedRun:
+    """Everything the job needs on disk; user errors (a missing model or data file) are
+    raised before the run folder is created or touched."""
     run_dir = cfg.run_dir
+    if cfg.model.path is not None:
+        ensure_model(cfg.model.path, run_dir, size=cfg.model.size, seed=cfg.model.seed)
+    for split in ("train", "heldout"):
+        source = getattr(cfg.data, split)
+        if source != "synthetic" and not Path(source).is_file():
+            raise FileNotFoundError(f"data.{split}={source}: no such file (expected .parquet or .jsonl)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_dir, built = ensure_model(cfg.model.path, run_dir, size=cfg.model.size, seed=cfg.model.seed)

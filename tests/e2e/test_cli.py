@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 BIN = Path(sys.executable).with_name("async-rl")
 
@@ -65,22 +64,21 @@ def test_init_model_builds_a_loadable_model(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "qwen2"
 
 
-@pytest.mark.slow
-def test_train_prepares_the_run_folder_and_says_what_is_missing(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ("train", f"run.dir={run_dir}", "data.synth.n_train=300", "data.synth.n_sft=100")
-    first = run(*args)
-    assert first.returncode == 0, first.stderr
-    assert "model: built" in first.stdout and "not yet available" in first.stdout
-    assert pq.read_table(run_dir / "data" / "train.parquet").num_rows == 300
-    assert pq.read_table(run_dir / "data" / "sft.parquet").num_rows == 100
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "model" / "model.safetensors").is_file()
-    second = run(*args)
-    assert "model: reused" in second.stdout and "(reused)" in second.stdout
-
-
 def test_train_with_a_bad_override_starts_nothing(tmp_path):
     result = run("train", f"run.dir={tmp_path / 'run'}", "actors.count=-1")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: actors.count=-1: must be >= 0"
     assert not (tmp_path / "run").exists()
+
+
+def test_train_with_a_missing_model_path_starts_nothing(tmp_path):
+    result = run("train", f"run.dir={tmp_path / 'run'}", f"model.path={tmp_path / 'nope'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: model.path={tmp_path / 'nope'}: no config.json there (expected a Hugging Face model folder)"
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    result = run("train", "--resume", str(tmp_path))
+    assert result.returncode == 2
+    assert "no config.yaml there" in result.stderr

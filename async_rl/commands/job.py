@@ -1,0 +1,95 @@
+"""Operating a job: ``async-rl status``, ``scale``, ``stop``, ``plot``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+scale_app = typer.Typer(help="Scale a running job's actors or learner ranks.", no_args_is_help=True)
+
+RUN_DIR_HELP = "Run folder of the job (holds run.json)."
+
+
+def _address(run_dir: Path, address: str | None) -> str:
+    if address:
+        return address
+    from async_rl.job.runfolder import read_run_json
+
+    info = read_run_json(run_dir)
+    if "control_address" not in info:
+        raise FileNotFoundError(f"{run_dir}/run.json: no control address (the job never started)")
+    return info["control_address"]
+
+
+def status(
+    run_dir: Path = typer.Argument(Path("runs/tiny"), help=RUN_DIR_HELP),
+    address: str = typer.Option(None, "--address", help="Control address (tcp://HOST:PORT) instead of a run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Roles, versions, throughput, staleness, buffer and health of a job (live or finished)."""
+    from rich.console import Console
+
+    from async_rl.job.control import request
+    from async_rl.job.display import render, snapshot
+
+    live = None
+    try:
+        live = request(_address(run_dir, address), "status", timeout_s=10)
+    except (ConnectionError, FileNotFoundError) as err:
+        if address:
+            raise
+        typer.echo(f"job not answering ({err}); showing the run folder's last figures", err=True)
+    snap = snapshot(run_dir, live)
+    if as_json:
+        typer.echo(json.dumps({"live": live, "snapshot": snap}, default=str, indent=2))
+        return
+    Console().print(render(snap, 0.0))
+
+
+@scale_app.command("actors")
+def scale_actors(
+    count: int = typer.Argument(..., min=0, help="Actors wanted."),
+    run_dir: Path = typer.Option(Path("runs/tiny"), "--run-dir", help=RUN_DIR_HELP),
+    address: str = typer.Option(None, "--address"),
+) -> None:
+    """Add or remove actors while training runs (new ones get the current weights on join)."""
+    from async_rl.job.control import request
+
+    result = request(_address(run_dir, address), "scale_actors", count=count)
+    typer.echo(f"actors now: {result['actors']}")
+
+
+@scale_app.command("learners")
+def scale_learners(
+    count: int = typer.Argument(..., min=1, help="Learner ranks wanted."),
+    run_dir: Path = typer.Option(Path("runs/tiny"), "--run-dir", help=RUN_DIR_HELP),
+    address: str = typer.Option(None, "--address"),
+) -> None:
+    """Checkpoint, restart the learner group with COUNT ranks, resume; actors keep generating."""
+    from async_rl.job.control import request
+
+    result = request(_address(run_dir, address), "scale_learners", count=count, timeout_s=900)
+    typer.echo(f"learner ranks now: {result['learner_ranks']}")
+
+
+def stop(
+    run_dir: Path = typer.Argument(Path("runs/tiny"), help=RUN_DIR_HELP),
+    address: str = typer.Option(None, "--address"),
+) -> None:
+    """Stop a job gracefully (as Ctrl-C): checkpoint, flush the buffer, stop in order."""
+    from async_rl.job.control import request
+
+    request(_address(run_dir, address), "stop", timeout_s=30)
+    typer.echo("stop requested; the job checkpoints and exits")
+
+
+def plot(
+    run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
+    out: Path = typer.Option(None, "--out", help="PNG path (default RUN_DIR/plot.png)."),
+) -> None:
+    """Plot reward, held-out accuracy, staleness and throughput of a run to a PNG."""
+    from async_rl.job.plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run_dir, out)}")

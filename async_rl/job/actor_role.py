@@ -1,0 +1,99 @@
+"""One actor inside the job: the rollout loop plus its metrics file and held-out evaluation.
+
+The Ray actor is threaded: ``run`` blocks one thread in the rollout loop (which lives on its
+own asyncio thread), while ``evaluate``, ``metrics`` and ``stop`` arrive on others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from async_rl.config import Config
+from async_rl.job.metrics import MetricsWriter
+
+# Seconds between the actor's metric records.
+METRICS_EVERY_S = 5.0
+
+
+class ActorWorker:
+    def __init__(self, payload: dict[str, Any]):
+        from actors.runtime import ActorRuntime
+
+        cfg = Config.model_validate(payload["config"])
+        self.cfg = cfg
+        self.actor_id = f"actor-{payload['actor_id']}"
+        run_dir = Path(payload["run_dir"])
+        prompts = run_dir / "data" / "train.parquet" if cfg.data.train == "synthetic" else Path(cfg.data.train)
+        sync = cfg.algorithm.mode == "sync"
+        self.runtime = ActorRuntime.start(
+            actor_id=self.actor_id,
+            model_dir=Path(payload["model_dir"]),
+            prompts_path=prompts,
+            buffer_address=payload["buffer_address"],
+            weights_address=payload["weights_address"],
+            actors=cfg.actors,
+            model=cfg.model,
+            reward=cfg.reward,
+            weights=cfg.weights,
+            work_dir=run_dir / "actors" / self.actor_id,
+            # sync: generate one batch per policy version, then wait for the next version.
+            max_staleness=0 if sync else cfg.buffer.max_staleness,
+            groups_per_version=cfg.learner.groups_per_step / max(cfg.actors.count, 1),
+            prompt_seed=cfg.data.seed * 1009 + int(payload["actor_id"]),
+        )
+        self.metrics = MetricsWriter(run_dir, self.actor_id)
+        self._stop = threading.Event()
+        self._reporter = threading.Thread(target=self._report, name=f"{self.actor_id}-metrics", daemon=True)
+
+    def run(self) -> dict[str, Any]:
+        self._reporter.start()
+        try:
+            self.runtime.actor.run()
+        finally:
+            self._stop.set()
+            self._write_metrics()
+            self.runtime.close()
+            self.metrics.close()
+        return {"actor": self.actor_id, "groups": self.runtime.actor.stats.groups_done}
+
+    def stop(self) -> None:
+        self.runtime.actor.stop()
+
+    def evaluate(self, prompts: list[dict], max_tokens: int) -> list[dict]:
+        """Greedy answers to held-out prompts, scored by the actor's reward pool."""
+        from actors.prompts import encode_prompt
+        from async_rl.rewards.pool import reward_kind
+
+        engine, loop = self.runtime.engine, self.runtime.loop
+
+        import asyncio
+
+        async def one(prompt: dict) -> dict:
+            ids = encode_prompt(engine.tokenizer, prompt["messages"])
+            sample = (await engine.generate(ids, n=1, greedy=True, max_tokens=max_tokens))[0]
+            kind = reward_kind(prompt["data_source"])
+            future = self.runtime.rewards.submit(kind, sample.text, prompt["ground_truth"], prompt["extra_info"])
+            record = await asyncio.wrap_future(future)
+            return {"reward": record.score, "correct": record.correct, "weight_version": min(sample.versions, default=-1)}
+
+        async def all_prompts() -> list[dict]:
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        return loop.run(all_prompts())
+
+    def _report(self) -> None:
+        while not self._stop.wait(METRICS_EVERY_S):
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        m = self.runtime.actor.metrics()
+        self.metrics.write({
+            "tokens_per_s": m["tokens_per_s"], "groups_done": m["groups_done"],
+            "weight_version": m["weight_version"], "weight_update_s": m["update_latency_s"],
+            "reward_mean": m["reward_mean"], "groups_in_flight": m["groups_in_flight"],
+            "rows_acked": m["rows_acked"], "reward_failures": m["reward_failures"],
+            "staleness_gate_waits": m["staleness_gate_waits"], "time": time.time(),
+        })

@@ -1,0 +1,367 @@
+"""The controller: a named Ray actor that places, supervises, scales and stops the roles.
+
+Start order: buffer service → learner group (rank 0 binds the weight publisher on a port the
+controller chose, so actors can connect before it is up) → actors. Supervision restarts a dead
+actor (its acknowledged trajectories are already durable in the buffer) and a dead learner group
+(from its last checkpoint; the buffer is untouched). Stop order: learners (they checkpoint) →
+actors → buffer (it flushes) — so nothing acknowledged is lost and no trajectory is trained
+twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from async_rl.config import Config
+from async_rl.job import placement
+from async_rl.job.runfolder import clear_stop, request_stop
+
+log = logging.getLogger("async_rl.controller")
+# Restarts of one role within this window beyond MAX_RESTARTS stop the job instead of looping.
+RESTART_WINDOW_S = 300.0
+MAX_RESTARTS = 5
+# The buffer's stats scan every stored row; the live view asks at most this often.
+BUFFER_STATS_EVERY_S = 10.0
+# How long a graceful stop waits for each role before killing it.
+STOP_GRACE_S = 120.0
+
+
+class Controller:
+    def __init__(self, cfg: dict[str, Any], run_dir: str, model_dir: str, stop_token_ids: list[int]):
+        self.cfg = Config.model_validate(cfg)
+        self.run_dir = Path(run_dir)
+        self.model_dir = model_dir
+        self.stop_token_ids = stop_token_ids
+        self.buffer = None
+        self.weights_address = ""
+        self.learners: list = []
+        self.learner_refs: list = []
+        self.learner_ranks = self.cfg.learner.ranks
+        self.actors: dict[int, tuple[Any, Any]] = {}
+        self.next_actor_id = 0
+        self.restarts: dict[str, list[float]] = {}
+        self.events: list[str] = []
+        self.pid_refs: dict[str, Any] = {}
+        self.finished = False
+        self.failure: str | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, resume: bool) -> dict[str, Any]:
+        from buffer.service import start_service
+        from learners.launch import free_port
+
+        host = self.cfg.cluster.bind_host
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.buffer = start_service(
+            self.run_dir / "buffer", self.cfg.buffer, host=host, seed=self.cfg.run.seed,
+            log_file=self.run_dir / "logs" / "buffer.log",
+        )
+        port = self.cfg.weights.port or free_port(host)
+        self.cfg.weights.port = port
+        self.weights_address = f"tcp://{host}:{port}"
+        self.resume = resume
+        self._start_learners(self.learner_ranks)
+        for _ in range(self.cfg.actors.count):
+            self._start_actor()
+        return self.addresses()
+
+    def addresses(self) -> dict[str, Any]:
+        return {
+            "buffer_address": self.buffer.address if self.buffer else None,
+            "weights_address": self.weights_address,
+            "buffer_pid": self.buffer.pid if self.buffer else None,
+        }
+
+    def _start_learners(self, ranks: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from async_rl.job.roles import LearnerRank
+        from learners.launch import free_port
+
+        clear_stop(self.run_dir, "learner")
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.learner.ranks = ranks
+        group = placement.learner_placement_group(self.cfg.cluster, cfg.learner)
+        ray.get(group.ready())
+        master_port = free_port(self.cfg.cluster.bind_host)
+        payload = {
+            "config": cfg.model_dump(mode="json"),
+            "run_dir": str(self.run_dir),
+            "model_dir": self.model_dir,
+            "buffer_address": self.buffer.address,
+            "stop_token_ids": self.stop_token_ids,
+            "resume": True,
+        }
+        resources = placement.learner_resources(cfg.learner)
+        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if self.cfg.cluster.bind_host.startswith("127.") else {}
+        self.learners, self.learner_refs = [], []
+        for rank in range(ranks):
+            handle = ray.remote(LearnerRank).options(
+                **resources.options(),
+                max_concurrency=2,  # pid() is answered while run() trains
+                runtime_env=placement.role_env(extra_env),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+            ).remote()
+            env = {
+                "MASTER_ADDR": self.cfg.cluster.bind_host, "MASTER_PORT": str(master_port),
+                "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0",
+            }
+            self.learners.append(handle)
+            self.learner_refs.append(handle.run.remote(env, payload))
+            self.pid_refs[f"learner-{rank}"] = handle.pid.remote()
+        self.learner_group = group
+        self.learner_ranks = ranks
+        self._event(f"learner group started with {ranks} rank(s)")
+
+    def _start_actor(self, actor_id: int | None = None) -> int:
+        import ray
+
+        from async_rl.job.roles import ActorRole
+
+        if actor_id is None:
+            actor_id, self.next_actor_id = self.next_actor_id, self.next_actor_id + 1
+        payload = {
+            "config": self.cfg.model_dump(mode="json"),
+            "actor_id": actor_id,
+            "run_dir": str(self.run_dir),
+            "model_dir": self.model_dir,
+            "buffer_address": self.buffer.address,
+            "weights_address": self.weights_address,
+        }
+        handle = ray.remote(ActorRole).options(
+            **placement.actor_resources(self.cfg.actors).options(),
+            runtime_env=placement.role_env(),
+            max_concurrency=4,
+        ).remote(payload)
+        self.actors[actor_id] = (handle, handle.run.remote())
+        self.pid_refs[f"actor-{actor_id}"] = handle.pid.remote()
+        self._event(f"actor {actor_id} started")
+        return actor_id
+
+    # ------------------------------------------------------------------ supervise
+
+    def supervise(self) -> dict[str, Any]:
+        """One pass: restart what died; mark the job finished when the learner group is done."""
+        import ray
+
+        with self._lock:
+            for actor_id, (_, ref) in list(self.actors.items()):
+                done, _ = ray.wait([ref], timeout=0)
+                if done:
+                    self._actor_exited(actor_id, ref)
+            done, _ = ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=0)
+            if done and not self.finished:
+                self._learners_exited(done)
+        return self.status()
+
+    def _actor_exited(self, actor_id: int, ref) -> None:
+        import ray
+
+        del self.actors[actor_id]
+        try:
+            result = ray.get(ref)
+            self._event(f"actor {actor_id} finished: {result}")
+        except Exception as err:  # RayActorError when killed, or the loop raised
+            self._event(f"actor {actor_id} died ({type(err).__name__}); restarting")
+            if self._allow_restart(f"actor-{actor_id}"):
+                self._start_actor(actor_id)
+
+    def _learners_exited(self, done: list) -> None:
+        import ray
+
+        try:
+            results = ray.get(done)
+        except Exception as err:
+            self._event(f"learner group failed ({type(err).__name__}: {str(err)[:200]}); restarting from checkpoint")
+            self._kill(self.learners)
+            if self._allow_restart("learner"):
+                self._start_learners(self.learner_ranks)
+            return
+        if len(done) == len(self.learner_refs):
+            self._event(f"learner group finished: {results[0]}")
+            self.finished = True
+
+    def _allow_restart(self, role: str) -> bool:
+        now = time.time()
+        recent = [t for t in self.restarts.get(role, []) if now - t < RESTART_WINDOW_S] + [now]
+        self.restarts[role] = recent
+        if len(recent) > MAX_RESTARTS:
+            self.failure = f"{role} died {len(recent)} times in {RESTART_WINDOW_S:.0f} s; giving up"
+            self._event(self.failure)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ operate
+
+    def pids(self) -> dict[str, int]:
+        """PIDs of the live roles whose processes have started (for drills and status)."""
+        import ray
+
+        live = {f"actor-{i}" for i in self.actors} | {f"learner-{r}" for r in range(len(self.learners))}
+        out = {}
+        for role, ref in list(self.pid_refs.items()):
+            if role not in live:
+                continue
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    out[role] = ray.get(ref)
+                except Exception:  # died before answering
+                    pass
+        return out
+
+    def buffer_stats(self) -> dict[str, Any] | None:
+        """The buffer service's summary (rows, groups, …), or None if it does not answer."""
+        from buffer.client import BufferClient
+
+        if self.buffer is None:
+            return None
+        cached = getattr(self, "_buffer_stats", None)
+        if cached is not None and time.monotonic() - cached[0] < BUFFER_STATS_EVERY_S:
+            return cached[1]
+        with self._lock:
+            if getattr(self, "_buffer_client", None) is None:
+                self._buffer_client = BufferClient(self.buffer.address, timeout_s=5.0)
+            try:
+                stats = self._buffer_client.stats()
+            except Exception:  # a restarting buffer; the next tick asks again
+                self._buffer_client.close()
+                self._buffer_client = None
+                return None
+        keys = ("rows", "groups", "groups_live", "groups_sampleable", "bytes", "learner_version",
+                "groups_sampled_total", "evicted_rows")
+        summary = {k: stats.get(k) for k in keys}
+        self._buffer_stats = (time.monotonic(), summary)
+        return summary
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pids": self.pids(),
+            "buffer_stats": self.buffer_stats(),
+            "actors": sorted(self.actors),
+            "learner_ranks": self.learner_ranks,
+            "finished": self.finished,
+            "failure": self.failure,
+            "restarts": {k: len(v) for k, v in self.restarts.items()},
+            "events": self.events[-20:],
+            **self.addresses(),
+        }
+
+    def scale_actors(self, count: int) -> dict[str, Any]:
+        import ray
+
+        with self._lock:
+            while len(self.actors) < count:
+                self._start_actor()
+            while len(self.actors) > count:
+                actor_id = max(self.actors)
+                handle, ref = self.actors.pop(actor_id)
+                ray.get(handle.stop.remote(), timeout=STOP_GRACE_S)
+                ray.wait([ref], timeout=STOP_GRACE_S)
+                self._kill([handle])
+                self._event(f"actor {actor_id} removed")
+        return self.status()
+
+    def scale_learners(self, ranks: int) -> dict[str, Any]:
+        """Checkpoint, stop the group, restart it with ``ranks`` ranks from that checkpoint."""
+        import ray
+
+        with self._lock:
+            request_stop(self.run_dir, "learner")
+            ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=STOP_GRACE_S)
+            self._kill(self.learners)
+            self._start_learners(ranks)
+        return self.status()
+
+    def stop(self) -> dict[str, Any]:
+        import ray
+
+        with self._lock:
+            request_stop(self.run_dir)
+            ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=STOP_GRACE_S)
+            for handle, ref in self.actors.values():
+                try:
+                    ray.get(handle.stop.remote(), timeout=STOP_GRACE_S)
+                except Exception as err:  # an actor already dead needs no stopping
+                    self._event(f"actor stop: {type(err).__name__}")
+                ray.wait([ref], timeout=STOP_GRACE_S)
+            self._kill([h for h, _ in self.actors.values()] + self.learners)
+            self.actors.clear()
+            if getattr(self, "_buffer_client", None) is not None:
+                self._buffer_client.close()
+                self._buffer_client = None
+            if self.buffer is not None:
+                self.buffer.stop()
+            self.finished = True
+            self._event("stopped")
+        return self.status()
+
+    def evaluate(self, version: int) -> dict[str, Any] | None:
+        """Greedy held-out accuracy through one actor's engine, logged to ``metrics/eval.jsonl``."""
+        import ray
+
+        from async_rl.job.metrics import MetricsWriter
+        from async_rl.tasks.dataset import load_rows
+
+        if not self.actors:
+            return None
+        if not hasattr(self, "_heldout"):
+            source = self.cfg.data.heldout
+            path = self.run_dir / "data" / "heldout.parquet" if source == "synthetic" else Path(source)
+            rows, _ = load_rows(path)
+            self._heldout = [
+                {"messages": r.messages, "ground_truth": r.ground_truth, "data_source": r.data_source,
+                 "extra_info": r.extra_info}
+                for r in rows[: self.cfg.learner.eval_prompts]
+            ]
+        handle = self.actors[min(self.actors)][0]
+        start = time.monotonic()
+        results = ray.get(handle.evaluate.remote(self._heldout, self.cfg.actors.max_tokens))
+        correct = [bool(r["correct"]) for r in results]
+        versions = [r.get("weight_version", -1) for r in results]
+        record = {
+            "version": version,
+            "accuracy": sum(correct) / max(len(correct), 1),
+            "reward_mean": sum(r["reward"] for r in results) / max(len(results), 1),
+            "prompts": len(results),
+            "weight_version_min": min(versions, default=-1),
+            "weight_version_max": max(versions, default=-1),
+            "eval_s": time.monotonic() - start,
+        }
+        writer = MetricsWriter(self.run_dir, "eval")
+        writer.write(record)
+        writer.close()
+        return record
+
+    def kill_role(self, role: str) -> int:
+        """Fault injection for tests and drills: SIGKILL one role's process; returns its PID."""
+        import os
+        import signal
+
+        import ray
+
+        handle = self.learners[0] if role == "learner" else self.actors[int(role.split("-")[1])][0]
+        pid = ray.get(handle.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def _kill(self, handles: list) -> None:
+        import ray
+
+        for handle in handles:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+    def _event(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.events.append(f"{stamp} {text}")
+        log.info(text)

@@ -1,0 +1,181 @@
+"""``async-rl train``: prepare the run, warm-start with SFT, run the job under Ray, show it live.
+
+Reads top to bottom:
+1. prepare the run folder (config, model, data) — cached;
+2. SFT warm start on the synthetic SFT split when ``learner.sft_epochs > 0`` (once per run);
+3. Ray (private and loopback-bound, or the cluster at ``--ray-address``) and the controller;
+4. the controller starts buffer → learner group → actors;
+5. until the learner group finishes or a stop arrives (Ctrl-C, ``async-rl stop``, STOP
+   file): supervise, serve the control endpoint, schedule held-out evaluations, refresh the view;
+6. stop in order (learners checkpoint → actors → buffer flushes), shut Ray down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from async_rl.config import Config
+from async_rl.job import placement
+from async_rl.job.runfolder import clear_stop, request_stop, stop_requested, update_run_json
+
+# How often the driver supervises, serves control requests and refreshes the display.
+TICK_S = 1.0
+
+
+def run_job(cfg: Config, console, *, resume: bool = False) -> int:
+    from async_rl.prepare import prepare_run
+
+    if not resume and (cfg.run_dir / "checkpoints" / "latest").is_file():
+        raise FileExistsError(
+            f"run.dir={cfg.run_dir}: holds a trained run; continue it with `async-rl train --resume "
+            f"{cfg.run_dir}` or choose a new run.dir"
+        )
+    prepared = prepare_run(cfg)
+    run_dir = prepared.run_dir
+    clear_stop(run_dir)
+    clear_stop(run_dir, "learner")
+    policy_dir = warm_start(cfg, prepared, console)
+    ray = placement.init_ray(cfg.cluster, num_cpus=_local_cpus(cfg))
+    controller = _start_controller(ray, cfg, run_dir, policy_dir)
+    addresses = ray.get(controller.start.remote(resume))
+    from async_rl.job.control import ControlServer
+
+    control = ControlServer(cfg.cluster.bind_host)
+    update_run_json(run_dir, pid=os.getpid(), control_address=control.address, **addresses, policy_dir=str(policy_dir))
+    console.print(f"job: buffer {addresses['buffer_address']}, weights {addresses['weights_address']}, control {control.address}")
+    interrupted = _install_interrupt(run_dir)
+    try:
+        status = _watch(cfg, run_dir, controller, control, console, ray)
+    finally:
+        console.print("stopping: learners checkpoint → actors → buffer")
+        status = ray.get(controller.stop.remote())
+        control.close()
+        ray.shutdown()
+        signal.signal(signal.SIGINT, interrupted)
+    summary = _summary(run_dir)
+    console.print(summary)
+    return 1 if status.get("failure") else 0
+
+
+def warm_start(cfg: Config, prepared, console) -> Path:
+    """The policy the job starts from: the SFT'd model when configured, else the base model."""
+    sft_dir = prepared.run_dir / "sft_model"
+    if cfg.learner.sft_epochs <= 0 or "sft" not in prepared.data:
+        return prepared.model_dir
+    if (sft_dir / "config.json").is_file():
+        console.print(f"sft: reusing {sft_dir}")
+        return sft_dir
+    from learners.sft import run_sft
+
+    console.print(f"sft: warm start, {cfg.learner.sft_epochs:g} epoch(s) on {prepared.data['sft']}")
+    run_sft(cfg, model_dir=prepared.model_dir, data=prepared.data["sft"], out_dir=sft_dir, console=console)
+    return sft_dir
+
+
+def _local_cpus(cfg: Config) -> int:
+    return placement.local_cpus(cfg.cluster, cfg.actors, cfg.learner, max_actors=max(cfg.actors.count, 1) + 2)
+
+
+def _start_controller(ray, cfg: Config, run_dir: Path, policy_dir: Path):
+    from transformers import AutoTokenizer
+
+    from async_rl.job.controller import Controller
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    return (
+        ray.remote(Controller)
+        .options(name=placement.CONTROLLER_NAME, num_cpus=0, max_concurrency=8, runtime_env=placement.role_env())
+        .remote(cfg.model_dump(mode="json"), str(run_dir), str(policy_dir), stop_ids)
+    )
+
+
+def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> dict[str, Any]:
+    from async_rl.job.display import LiveView, snapshot
+
+    deadline = time.monotonic() + cfg.run.max_minutes * 60 if cfg.run.max_minutes else None
+    evaluator = Evaluations(cfg, controller)
+    status: dict[str, Any] = {}
+    with LiveView(console, mode=cfg.logging.console) as view:
+        while True:
+            status = ray.get(controller.supervise.remote())
+            control.serve_pending(lambda req: _handle(req, controller, ray, run_dir), timeout_ms=int(TICK_S * 1000))
+            snap = snapshot(run_dir, status)
+            evaluator.maybe_schedule(snap["version"])
+            view.update(snap)
+            if status.get("finished") or status.get("failure") or stop_requested(run_dir):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                console.print(f"run.max_minutes={cfg.run.max_minutes:g} reached")
+                break
+    evaluator.wait()
+    return status
+
+
+def _handle(request: dict[str, Any], controller, ray, run_dir: Path) -> Any:
+    verb = request["verb"]
+    if verb == "status":
+        return ray.get(controller.status.remote())
+    if verb == "stop":
+        request_stop(run_dir)
+        return {"stopping": True}
+    count = request.get("count")
+    if not isinstance(count, int) or count < (0 if verb == "scale_actors" else 1):
+        raise ValueError(f"count={count!r}: expected a non-negative integer ({'>= 1 ' if verb == 'scale_learners' else ''}for {verb})")
+    method = controller.scale_actors if verb == "scale_actors" else controller.scale_learners
+    return ray.get(method.remote(count))
+
+
+class Evaluations:
+    """Held-out evaluation at version 0 and every ``learner.eval_every`` versions."""
+
+    def __init__(self, cfg: Config, controller):
+        self.every = cfg.learner.eval_every
+        self.controller = controller
+        self.done: set[int] = set()
+        self.pending = []
+
+    def maybe_schedule(self, version: int) -> None:
+        if not self.every:
+            return
+        target = version - version % self.every
+        if target not in self.done:
+            self.done.add(target)
+            self.pending.append(self.controller.evaluate.remote(target))
+
+    def wait(self) -> None:
+        import ray
+
+        if self.pending:
+            ray.wait(self.pending, num_returns=len(self.pending), timeout=120)
+
+
+def _install_interrupt(run_dir: Path):
+    """Ctrl-C asks for the same graceful stop as `async-rl stop`; a second one aborts."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        if stop_requested(run_dir):
+            raise KeyboardInterrupt
+        request_stop(run_dir)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    return previous
+
+
+def _summary(run_dir: Path) -> str:
+    from async_rl.job.display import snapshot
+
+    snap = snapshot(run_dir)
+    lines = [
+        f"run folder: {run_dir}",
+        f"policy version {snap['version']}; held-out accuracy {snap['first_heldout_accuracy']} → {snap['heldout_accuracy']}",
+        f"metrics: {run_dir / 'metrics'}; plot: async-rl plot {run_dir}",
+    ]
+    (run_dir / "summary.json").write_text(json.dumps(snap, indent=2, default=str))
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""The learner loop, run on every learner rank (one DeepSpeed group).
+
+Per step: rank 0 samples a batch of whole groups from the buffer (blocking on the buffer's
+``min_size_to_sample`` and rate limiter) and broadcasts it as Arrow IPC bytes to the other
+ranks (every rank trains on its share of the SAME table); all ranks train; every
+``publish_every`` steps all ranks gather the weights and rank 0 publishes them over ZeroMQ and
+tells the buffer the new policy version; every ``checkpoint_every`` steps all ranks checkpoint.
+
+Shutdown order: rank 0 sees the stop request (STOP file or step budget) and broadcasts it in
+place of a batch; every rank checkpoints, rank 0 exports the HF model, closes the publisher
+(after its last transfer), then the buffer client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from async_rl.config import Config
+from async_rl.job.metrics import MetricsWriter
+from async_rl.job.runfolder import stop_requested
+
+log = logging.getLogger("async_rl.learner")
+# How long rank 0 waits for a batch before re-checking the stop request.
+SAMPLE_POLL_S = 2.0
+STOP = -1
+IDLE = 0
+
+
+def learner_main(payload: dict[str, Any]) -> dict[str, Any]:
+    """Rank entry point (``learners.launch`` / a Ray actor): ``payload`` is plain JSON."""
+    import torch
+
+    torch.set_num_threads(int(payload.get("threads", 1)))
+    cfg = Config.model_validate(payload["config"])
+    loop = LearnerLoop(cfg, Path(payload["run_dir"]), Path(payload["model_dir"]), payload)
+    try:
+        return loop.run()
+    finally:
+        loop.close()
+
+
+class LearnerLoop:
+    def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, payload: dict[str, Any]):
+        from learners import checkpoint
+        from learners.engine import LearnerEngine
+        from learners.trainer import Trainer
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.engine = LearnerEngine(model_dir, cfg.learner, dtype=cfg.model.dtype)
+        self.rank = self.engine.dist.rank
+        state = checkpoint.resume(self.engine, run_dir / "checkpoints") if payload.get("resume", True) else None
+        self.version = state.version if state else 0
+        self.trainer = Trainer(
+            self.engine,
+            cfg.algorithm,
+            max_staleness=cfg.buffer.max_staleness,
+            mini_batches=cfg.learner.mini_batches_per_step,
+            micro_batch_tokens=cfg.learner.micro_batch_tokens,
+            temperature=cfg.actors.temperature,
+            max_tokens=cfg.actors.max_tokens,
+            stop_token_ids=payload.get("stop_token_ids", ()),
+            policy_version=self.version,
+        )
+        self.client = self.publisher = self.metrics = None
+        if self.rank == 0:
+            self._open_rank0(payload)
+        self.busy_s = 0.0
+        self.started = time.monotonic()
+
+    def _open_rank0(self, payload: dict[str, Any]) -> None:
+        from async_rl.weights.publisher import WeightPublisher
+        from buffer.client import BufferClient
+
+        self.client = BufferClient(payload["buffer_address"])
+        self.publisher = WeightPublisher(self.cfg.weights)
+        self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict[str, Any]:
+        self.publish()  # actors may hold older weights (a resume, a restarted learner)
+        steps = 0
+        while True:
+            wait_start = time.monotonic()
+            table = self.next_batch()
+            if table is STOP:
+                break
+            if table is IDLE:
+                continue
+            waited = time.monotonic() - wait_start
+            start, trained_at = time.monotonic(), self.version
+            metrics = self.trainer.train_step(table)
+            self.version = self.trainer.policy_version
+            if self.version % self.cfg.weights.publish_every == 0:
+                self.publish()
+            if self.cfg.learner.checkpoint_every and self.version % self.cfg.learner.checkpoint_every == 0:
+                self.save()
+            step_s = time.monotonic() - start
+            self.busy_s += step_s
+            steps += 1
+            if self.rank == 0:
+                self.log_step(table, metrics, trained_at=trained_at, step_s=step_s, wait_s=waited)
+        self.save()
+        self.export()
+        return {"version": self.version, "steps": steps}
+
+    def next_batch(self):
+        """Rank 0 samples; the batch (or STOP/IDLE) is broadcast so all ranks agree."""
+        import pyarrow as pa
+
+        table = None
+        if self.rank == 0:
+            if self.should_stop():
+                return self.broadcast_bytes(None, STOP)
+            table = self.client.sample(self.cfg.learner.groups_per_step, timeout_s=SAMPLE_POLL_S)
+            if table is None or table.num_rows == 0:
+                return self.broadcast_bytes(None, IDLE)
+        data = None if table is None else _to_ipc(table)
+        received = self.broadcast_bytes(data, None)
+        if received in (STOP, IDLE):
+            return received
+        return table if self.rank == 0 else pa.ipc.open_stream(received).read_all()
+
+    def broadcast_bytes(self, data: bytes | None, code: int | None):
+        """Length-prefixed raw bytes from rank 0 (no pickle); a negative/zero length is a code."""
+        import torch
+
+        if self.engine.dist.world_size == 1:
+            return code if code is not None else data
+        length = torch.tensor([len(data) if data is not None else code], dtype=torch.int64)
+        torch.distributed.broadcast(length, src=0)
+        if int(length) <= 0:
+            return int(length)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(length), dtype=torch.uint8)
+        torch.distributed.broadcast(buf, src=0)
+        return data if self.rank == 0 else buf.numpy().tobytes()
+
+    def should_stop(self) -> bool:
+        budget = self.cfg.learner.max_steps
+        return stop_requested(self.run_dir, "learner") or (budget > 0 and self.version >= budget)
+
+    # ------------------------------------------------------------------ side effects
+
+    def publish(self) -> None:
+        weights = self.trainer.weights_for_publishing()  # collective under ZeRO-3
+        if self.rank == 0:
+            start = time.monotonic()
+            self.publisher.publish(self.version, weights)
+            self.client.set_learner_version(self.version)
+            self.last_publish_s = time.monotonic() - start
+
+    def save(self) -> None:
+        from learners import checkpoint
+
+        checkpoint.save(
+            self.engine,
+            self.run_dir / "checkpoints",
+            version=self.version,
+            keep=self.cfg.learner.keep_checkpoints,
+        )
+
+    def export(self) -> None:
+        """The final policy as an HF folder that transformers and vLLM load (collective)."""
+        from learners import checkpoint
+
+        checkpoint.export_hf(self.engine, self.run_dir / "final_model")
+
+    def log_step(self, table, metrics: dict[str, float], *, trained_at: int, step_s: float, wait_s: float) -> None:
+        rewards = np.asarray(table.column("reward").to_pylist(), dtype=np.float64)
+        versions = table.column("token_versions").to_pylist()
+        staleness = np.asarray([trained_at - min(v) for v in versions], dtype=np.float64)
+        tokens = sum(len(r) for r in table.column("response_tokens").to_pylist())
+        elapsed = time.monotonic() - self.started
+        record = {
+            "step": self.version,
+            "version": self.version,
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards >= self.cfg.reward.correct).mean()),
+            "staleness_mean": float(staleness.mean()),
+            "staleness_max": float(staleness.max()),
+            "response_tokens": tokens,
+            "step_s": step_s,
+            "sample_wait_s": wait_s,
+            "busy_fraction": self.busy_s / max(elapsed, 1e-9),
+            "publish_s": getattr(self, "last_publish_s", None),
+            **metrics,
+        }
+        if self.version % self.cfg.logging.log_every == 0:
+            self.metrics.write(record, step=self.version)
+
+    def close(self) -> None:
+        for resource in (self.publisher, self.client, self.metrics):
+            if resource is not None:
+                resource.close()
+
+
+def _to_ipc(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()

@@ -1,0 +1,169 @@
+"""The asynchronous job as a user runs it: `async-rl train` in a subprocess, operated with
+`async-rl status | scale | stop` and `train --resume`, with faults injected by PID.
+
+One job serves every check (starting vLLM, DeepSpeed and Ray costs minutes on CPU). The
+policy is the random tiny model, so rewards carry no signal; the zero-advantage filter is off
+so the learner still gets batches and the plumbing (versions, weights, buffer, checkpoints)
+is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).with_name("async-rl")
+JOB_ARGS = [
+    "learner.sft_epochs=0",
+    "learner.max_steps=0",
+    "learner.groups_per_step=2",
+    "learner.checkpoint_every=2",
+    "learner.eval_every=0",
+    "buffer.min_size_to_sample=2",
+    "buffer.filter_zero_advantage=false",
+    "buffer.max_staleness=2",
+    "actors.n_samples_per_prompt=4",
+    "actors.prompts_in_flight=4",
+    "actors.max_tokens=12",
+    "actors.kv_cache_gib=0.5",
+    "data.synth.n_train=200",
+    "data.synth.n_heldout=20",
+    "data.synth.n_sft=20",
+    "logging.console=plain",
+    "logging.tensorboard=false",
+]
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(what, predicate, timeout_s=420, every_s=2.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def metrics(run_dir: Path, role: str) -> list[dict]:
+    path = run_dir / "metrics" / f"{role}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def learner_version(run_dir: Path) -> int:
+    records = metrics(run_dir, "learner")
+    return records[-1]["version"] if records else 0
+
+
+def status(run_dir: Path) -> dict:
+    result = cli("status", str(run_dir), "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["live"] or {}
+
+
+def start_job(run_dir: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
+    args = ["train", "--resume", str(run_dir)] if resume else ["train", f"run.dir={run_dir}"]
+    log = open(run_dir.parent / f"{run_dir.name}-{'resume' if resume else 'train'}.log", "w")  # noqa: SIM115
+    return subprocess.Popen([str(BIN), *args, *JOB_ARGS, *extra], stdout=log, stderr=subprocess.STDOUT)
+
+
+def buffer_rows(run_dir: Path) -> int:
+    result = cli("buffer", "stats", str(run_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["rows"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("job") / "run"
+    proc = start_job(run_dir)
+    try:
+        wait_for("the control endpoint", lambda: (run_dir / "run.json").is_file() and "control_address" in json.loads((run_dir / "run.json").read_text()))
+        yield run_dir, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_policy_advances_weights_reach_the_actor_and_the_buffer_fills_and_drains(job):
+    run_dir, _ = job
+    wait_for("learner version 3", lambda: learner_version(run_dir) >= 3)
+    wait_for("the actor serving a published version", lambda: any(
+        (r.get("weight_version") or 0) >= 1 for r in metrics(run_dir, "actor-0")))
+    live = status(run_dir)
+    assert live["learner_ranks"] == 1 and live["actors"] == [0]
+    stats = wait_for("buffer stats", lambda: status(run_dir).get("buffer_stats"))
+    assert stats["rows"] > 0 and stats["groups_sampled_total"] >= 3
+    last = metrics(run_dir, "learner")[-1]
+    assert last["rows"] == 2 * 4 and last["staleness_max"] <= 2
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_scale_actors_up_then_down_while_training(job):
+    run_dir, _ = job
+    up = cli("scale", "actors", "2", "--run-dir", str(run_dir), timeout=300)
+    assert up.returncode == 0, up.stderr
+    assert "actors now: [0, 1]" in up.stdout
+    wait_for("the new actor producing", lambda: any(r.get("groups_done", 0) > 0 for r in metrics(run_dir, "actor-1")))
+    down = cli("scale", "actors", "1", "--run-dir", str(run_dir), timeout=300)
+    assert down.returncode == 0, down.stderr
+    assert "actors now: [0]" in down.stdout
+
+
+def test_a_killed_actor_is_restarted_and_training_continues(job):
+    run_dir, _ = job
+    pid = wait_for("the actor's pid", lambda: status(run_dir).get("pids", {}).get("actor-0"))
+    version = learner_version(run_dir)
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the restart event", lambda: any("actor 0 died" in e for e in status(run_dir)["events"]))
+    wait_for("a new actor process", lambda: status(run_dir).get("pids", {}).get("actor-0") not in (None, pid))
+    wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
+
+
+def test_a_killed_learner_resumes_from_its_checkpoint(job):
+    run_dir, _ = job
+    pid = wait_for("the learner's pid", lambda: status(run_dir).get("pids", {}).get("learner-0"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the learner restart event", lambda: any("learner group failed" in e for e in status(run_dir)["events"]))
+    checkpointed = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    wait_for("training past the checkpoint", lambda: learner_version(run_dir) >= checkpointed + 2)
+    versions = [r["version"] for r in metrics(run_dir, "learner")]
+    assert checkpointed + 1 in versions
+
+
+def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
+    run_dir, proc = job
+    stopped = cli("stop", str(run_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    assert proc.wait(timeout=300) == 0
+    rows = buffer_rows(run_dir)
+    version = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert rows > 0 and version >= 4
+    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", resume=True)
+    try:
+        assert resumed.wait(timeout=600) == 0
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+    assert buffer_rows(run_dir) >= rows
+    after = [r["version"] for r in metrics(run_dir, "learner")]
+    assert after[-1] == version + 2
+    assert int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1]) == version + 2

@@ -1,0 +1,122 @@
+"""Run-folder records, metrics files, the plot, the display and the control endpoint."""
+
+import json
+import threading
+
+import pytest
+
+from async_rl.job.control import ControlServer, request
+from async_rl.job.display import plain_line, snapshot
+from async_rl.job.metrics import MetricsWriter, read_metrics
+from async_rl.job.plot import plot_run
+from async_rl.job.runfolder import (
+    clear_stop,
+    read_run_json,
+    request_stop,
+    stop_requested,
+    update_run_json,
+)
+
+
+def fill_metrics(run_dir):
+    learner = MetricsWriter(run_dir, "learner")
+    for version in range(1, 6):
+        learner.write({"version": version, "step": version, "reward_mean": -1 + 0.3 * version,
+                       "accuracy": 0.1 * version, "staleness_mean": 0.5, "staleness_max": 2,
+                       "step_s": 1.5, "busy_fraction": 0.8, "publish_s": 0.01, "loss": float("nan")})
+    learner.close()
+    actor = MetricsWriter(run_dir, "actor-0")
+    actor.write({"tokens_per_s": 900.0, "weight_version": 5, "weight_update_s": 0.05})
+    actor.close()
+    evals = MetricsWriter(run_dir, "eval")
+    evals.write({"version": 0, "accuracy": 0.2})
+    evals.write({"version": 5, "accuracy": 0.6})
+    evals.close()
+
+
+def test_metrics_round_trip_with_roles_and_non_finite_values(tmp_path):
+    fill_metrics(tmp_path)
+    (tmp_path / "metrics" / "learner.jsonl").open("a").write('{"torn": ')  # a crash mid-line
+    learner = read_metrics(tmp_path, "learner")
+    assert [r["version"] for r in learner] == [1, 2, 3, 4, 5]
+    assert learner[0]["role"] == "learner" and learner[0]["loss"] is None
+    assert len(read_metrics(tmp_path)) == 5 + 1 + 2
+
+
+def test_snapshot_and_plain_line_show_the_latest_figures(tmp_path):
+    fill_metrics(tmp_path)
+    snap = snapshot(tmp_path, {"actors": [0, 1], "learner_ranks": 1, "events": ["x"]})
+    assert snap["version"] == 5
+    assert snap["heldout_accuracy"] == 0.6 and snap["first_heldout_accuracy"] == 0.2
+    assert snap["tokens_per_s"] == 900.0 and snap["actors_alive"] == 2
+    line = plain_line(snap, 90.0)
+    assert line.startswith("[  1.5 min] v5 reward=0.500 heldout=0.600")
+
+
+def test_plot_writes_a_png(tmp_path):
+    fill_metrics(tmp_path)
+    out = plot_run(tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no metrics recorded"):
+        plot_run(tmp_path / "empty")
+
+
+def test_stop_requests_are_global_or_per_role(tmp_path):
+    assert not stop_requested(tmp_path, "learner")
+    request_stop(tmp_path, "learner")
+    assert stop_requested(tmp_path, "learner") and not stop_requested(tmp_path)
+    request_stop(tmp_path)
+    assert stop_requested(tmp_path, "actor")
+    clear_stop(tmp_path)
+    clear_stop(tmp_path, "learner")
+    assert not stop_requested(tmp_path, "learner")
+
+
+def test_run_json_updates_merge_and_missing_folder_is_explained(tmp_path):
+    update_run_json(tmp_path, pid=1, control_address="tcp://127.0.0.1:1")
+    update_run_json(tmp_path, buffer_address="tcp://127.0.0.1:2")
+    info = read_run_json(tmp_path)
+    assert info["pid"] == 1 and info["buffer_address"].endswith(":2")
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        read_run_json(tmp_path / "nope")
+
+
+def test_control_endpoint_answers_json_and_survives_bad_requests():
+    import zmq
+
+    server = ControlServer("127.0.0.1")
+    assert server.address.startswith("tcp://127.0.0.1:")
+    calls = []
+
+    def handle(req):
+        calls.append(req)
+        if req["verb"] == "scale_actors":
+            raise ValueError("count=-1: expected a non-negative integer")
+        return {"version": 3}
+
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.serve_pending(handle, 50) for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        assert request(server.address, "status") == {"version": 3}
+        with pytest.raises(RuntimeError, match="ValueError: count=-1"):
+            request(server.address, "scale_actors", count=-1)
+        with pytest.raises(RuntimeError, match="unknown verb"):
+            request(server.address, "reboot")
+        raw = zmq.Context.instance().socket(zmq.REQ)
+        raw.connect(server.address)
+        raw.send(b"\x80not json")
+        assert raw.poll(5000)
+        assert json.loads(raw.recv()) == {"ok": False, "error": "request is not JSON"}
+        raw.close(linger=0)
+        assert request(server.address, "status") == {"version": 3}
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert [c["verb"] for c in calls] == ["status", "scale_actors", "status"]
+
+
+def test_request_to_a_dead_job_says_so():
+    with pytest.raises(ConnectionError, match="did not answer"):
+        request("tcp://127.0.0.1:9", "status", timeout_s=0.3)
