@@ -1,0 +1,160 @@
+"""Packing sequences into micro-batches by a token budget, and sharding rows across ranks.
+
+A micro-batch is ONE packed row: the sequences' tokens laid end to end, position ids
+restarting at 0 at each sequence start, which transformers turns into a block-diagonal
+causal mask (no attention across sequences, no padding at all). A sequence contributes
+``len(prompt) + len(response) - 1`` input tokens: its last token is never an input
+because nothing after it is scored. A micro-batch holds at most ``budget`` input tokens
+unless a single sequence alone is longer, which then travels alone.
+
+The scored tokens (``targets``) are the response tokens; ``gather_index`` points at the
+positions whose hidden state predicts them, and ``row``/``col`` place each back into the
+padded ``[B, T]`` layout the objectives use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    rows: list[int]  # batch-row indices of the B sequences, in packing order
+    input_ids: Tensor  # [1, L] int64
+    position_ids: Tensor  # [1, L] int64, restarting at 0 per sequence
+    gather_index: Tensor  # [N] int64: positions whose next token is a response token
+    targets: Tensor  # [N] int64: those response tokens
+    row: Tensor  # [N] int64 in [0, B): which sequence each scored token belongs to
+    col: Tensor  # [N] int64 in [0, T): its index within the response
+    width: int  # T = longest response in the micro-batch
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "gather_index", "targets", "row", "col")}
+        return MicroBatch(rows=self.rows, width=self.width, **move)
+
+    def scatter(self, values: Tensor, fill: float = 0.0) -> Tensor:
+        """Per-scored-token values [N] → padded [B, T] (``fill`` outside the responses)."""
+        out = values.new_full((self.num_rows, self.width), fill)
+        return out.index_put((self.row, self.col), values)
+
+    def padded(self, per_row: Sequence[np.ndarray], fill: float, dtype: torch.dtype) -> Tensor:
+        """Per-row host arrays (one per response token) → padded [B, T] tensor."""
+        out = torch.full((self.num_rows, self.width), fill, dtype=dtype)
+        for b, row in enumerate(self.rows):
+            values = per_row[row]
+            out[b, : len(values)] = torch.as_tensor(np.asarray(values), dtype=dtype)
+        return out
+
+    def response_mask(self) -> Tensor:
+        """[B, T] bool: real response tokens."""
+        mask = torch.zeros((self.num_rows, self.width), dtype=torch.bool, device=self.row.device)
+        return mask.index_put((self.row, self.col), torch.ones_like(self.row, dtype=torch.bool))
+
+
+def input_length(prompt_len: int, response_len: int) -> int:
+    return prompt_len + response_len - 1
+
+
+def shard_rows(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Rows → ranks, longest first onto the least-loaded rank (ties: lowest rank).
+
+    Deterministic, so every rank computes every rank's share from the same batch.
+    """
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for row in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[rank].append(row)
+        loads[rank] += lengths[row]
+    return [sorted(shard) for shard in shards]
+
+
+def pack_rows(rows: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing of ``rows`` (by ``lengths[row]``) into bins of ``budget`` tokens."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda i: (-lengths[i], i)):
+        slot = next((b for b, free in enumerate(room) if free >= lengths[row]), None)
+        if slot is None:
+            bins.append([row])
+            room.append(budget - lengths[row])
+        else:
+            bins[slot].append(row)
+            room[slot] -= lengths[row]
+    return bins
+
+
+def build_micro_batch(
+    rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]
+) -> MicroBatch:
+    """Lay the given rows end to end in one packed row. Every prompt must be non-empty."""
+    ids, pos, gather, targets, row_of, col_of = [], [], [], [], [], []
+    offset, width = 0, 1
+    for b, row in enumerate(rows):
+        prompt, response = np.asarray(prompts[row]), np.asarray(responses[row])
+        if len(prompt) == 0:
+            raise ValueError(f"row {row}: empty prompt (the first response token needs a context)")
+        seq = np.concatenate([prompt, response])[:-1] if len(response) else prompt
+        ids.append(seq)
+        pos.append(np.arange(len(seq)))
+        n = len(response)
+        gather.append(offset + len(prompt) - 1 + np.arange(n))
+        targets.append(response)
+        row_of.append(np.full(n, b))
+        col_of.append(np.arange(n))
+        offset += len(seq)
+        width = max(width, n)
+    return MicroBatch(
+        rows=list(rows),
+        input_ids=_long(ids).unsqueeze(0),
+        position_ids=_long(pos).unsqueeze(0),
+        gather_index=_long(gather),
+        targets=_long(targets),
+        row=_long(row_of),
+        col=_long(col_of),
+        width=width,
+    )
+
+
+def empty_micro_batch(token_id: int = 0) -> MicroBatch:
+    """A one-token micro-batch with nothing scored: the rank with fewer micro-batches runs it
+    so that every rank makes the same forward/backward collectives (ZeRO-2/3)."""
+    return MicroBatch(
+        rows=[],
+        input_ids=torch.tensor([[token_id]]),
+        position_ids=torch.zeros((1, 1), dtype=torch.long),
+        gather_index=torch.zeros(1, dtype=torch.long),
+        targets=torch.tensor([token_id]),
+        row=torch.zeros(0, dtype=torch.long),
+        col=torch.zeros(0, dtype=torch.long),
+        width=1,
+    )
+
+
+def plan_micro_batches(
+    rows: Sequence[int], lengths: Sequence[int], budget: int, world_size: int
+) -> list[list[list[int]]]:
+    """Per rank, its micro-batches (lists of rows), every rank with the same count."""
+    shards = shard_rows([lengths[r] for r in rows], world_size)
+    plans = [pack_rows([rows[i] for i in shard], lengths, budget) for shard in shards]
+    count = max(1, max(len(p) for p in plans))
+    return [p + [[]] * (count - len(p)) for p in plans]
+
+
+def _long(parts: list[np.ndarray]) -> Tensor:
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.as_tensor(np.concatenate(parts).astype(np.int64))

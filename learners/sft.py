@@ -1,0 +1,158 @@
+"""Supervised fine-tuning on prompt/response rows with the same DeepSpeed engine.
+
+Rows are the verl/Klear format with a ``response`` (``async_rl.tasks.dataset``). A row is
+tokenised as the chat-templated prompt (with the generation prompt) followed by the response
+and the end-of-turn token; the loss is the token-mean NLL of the response tokens over the
+whole optimizer batch on all ranks (the same global normaliser as the RL objectives), packed
+into micro-batches by ``learner.micro_batch_tokens``.
+
+``run_sft`` is what the job and ``async-rl sft`` call: it starts ``learner.ranks`` processes
+with :mod:`learners.launch`; each runs :func:`sft_rank`, and rank 0 writes the HF export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from async_rl.config import Config, LearnerConfig
+
+# Rank 0 prints a progress line at most this often.
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt_tokens: np.ndarray  # [P] int64, P >= 1
+    response_tokens: np.ndarray  # [T] int64, T >= 1, ends with the end-of-turn token
+
+
+def encode_rows(rows, tokenizer, *, max_len: int) -> list[SFTExample]:
+    """Chat-templated prompt + response + EOS; rows that do not fit ``max_len`` are cut at
+    the end of the response (the prompt is always kept whole)."""
+    out = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
+        response = tokenizer(row.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = response[: max(1, max_len - len(prompt))]
+        out.append(SFTExample(np.asarray(prompt, np.int64), np.asarray(response, np.int64)))
+    return out
+
+
+class SFTTrainer:
+    """Token-mean NLL steps on a :class:`learners.engine.LearnerEngine`. Every rank passes the
+    same batch; each trains its share (see ``learners.trainer``)."""
+
+    def __init__(self, engine, *, micro_batch_tokens: int):
+        self.engine = engine
+        self.micro_batch_tokens = micro_batch_tokens
+
+    def train_step(self, batch: list[SFTExample]) -> dict[str, float]:
+        from learners.packing import (
+            build_micro_batch,
+            empty_micro_batch,
+            input_length,
+            plan_micro_batches,
+        )
+
+        prompts = [ex.prompt_tokens for ex in batch]
+        responses = [ex.response_tokens for ex in batch]
+        lengths = [input_length(len(p), len(r)) for p, r in zip(prompts, responses, strict=True)]
+        plan = plan_micro_batches(list(range(len(batch))), lengths, self.micro_batch_tokens, self.engine.dist.world_size)
+        global_tokens = float(sum(len(r) for r in responses))
+        world = self.engine.dist.world_size
+        stats = torch.zeros(2, dtype=torch.float64)  # Σ nll, non-finite micro-batches
+        for rows in plan[self.engine.dist.rank]:
+            mb = (build_micro_batch(rows, prompts, responses) if rows else empty_micro_batch()).to(self.engine.device)
+            logp, _ = self.engine.forward(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 1.0, False)
+            loss = -logp.sum() / global_tokens if rows else logp.sum() * 0.0
+            finite = bool(torch.isfinite(loss))
+            stats += torch.tensor([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0])
+            self.engine.backward((loss if finite else loss * float("nan")) * world)
+        result = self.engine.step()
+        stats = self.engine.all_reduce(stats, "sum")
+        return {"nll": float(stats[0]), "nonfinite_micro_batches": float(stats[1]),
+                "grad_norm": result.grad_norm, "lr": result.lr, "applied": float(result.applied)}
+
+
+def batches(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Row indices per optimizer step: a fresh shuffle each epoch, ``epochs`` may be fractional."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max(1, round(epochs * steps_per_epoch))
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < total:
+        order = list(range(n))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        out += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        epoch += 1
+    return out[:total]
+
+
+def sft_rank(payload: dict) -> None:
+    """Rank entry point (``learners.launch``): train on the rows, then export (rank 0 writes)."""
+    from transformers import AutoTokenizer
+
+    from async_rl.tasks.dataset import load_rows
+    from learners.checkpoint import export_hf
+    from learners.engine import LearnerEngine
+
+    cfg = LearnerConfig.model_validate(payload["learner"])
+    rows, _ = load_rows(payload["data"], require_response=True)
+    tokenizer = AutoTokenizer.from_pretrained(payload["model_dir"])
+    examples = encode_rows(rows, tokenizer, max_len=payload["max_len"])
+    plan = batches(len(examples), cfg.sft_batch_size, payload["epochs"], payload["seed"])
+    sft_cfg = cfg.model_copy(update={"lr": cfg.sft_lr, "lr_schedule": "cosine", "max_steps": len(plan)})
+    engine = LearnerEngine(payload["model_dir"], sft_cfg, dtype=payload.get("dtype"), total_steps=len(plan))
+    trainer = SFTTrainer(engine, micro_batch_tokens=cfg.micro_batch_tokens)
+    history = run_steps(trainer, examples, plan, engine.dist.rank == 0)
+    export_hf(engine, Path(payload["out_dir"]))
+    if engine.dist.rank == 0:
+        (Path(payload["out_dir"]) / "sft_metrics.json").write_text(json.dumps(history))
+
+
+def run_steps(trainer: SFTTrainer, examples: list[SFTExample], plan: list[list[int]], verbose: bool) -> list[dict]:
+    history, last_print, start = [], 0.0, time.monotonic()
+    for step, rows in enumerate(plan, start=1):
+        metrics = trainer.train_step([examples[i] for i in rows])
+        history.append({"step": step, **metrics})
+        now = time.monotonic()
+        if verbose and (now - last_print > PROGRESS_EVERY_S or step == len(plan)):
+            print(f"sft: step {step}/{len(plan)} nll {metrics['nll']:.4f} lr {metrics['lr']:.2e} "
+                  f"({now - start:.0f} s)", flush=True)
+            last_print = now
+    return history
+
+
+def sft_payload(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, epochs: float | None = None) -> dict:
+    return {
+        "learner": cfg.learner.model_dump(mode="json"),
+        "model_dir": str(model_dir),
+        "data": str(data),
+        "out_dir": str(out_dir),
+        "max_len": cfg.model.max_model_len,
+        "epochs": cfg.learner.sft_epochs if epochs is None else epochs,
+        "seed": cfg.run.seed,
+        "dtype": cfg.model.dtype,
+    }
+
+
+def run_sft(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, console=None, epochs: float | None = None) -> Path:
+    """SFT ``model_dir`` on ``data`` with ``learner.ranks`` ranks; the HF export goes to ``out_dir``."""
+    from learners.launch import launch
+
+    payload = sft_payload(cfg, model_dir=model_dir, data=data, out_dir=out_dir, epochs=epochs)
+    if payload["epochs"] <= 0:
+        raise ValueError(f"learner.sft_epochs={payload['epochs']}: must be > 0 to run SFT")
+    launch("learners.sft:sft_rank", cfg.learner.ranks, payload)
+    if console is not None:
+        console.print(f"sft: model written to {out_dir}")
+    return Path(out_dir)

@@ -1,0 +1,319 @@
+"""One RL learner step: an Arrow batch of trajectories in, an optimizer update (or a counted
+skip) and metrics out.
+
+Every rank receives the SAME table (the whole sampled batch) and trains on its own share
+(:func:`learners.packing.plan_micro_batches`), so the global normalisers (tokens, sequences,
+SFT tokens of each optimizer mini-batch) are known on every rank without a collective, and a
+batch trains identically on 1 or M ranks up to float summation order.
+
+Order inside ``train_step``: rows past ``max_staleness`` (and, with the overlong filter,
+truncated ones) are dropped; advantages are computed per group; the groups are split into
+``mini_batches`` optimizer mini-batches; in decoupled mode the proximal logprobs of every row
+are recomputed ONCE with the weights at the start of the batch; then per mini-batch each
+micro-batch runs forward → objective → backward, and one ``engine.step()`` follows. A
+non-finite loss poisons the gradient with NaN so the engine refuses the update on every rank
+(weights, optimizer state and LR schedule untouched); the skip is counted.
+
+Behaviour weights (TIS/IcePop/M2PO) are formed over this rank's rows of a mini-batch at
+once; M2PO's second-moment mask is therefore per rank, not across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from async_rl.config import AlgorithmConfig
+from learners.advantages import group_advantages, overlong_keep, overlong_penalty, sft_rows
+from learners.engine import LearnerEngine
+from learners.objectives import LossInputs, build_objective
+from learners.offpolicy import behavior_weights, clip_centre
+from learners.packing import (
+    MicroBatch,
+    build_micro_batch,
+    empty_micro_batch,
+    input_length,
+    plan_micro_batches,
+)
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Host-side view of a trajectory table (DESIGN §3.1); per-token arrays have length T_i."""
+
+    prompts: list[np.ndarray]
+    responses: list[np.ndarray]
+    behavior_logprobs: list[np.ndarray]
+    token_versions: list[np.ndarray]
+    rewards: np.ndarray  # [R] float32
+    group_index: np.ndarray  # [R] int64, groups numbered in order of first appearance
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table | pa.RecordBatch) -> RolloutBatch:
+        def lists(name: str, dtype) -> list[np.ndarray]:
+            return [np.asarray(v, dtype=dtype) for v in table.column(name).to_pylist()]
+
+        groups: dict[str, int] = {}
+        group_index = [groups.setdefault(g, len(groups)) for g in table.column("group_id").to_pylist()]
+        return cls(
+            prompts=lists("prompt_tokens", np.int64),
+            responses=lists("response_tokens", np.int64),
+            behavior_logprobs=lists("behavior_logprobs", np.float32),
+            token_versions=lists("token_versions", np.int64),
+            rewards=np.asarray(table.column("reward").to_pylist(), dtype=np.float32),
+            group_index=np.asarray(group_index, dtype=np.int64),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.responses)
+
+    def staleness(self, learner_version: int) -> np.ndarray:
+        return np.asarray([learner_version - int(v.min()) for v in self.token_versions], dtype=np.int64)
+
+    def input_lengths(self) -> list[int]:
+        return [input_length(len(p), len(r)) for p, r in zip(self.prompts, self.responses, strict=True)]
+
+
+@dataclass
+class RowState:
+    """Per-row values the micro-batches draw from (host arrays, one entry per batch row)."""
+
+    advantages: np.ndarray  # [R]
+    staleness: np.ndarray  # [R]
+    sft: np.ndarray  # [R] bool
+    logp_old: list[np.ndarray | None]
+    weight: list[np.ndarray | None]
+    grad_mask: list[np.ndarray | None]
+
+
+class Trainer:
+    """The RL step on top of a :class:`LearnerEngine`.
+
+    ``temperature`` is the actors' sampling temperature (logprobs are of π/T, as sampled);
+    ``max_tokens`` and ``stop_token_ids`` serve DAPO overlong shaping and the overlong filter.
+    ``policy_version`` counts applied updates; ``skipped_steps`` counts refused ones.
+    """
+
+    def __init__(
+        self,
+        engine: LearnerEngine,
+        algorithm: AlgorithmConfig,
+        *,
+        max_staleness: int,
+        mini_batches: int = 1,
+        micro_batch_tokens: int = 4096,
+        temperature: float = 1.0,
+        max_tokens: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        policy_version: int = 0,
+    ):
+        self.engine = engine
+        self.algorithm = algorithm
+        self.objective = build_objective(algorithm, max_staleness=max_staleness)
+        self.max_staleness = max_staleness
+        self.mini_batches = mini_batches
+        self.micro_batch_tokens = micro_batch_tokens
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.stop_token_ids = list(stop_token_ids)
+        self.policy_version = policy_version
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, table: pa.Table | pa.RecordBatch, learner_version: int | None = None) -> dict[str, float]:
+        """Train on one sampled batch. Returns metrics: ``loss``, ``grad_norm``, ``lr`` and the
+        counters are global; the objective's metrics are this rank's row-weighted means."""
+        version = self.policy_version if learner_version is None else learner_version
+        batch = RolloutBatch.from_arrow(table)
+        keep = self.kept_rows(batch, version)
+        state = self.row_state(batch, version)
+        minis = split_groups(np.flatnonzero(keep), batch.group_index, self.mini_batches)
+        plans = [self.plan(batch, rows) for rows in minis]
+        self.fill_clip_centre(batch, state, plans)
+        metrics: dict[str, float] = {}
+        applied = 0
+        for rows, plan in zip(minis, plans, strict=True):
+            result = self.optimize(batch, state, rows, plan)
+            applied += int(result.pop("applied"))
+            accumulate(metrics, result, weight=1.0 / len(minis))
+        if applied:
+            self.policy_version = version + 1
+        metrics.update(self.step_counters(batch, keep, applied, len(minis)))
+        return metrics
+
+    def kept_rows(self, batch: RolloutBatch, version: int) -> np.ndarray:
+        """[R] bool: rows within max_staleness (and not truncated, with the overlong filter)."""
+        keep = batch.staleness(version) <= self.max_staleness
+        if self.algorithm.overlong.filter:
+            last = torch.as_tensor([int(r[-1]) for r in batch.responses])
+            keep &= overlong_keep(last, self.stop_token_ids, self.algorithm.overlong).numpy()
+        return keep
+
+    def row_state(self, batch: RolloutBatch, version: int) -> RowState:
+        rewards = torch.as_tensor(batch.rewards)
+        shaped = rewards
+        if self.algorithm.overlong.shaping and self.max_tokens is not None:
+            lengths = torch.as_tensor([len(r) for r in batch.responses])
+            shaped = rewards + overlong_penalty(lengths, max_tokens=self.max_tokens, cfg=self.algorithm.overlong)
+        adv = group_advantages(shaped, torch.as_tensor(batch.group_index), self.algorithm.advantage)
+        empty = [None] * batch.num_rows
+        return RowState(
+            advantages=adv.numpy(),
+            staleness=batch.staleness(version),
+            sft=sft_rows(rewards).numpy(),
+            logp_old=list(empty),
+            weight=list(empty),
+            grad_mask=list(empty),
+        )
+
+    def plan(self, batch: RolloutBatch, rows: np.ndarray) -> list[list[int]]:
+        """This rank's micro-batches (row lists) for one mini-batch; equal counts on all ranks."""
+        plans = plan_micro_batches(
+            [int(r) for r in rows], batch.input_lengths(), self.micro_batch_tokens, self.engine.dist.world_size
+        )
+        return plans[self.engine.dist.rank]
+
+    # ------------------------------------------------------------------ clip centre
+
+    @torch.no_grad()
+    def fill_clip_centre(self, batch: RolloutBatch, state: RowState, plans: list[list[list[int]]]) -> None:
+        """Per row: clip centre (proximal logprobs once per batch, or behaviour), behaviour
+        weight and gradient mask; the weights are formed over each mini-batch's rows at once."""
+        decoupled = self.algorithm.off_policy.mode == "decoupled"
+        prox: dict[int, np.ndarray] = {}
+        for plan in plans if decoupled else []:
+            for rows in plan:  # filler micro-batches run too: ZeRO-3 gathers are collective
+                mb = self.micro_batch(batch, rows)
+                logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
+                for b, row in enumerate(rows):
+                    prox[row] = logp[mb.row == b].float().cpu().numpy()
+        for plan in plans:
+            rows = [r for mb_rows in plan for r in mb_rows]
+            if rows:
+                self.fill_weights(batch, state, rows, prox if decoupled else None)
+
+    def fill_weights(self, batch: RolloutBatch, state: RowState, rows: list[int], prox) -> None:
+        width = max(len(batch.responses[r]) for r in rows)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        beh = torch.zeros((len(rows), width))
+        lp_prox = torch.zeros((len(rows), width)) if prox is not None else None
+        for i, row in enumerate(rows):
+            n = len(batch.responses[row])
+            mask[i, :n] = True
+            beh[i, :n] = torch.as_tensor(batch.behavior_logprobs[row])
+            if lp_prox is not None:
+                lp_prox[i, :n] = torch.as_tensor(prox[row])
+        cfg = self.algorithm.off_policy
+        w, keep, _ = behavior_weights(lp_prox, beh, mask, cfg)
+        centre = clip_centre(lp_prox, beh, cfg)
+        for i, row in enumerate(rows):
+            n = len(batch.responses[row])
+            state.logp_old[row] = centre[i, :n].numpy()
+            state.weight[row] = w[i, :n].numpy()
+            state.grad_mask[row] = keep[i, :n].numpy()
+
+    # ------------------------------------------------------------------ optimize
+
+    def optimize(self, batch: RolloutBatch, state: RowState, rows: np.ndarray, plan) -> dict[str, float]:
+        """All micro-batches of one mini-batch, then one optimizer step."""
+        lengths = np.asarray([len(batch.responses[r]) for r in rows], dtype=np.float64)
+        totals = {
+            "global_tokens": torch.tensor(lengths.sum()),
+            "global_seqs": torch.tensor(float(len(rows))),
+            "global_sft_tokens": torch.tensor(lengths[state.sft[rows]].sum()),
+        }
+        world = self.engine.dist.world_size
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, non-finite micro-batches
+        extra: dict[str, float] = {}
+        local_rows = max(1, sum(len(r) for r in plan))
+        for mb_rows in plan:
+            mb = self.micro_batch(batch, mb_rows)
+            loss, metrics = self.micro_loss(batch, state, mb, totals)
+            finite = bool(torch.isfinite(loss))
+            sums[0] += float(loss.detach()) if finite else 0.0
+            sums[1] += 0.0 if finite else 1.0
+            # NaN gradients make the engine refuse the update on every rank (the norm is global).
+            self.engine.backward((loss if finite else loss * float("nan")) * world)
+            accumulate(extra, {k: float(v) for k, v in metrics.items()}, weight=len(mb_rows) / local_rows)
+        result = self.engine.step()
+        sums = self.engine.all_reduce(sums, "sum")
+        if not result.applied:
+            self.skipped_steps += 1
+        out = {k: v for k, v in extra.items()}
+        out.update(
+            loss=float(sums[0]), nonfinite_micro_batches=float(sums[1]), grad_norm=result.grad_norm,
+            lr=result.lr, applied=float(result.applied),
+        )
+        return out
+
+    def micro_loss(self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals) -> tuple[Tensor, dict]:
+        logp, entropy = self.engine.forward(*self.forward_args(mb), self.temperature, True)
+        if not mb.rows:  # a filler micro-batch: same collectives, zero gradient
+            return logp.sum() * 0.0, {}
+        dev = logp.device
+        denom = mb.response_mask()
+        inputs = LossInputs(
+            logp=mb.scatter(logp),
+            logp_old=mb.padded(state.logp_old, 0.0, torch.float32).to(dev),
+            behavior_weight=mb.padded(state.weight, 0.0, torch.float32).to(dev),
+            advantages=torch.as_tensor(state.advantages[mb.rows], dtype=torch.float32, device=dev),
+            mask=mb.padded(state.grad_mask, False, torch.bool).to(dev) & denom,
+            denom_mask=denom,
+            staleness=torch.as_tensor(state.staleness[mb.rows], device=dev),
+            global_tokens=totals["global_tokens"].to(dev),
+            global_seqs=totals["global_seqs"].to(dev),
+            entropy=mb.scatter(entropy) if entropy is not None else None,
+            sft_rows=torch.as_tensor(state.sft[mb.rows], device=dev),
+            global_sft_tokens=totals["global_sft_tokens"].to(dev),
+        )
+        return self.objective(inputs)
+
+    def micro_batch(self, batch: RolloutBatch, rows: list[int]) -> MicroBatch:
+        mb = build_micro_batch(rows, batch.prompts, batch.responses) if rows else empty_micro_batch()
+        return mb.to(self.engine.device)
+
+    @staticmethod
+    def forward_args(mb: MicroBatch) -> tuple[Tensor, ...]:
+        return mb.input_ids, mb.position_ids, mb.gather_index, mb.targets
+
+    def step_counters(self, batch: RolloutBatch, keep: np.ndarray, applied: int, minis: int) -> dict[str, float]:
+        return {
+            "rows": float(batch.num_rows),
+            "rows_dropped": float((~keep).sum()),
+            "optimizer_steps": float(applied),
+            "optimizer_steps_skipped": float(minis - applied),
+            "skipped_steps_total": float(self.skipped_steps),
+            "policy_version": float(self.policy_version),
+        }
+
+    # ------------------------------------------------------------------ publishing
+
+    def weights_for_publishing(self, dtype: torch.dtype | None = None) -> list[tuple[str, Tensor]]:
+        """Every weight as (HF name, CPU tensor) in model order, in the serving dtype (the
+        model's own unless given), gathered under ZeRO-3. Collective: call on every rank."""
+        return self.engine.full_weights(dtype)
+
+
+def split_groups(rows: np.ndarray, group_index: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Rows → ``parts`` mini-batches of whole groups (groups in order of first appearance);
+    empty mini-batches are dropped."""
+    groups = list(dict.fromkeys(int(g) for g in group_index[rows]))
+    chunks = np.array_split(np.asarray(groups, dtype=np.int64), parts) if groups else []
+    out = [rows[np.isin(group_index[rows], chunk)] for chunk in chunks if len(chunk)]
+    return out
+
+
+def accumulate(into: dict[str, float], new: dict[str, float], weight: float = 1.0) -> None:
+    """Running metrics: ``/max`` keys keep the maximum, everything else sums (weighted)."""
+    for key, value in new.items():
+        if key.endswith("/max"):
+            into[key] = max(into.get(key, value), value)
+        else:
+            into[key] = into.get(key, 0.0) + weight * value
