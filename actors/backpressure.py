@@ -7,7 +7,9 @@ next submission is allowed only while
     N + 1 <= (v - v0 + max_staleness + 1) * groups_per_version
 
 so no group can be trained more than ``max_staleness`` versions after the version it was
-sampled with: compute is not spent on samples the buffer would drop as too stale.
+sampled with: compute is not spent on samples the buffer would drop as too stale. A group the
+learner will never consume (all rewards equal under the zero-advantage filter, or skipped)
+gives its slot back; otherwise the gate would wait for a learner that waits for groups.
 (AReaL, Fu et al. 2025, §5.1 "staleness-aware training".)
 """
 
@@ -38,3 +40,7 @@ class StalenessGate:
 
     def record_submit(self) -> None:
         self.submitted += 1
+
+    def release(self) -> None:
+        """A submitted group that the learner will not consume returns its slot."""
+        self.submitted = max(0, self.submitted - 1)

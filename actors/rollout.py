@@ -79,7 +79,7 @@ class Actor:
         self, *, actor_id: str, engine: VllmEngine, loop: BackgroundLoop, prompts: Iterator[PromptRow],
         score: Scorer, buffer_address: str, cfg: ActorsConfig, reward_timeout_s: float,
         reward_failure_score: float = -1.0, gate: StalenessGate | None = None,
-        reward_grace_s: float = REWARD_GRACE_S,
+        reward_grace_s: float = REWARD_GRACE_S, release_uninformative: bool = False,
     ):
         self.actor_id = actor_id
         self.engine = engine
@@ -91,6 +91,9 @@ class Actor:
         self._reward_wait_s = reward_timeout_s + reward_grace_s
         self._failure_score = reward_failure_score
         self._gate = gate or StalenessGate(None, None)
+        # With the buffer's zero-advantage filter on, groups whose rewards are all equal are
+        # never sampled, so they must not use up the staleness gate's capacity.
+        self._release_uninformative = release_uninformative
         self._kv_on_update = "recompute" if cfg.recompute_kv_on_update else "keep"
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task] = set()
@@ -192,12 +195,16 @@ class Actor:
             self.stats.groups_skipped += 1
             log.warning("prompt %s: %d tokens + max_tokens exceed max_model_len; skipped",
                         row.prompt_id, len(prompt_ids))
+            self._gate.release()
             return
         samples = await self.engine.generate(prompt_ids, n=self._cfg.n_samples_per_prompt)
         if any(not s.token_ids for s in samples):
             self.stats.groups_skipped += 1
+            self._gate.release()
             return
         rewards = await asyncio.gather(*(self._reward(row, s) for s in samples))
+        if self._release_uninformative and len({r.score for r in rewards}) == 1:
+            self._gate.release()
         batch = group_batch(
             group_id=f"{self.actor_id}-{uuid.uuid4().hex[:16]}", actor_id=self.actor_id, row=row,
             prompt_tokens=prompt_ids, samples=samples, rewards=rewards, kv_on_update=self._kv_on_update,

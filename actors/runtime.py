@@ -41,6 +41,7 @@ class ActorRuntime:
         weights_address: str | None, actors: ActorsConfig, model: ModelConfig, reward: RewardConfig,
         weights: WeightsConfig, work_dir: Path, max_staleness: int | None = None,
         groups_per_version: float | None = None, prompt_seed: int = 0, initial_version: int = 0,
+        release_uninformative: bool = False,
     ) -> ActorRuntime:
         """Start everything one actor needs; ``run()`` on the returned actor generates."""
         from async_rl.rewards.pool import RewardPool
@@ -52,6 +53,7 @@ class ActorRuntime:
             actor_id=actor_id, engine=engine, loop=loop, prompts=file_prompts(prompts_path, seed=prompt_seed),
             score=rewards.submit, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
             reward_failure_score=reward.wrong, gate=StalenessGate(max_staleness, groups_per_version),
+            release_uninformative=release_uninformative,
         )
         subscriber = None
         if weights_address is not None:

@@ -43,6 +43,7 @@ class ActorWorker:
             max_staleness=0 if sync else cfg.buffer.max_staleness,
             groups_per_version=cfg.learner.groups_per_step / max(cfg.actors.count, 1),
             prompt_seed=cfg.data.seed * 1009 + int(payload["actor_id"]),
+            release_uninformative=cfg.buffer.filter_zero_advantage,
         )
         self.metrics = MetricsWriter(run_dir, self.actor_id)
         self._stop = threading.Event()

@@ -111,7 +111,7 @@ class LiveView:
             self.live.update(render(snap, elapsed))
             return
         line = plain_line(snap, elapsed)
-        key = line.split("]", 1)[1]
+        key = line.split("]", 1)[1].split(" tok/s=")[0]
         if key != self.last_line:
             self.console.print(line, highlight=False)
             self.last_line = key
