@@ -110,8 +110,10 @@ def test_policy_advances_weights_reach_the_actor_and_the_buffer_fills_and_drains
         (r.get("weight_version") or 0) >= 1 for r in metrics(run_dir, "actor-0")))
     live = status(run_dir)
     assert live["learner_ranks"] == 1 and live["actors"] == [0]
-    stats = wait_for("buffer stats", lambda: status(run_dir).get("buffer_stats"))
-    assert stats["rows"] > 0 and stats["groups_sampled_total"] >= 3
+    # The controller refreshes buffer stats every 10 s.
+    stats = wait_for("buffer stats showing sampled groups", lambda: (
+        (s := status(run_dir).get("buffer_stats") or {}).get("groups_sampled_total", 0) >= 3 and s))
+    assert stats["rows"] >= stats["groups_sampled_total"] * 4
     last = metrics(run_dir, "learner")[-1]
     assert last["rows"] == 2 * 4 and last["staleness_max"] <= 2
     assert (run_dir / "checkpoints" / "latest").is_file()
@@ -163,7 +165,10 @@ def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     finally:
         if resumed.poll() is None:
             resumed.kill()
-    assert buffer_rows(run_dir) >= rows
+    # The restarted buffer came back with every stored row (rows past max_staleness are then
+    # evicted as the learner's version is set, so the count afterwards is smaller).
+    served = [line for line in (run_dir / "logs" / "buffer.log").read_text().splitlines() if " serving " in line]
+    assert served[-1].endswith(f"({rows} rows stored)")
     after = [r["version"] for r in metrics(run_dir, "learner")]
     assert after[-1] == version + 2
     assert int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1]) == version + 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import time
 
 import psutil
 
@@ -34,9 +35,23 @@ def sandbox_uid() -> int | None:
     return pwd.getpwnam(RewardConfig().code_sandbox_user).pw_uid
 
 
-def stray_processes() -> list[str]:
-    """Processes a sandboxed program left on the host: anything running as the sandbox
-    user, or any harness/daemon by command line. The tests run one program at a time."""
+# The kernel tears a pid namespace down asynchronously after its init dies (bwrap, unshare):
+# a fork bomb's hundreds of children take a moment to go. Only what outlives this is a leak.
+STRAY_GRACE_S = 10.0
+
+
+def stray_processes(grace_s: float = STRAY_GRACE_S) -> list[str]:
+    """Processes a sandboxed program left on the host after ``grace_s``: anything running as
+    the sandbox user, or any harness/daemon by command line. The tests run one program at a time."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        strays = _strays_now()
+        if not strays or time.monotonic() > deadline:
+            return strays
+        time.sleep(0.2)
+
+
+def _strays_now() -> list[str]:
     uid = sandbox_uid()
     strays = []
     for proc in psutil.process_iter(["uids", "cmdline", "status"]):

@@ -65,7 +65,7 @@ def test_literal_lists_the_allowed_values():
 def test_cross_field_checks():
     assert "actors.max_tokens=5000 must be below model.max_model_len=256" in error_of("actors.max_tokens=5000")
     assert "multiple of learner.mini_batches_per_step" in error_of("learner.mini_batches_per_step=3")
-    assert "min_digits=5 > max_digits=2" in error_of("data.synth.min_digits=5")
+    assert "min_digits=5 > max_digits=3" in error_of("data.synth.max_digits=3", "data.synth.min_digits=5")
 
 
 def test_public_bind_requires_curve_keys():
