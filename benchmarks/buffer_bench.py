@@ -131,6 +131,7 @@ def baseline_ingest_inprocess(directory: Path, dict_batches) -> float:
 
 
 def _baseline_server(address_queue, directory: str) -> None:
+    import msgpack
     import zmq
 
     base = PickleBaseline(Path(directory) / "baseline-zmq.pkl")
@@ -142,10 +143,12 @@ def _baseline_server(address_queue, directory: str) -> None:
         if message == b"stop":
             socket.send(b"ok")
             return
-        socket.send(pickle.dumps(base.insert(pickle.loads(message))))
+        # The baseline's wire is msgpack: nothing on any wire is pickled, baselines included.
+        socket.send(msgpack.packb(base.insert(msgpack.unpackb(message)), default=str))
 
 
 def baseline_ingest_zmq(directory: Path, dict_batches) -> float:
+    import msgpack
     import zmq
 
     queue = mp.Queue()
@@ -155,8 +158,8 @@ def baseline_ingest_zmq(directory: Path, dict_batches) -> float:
     socket.connect(queue.get(timeout=60))
     start = time.perf_counter()
     for rows in dict_batches:
-        socket.send(pickle.dumps(rows))
-        pickle.loads(socket.recv())
+        socket.send(msgpack.packb(rows, default=str))
+        msgpack.unpackb(socket.recv())
     elapsed = time.perf_counter() - start
     socket.send(b"stop")
     socket.recv()
