@@ -107,12 +107,7 @@ def gppo_loss(tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor
     ℓ value = w·PPO(clip-higher, dual clip); ∂ℓ/∂lp = −A·w·F with F from ``gppo_coefficient``:
     clipped tokens keep a bounded gradient instead of PPO's zero.
     """
-    with torch.no_grad():
-        ratio = log_ratio(tb).exp()
-        coef = gppo_coefficient(ratio, tb, cfg)
-        value = ppo_value(ratio, tb, cfg)
-        metrics = clip_metrics(side_masks(ratio, tb, cfg), tb.mask)
-    return coefficient_loss(value, coef, tb), metrics
+    return clipped_surrogate(tb, cfg, gppo_coefficient)
 
 
 def ppo_coefficient(ratio: Tensor, tb: TokenBatch, cfg: LossConfig) -> Tensor:
@@ -125,9 +120,15 @@ def ppo_coefficient(ratio: Tensor, tb: TokenBatch, cfg: LossConfig) -> Tensor:
 def dapo_loss(tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO clip-higher PPO (arXiv 2503.14476): −min(r·A, clip(r, 1−ε_l, 1+ε_h)·A), with the
     dual clip −c·A for A<0 (Ye et al. arXiv 1912.09729) when ``dual_clip_c`` is set."""
+    return clipped_surrogate(tb, cfg, ppo_coefficient)
+
+
+def clipped_surrogate(tb: TokenBatch, cfg: LossConfig, coefficient) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO surrogate's value with the gradient coefficient F chosen by ``coefficient``
+    (GPPO and PPO/DAPO differ only there)."""
     with torch.no_grad():
         ratio = log_ratio(tb).exp()
-        coef = ppo_coefficient(ratio, tb, cfg)
+        coef = coefficient(ratio, tb, cfg)
         value = ppo_value(ratio, tb, cfg)
         metrics = clip_metrics(side_masks(ratio, tb, cfg), tb.mask)
     return coefficient_loss(value, coef, tb), metrics
