@@ -212,6 +212,11 @@ class LearnerConfig(Section):
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk when computing logprobs from hidden states."
     )
+    fused_logprobs: bool = Field(
+        True,
+        description="Token-local objectives (all but GSPO): apply the loss gradient while each "
+        "logprob chunk is computed (3 LM-head matmuls, no recompute in backward).",
+    )
     max_steps: int = Field(200, ge=0, description="Learner steps to run (0 = until stopped).")
     checkpoint_every: int = Field(50, ge=0, description="Steps between checkpoints (0 = off).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")

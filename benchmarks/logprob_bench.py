@@ -1,12 +1,14 @@
-"""Peak memory and time of token logprobs from hidden states: chunked vs naive, on CPU.
+"""Peak memory and time of token logprobs from hidden states: naive vs chunked vs fused, on CPU.
 
 Each (variant, mode) runs in its own process so peak RSS is its own: the worker builds the
 inputs, records its RSS, resets the kernel's high-water mark (/proc/self/clear_refs), runs once
 and reports VmHWM − RSS before the run. Modes: ``train`` (forward + backward of Σ c·logp, grads
-to hidden and LM head) and ``forward`` (no_grad, the proximal-logprob pass). The default sizes
-are the issue's: 8,192 tokens, hidden 1,024, vocab 151,936, fp32, one run each.
+to hidden and LM head) and ``forward`` (no_grad, the proximal-logprob pass). Variants: ``naive``
+(full log-softmax), ``chunked`` (recomputes each chunk's logits in backward) and, in train mode,
+``fused`` (the loss coefficient c applied while each chunk's logits exist; no recompute). The
+default sizes are the issue's: 8,192 tokens, hidden 1,024, vocab 151,936, fp32, one run each.
 
-    python benchmarks/logprob_bench.py            # full sizes (several minutes on 2 cores)
+    python benchmarks/logprob_bench.py            # full sizes (20-30 minutes on 2 busy cores)
     python benchmarks/logprob_bench.py --quick    # small sizes, under a minute
 """
 
@@ -54,8 +56,6 @@ def reset_peak() -> bool:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from learners.logprobs import naive_token_logprobs, token_logprobs
-
     torch.manual_seed(0)
     dev = torch.device(args.device)
     hidden = (torch.randn(args.tokens, args.hidden) / args.hidden**0.5).to(dev)
@@ -65,9 +65,9 @@ def worker(args: argparse.Namespace) -> dict:
     train = args.mode == "train"
     hidden.requires_grad_(train)
     weight.requires_grad_(train)
-    fn = naive_token_logprobs if args.variant == "naive" else token_logprobs
-    kw = {} if args.variant == "naive" else {"chunk_tokens": args.chunk}
-    warm_up(fn, hidden, weight, targets, train, args.entropy, kw)
+    few = slice(0, WARM_UP_TOKENS)
+    run_once(args, hidden[few].detach().requires_grad_(train), weight, targets[few], coef[few], train)
+    weight.grad = None
     cuda = dev.type == "cuda"
     if cuda:  # GPU: the caching allocator's peak, not RSS
         torch.cuda.synchronize()
@@ -75,10 +75,7 @@ def worker(args: argparse.Namespace) -> dict:
     before = torch.cuda.memory_allocated() if cuda else proc_status("VmRSS")
     exact_peak = True if cuda else reset_peak()
     start = time.perf_counter()
-    with torch.set_grad_enabled(train):
-        logp, _ = fn(hidden, weight, targets, with_entropy=args.entropy, **kw)
-        if train:
-            (logp * coef).sum().backward()
+    logp = run_once(args, hidden, weight, targets, coef, train)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -95,17 +92,27 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def warm_up(fn, hidden, weight, targets, train: bool, entropy: bool, kw: dict) -> None:
-    """Run a few tokens first so library start-up (thread pools, BLAS buffers) is not measured."""
+def run_once(args: argparse.Namespace, hidden, weight, targets, coef, train: bool):
+    """The measured work: logprobs of ``targets`` and, in train mode, the backward of Σ c·logp.
+    (The warm-up runs it on a few tokens first, so thread pools and BLAS buffers exist.)"""
     import torch
 
-    few = slice(0, WARM_UP_TOKENS)
+    from learners.logprobs import fused_token_objective, naive_token_logprobs, token_logprobs
+
+    if args.variant == "fused":
+        surrogate, logp, _ = fused_token_objective(
+            hidden, weight, targets, lambda part, lp, ent: (coef[part], None),
+            chunk_tokens=args.chunk, with_entropy=args.entropy,
+        )
+        surrogate.backward()
+        return logp
+    fn = naive_token_logprobs if args.variant == "naive" else token_logprobs
+    kw = {} if args.variant == "naive" else {"chunk_tokens": args.chunk}
     with torch.set_grad_enabled(train):
-        h = hidden[few].detach().requires_grad_(train)
-        logp, _ = fn(h, weight, targets[few], with_entropy=entropy, **kw)
+        logp, _ = fn(hidden, weight, targets, with_entropy=args.entropy, **kw)
         if train:
-            logp.sum().backward()
-            weight.grad = None
+            (logp * coef).sum().backward()
+    return logp.detach()
 
 
 def run_worker(args: argparse.Namespace, variant: str, mode: str, chunk: int) -> dict:
@@ -131,10 +138,16 @@ def fit_tokens(args: argparse.Namespace) -> int | None:
     return wanted if args.tokens != wanted else None
 
 
+def relative_gap(row: dict, base: dict) -> float:
+    """Largest relative difference from naive of Σ logp and (train) the two gradient norms."""
+    keys = [k for k in ("logp_sum", "grad_hidden_norm", "grad_weight_norm") if k in base]
+    return max(abs(row[k] - base[k]) / abs(base[k]) for k in keys)
+
+
 def table(rows: list[dict]) -> str:
     naive = {r["mode"]: r for r in rows if r["variant"] == "naive"}
     lines = [
-        "| variant | mode | chunk | time s | peak extra GiB | peak / naive | time / naive | logp Δ vs naive |",
+        "| variant | mode | chunk | time s | peak extra GiB | peak / naive | time / naive | Δ vs naive |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -142,9 +155,17 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['variant']} | {r['mode']} | {r['chunk'] or '-'} | {r['seconds']:.2f} | "
             f"{r['peak_extra_bytes'] / GIB:.3f} | {r['peak_extra_bytes'] / base['peak_extra_bytes']:.3f} | "
-            f"{r['seconds'] / base['seconds']:.2f} | {abs(r['logp_sum'] - base['logp_sum']) / abs(base['logp_sum']):.1e} |"
+            f"{r['seconds'] / base['seconds']:.2f} | {relative_gap(r, base):.1e} |"
         )
     return "\n".join(lines)
+
+
+def variants(args: argparse.Namespace, mode: str) -> list[tuple[str, int]]:
+    """(variant, chunk) runs of one mode; fused only trains (a no-grad pass has nothing to fuse)."""
+    out = [("naive", 0)] + [("chunked", c) for c in args.chunks]
+    if mode == "train":
+        out += [("fused", c) for c in args.chunks]
+    return out
 
 
 def main(args: argparse.Namespace) -> None:
@@ -155,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()[0]
     rows = []
     for mode in args.modes:
-        for variant, chunk in [("naive", 0)] + [("chunked", c) for c in args.chunks]:
+        for variant, chunk in variants(args, mode):
             result = run_worker(args, variant, mode, chunk)
             rows.append({"variant": variant, "mode": mode, "chunk": chunk, **result})
             print(f"{variant:8s} {mode:8s} chunk={chunk:5d} {result['seconds']:8.2f}s "
@@ -200,7 +221,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=["naive", "chunked", "fused"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["train", "forward"], help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     return p.parse_args()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from async_rl.config import LearnerConfig
-from learners.logprobs import token_logprobs
+from learners.logprobs import CoefficientFn, fused_token_objective, token_logprobs
 
 # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute) on first
 # init. Training never uses it (only inference_all_reduce does), so on CPU it is declined.
@@ -109,15 +109,24 @@ class TokenLogprobModel(nn.Module):
         targets: Tensor,
         temperature: float = 1.0,
         with_entropy: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        coefficients: CoefficientFn | None = None,
+    ) -> tuple[Tensor, ...]:
         """input_ids, position_ids: [1, L] (positions restart at 0 per packed sequence);
         gather_index: [N] positions whose next token is scored; targets: [N] those tokens.
-        Returns logp [N] (and entropy [N] when asked), in fp32."""
+        Returns logp [N] (and entropy [N] when asked), in fp32. With ``coefficients`` (a
+        token-local loss's, see :func:`learners.logprobs.fused_token_objective`) returns
+        (surrogate, logp, entropy): the loss gradients are formed inside this forward, where
+        ZeRO-3 has the LM head gathered, and backward only hands them out."""
         out = self.causal_lm.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
         )
         hidden = out.last_hidden_state[0].index_select(0, gather_index)
         weight = self.causal_lm.get_output_embeddings().weight
+        if coefficients is not None:
+            return fused_token_objective(
+                hidden, weight, targets, coefficients,
+                chunk_tokens=self.chunk_tokens, temperature=temperature, with_entropy=with_entropy,
+            )
         return token_logprobs(
             hidden,
             weight,
@@ -269,7 +278,8 @@ class LearnerEngine:
         """The wrapped transformers model (its parameters are partitioned under ZeRO-3)."""
         return self.engine.module.causal_lm
 
-    def forward(self, *args, **kwargs) -> tuple[Tensor, Tensor | None]:
+    def forward(self, *args, **kwargs) -> tuple[Tensor, ...]:
+        """:meth:`TokenLogprobModel.forward` under DeepSpeed."""
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: Tensor) -> None:

@@ -6,7 +6,7 @@ Klear SFT term and the entropy bonus, and report metrics. Chosen once from confi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -14,8 +14,9 @@ from torch import Tensor
 from async_rl.config import AlgorithmConfig
 from learners.advantages import sft_nll
 from learners.aggregation import Aggregation, build_aggregation
+from learners.logprobs import CoefficientFn
 from learners.staleness import clip_bounds, fresh_rows
-from learners.surrogates import MIN_COUNT, OBJECTIVES, TokenBatch, log_ratio
+from learners.surrogates import MIN_COUNT, OBJECTIVES, TOKEN_LOCAL, TokenBatch, log_ratio
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,46 @@ def build_objective(cfg: AlgorithmConfig, *, max_staleness: int) -> Objective:
         return pg + extra, metrics
 
     return objective
+
+
+# --------------------------------------------------------------------------- fused logprobs
+
+
+def token_local(cfg: AlgorithmConfig) -> bool:
+    """Whether the configured objective is token-local: ∂loss/∂logp_t and ∂loss/∂entropy_t depend
+    on token t's own values alone (given the per-token and per-row data). True for the per-token
+    ratio surrogates, since every aggregation, the SFT term and the entropy bonus are linear with
+    weights that do not depend on logp; false for GSPO, whose sequence ratio couples a row."""
+    return cfg.loss.type in TOKEN_LOCAL
+
+
+def token_coefficients(objective: Objective, inp: LossInputs) -> tuple[Tensor, Tensor | None]:
+    """(∂loss/∂logp [B, T], ∂loss/∂entropy [B, T] | None) at ``inp``, by autograd through the
+    objective itself, so each formula keeps its one definition. None: the loss ignores entropy."""
+    with torch.enable_grad():
+        logp = inp.logp.detach().requires_grad_()
+        entropy = None if inp.entropy is None else inp.entropy.detach().requires_grad_()
+        loss, _ = objective(replace(inp, logp=logp, entropy=entropy))
+        leaves = [logp] if entropy is None else [logp, entropy]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
+    return g_logp, grads[1] if len(grads) > 1 else None
+
+
+def chunk_coefficients(objective: Objective, inp: LossInputs, row: Tensor, col: Tensor) -> CoefficientFn:
+    """The ``coefficient_fn`` of :func:`learners.logprobs.fused_token_objective` for a token-local
+    objective. Token k of the flat order sits at ``(row[k], col[k])`` of ``inp``'s [B, T] layout
+    (``inp.logp``/``inp.entropy`` are placeholders). A chunk's values are placed there, every other
+    token holds 0, which token locality makes irrelevant to this chunk's coefficients."""
+
+    def coefficients(tokens: slice, logp: Tensor, entropy: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        at = (row[tokens], col[tokens])
+        zeros = torch.zeros(inp.logp.shape, dtype=inp.logp.dtype, device=logp.device)
+        chunk = replace(
+            inp, logp=zeros.index_put(at, logp.to(zeros.dtype)),
+            entropy=None if entropy is None else zeros.index_put(at, entropy.to(zeros.dtype)),
+        )
+        g_logp, g_entropy = token_coefficients(objective, chunk)
+        return g_logp[at], None if g_entropy is None else g_entropy[at]
+
+    return coefficients

@@ -221,3 +221,6 @@ OBJECTIVES: dict[str, TokenLoss] = {
     "gspo_token": gspo_token_loss,
     "reinforce_tis": reinforce_tis_loss,
 }
+
+# Objectives whose ∂ℓ_t/∂lp_t depends on token t alone; GSPO's sequence ratio couples a row.
+TOKEN_LOCAL = frozenset({"gppo", "ppo", "dapo", "cispo", "reinforce_tis"})

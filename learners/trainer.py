@@ -12,7 +12,10 @@ truncated ones) are dropped; advantages are computed per group; the groups are s
 are recomputed ONCE with the weights at the start of the batch; then per mini-batch each
 micro-batch runs forward → objective → backward, and one ``engine.step()`` follows. A
 non-finite loss poisons the gradient with NaN so the engine refuses the update on every rank
-(weights, optimizer state and LR schedule untouched); the skip is counted.
+(weights, optimizer state and LR schedule untouched); the skip is counted. With
+``learner.fused_logprobs`` and a token-local objective (all but GSPO) the forward also forms the
+loss gradient chunk by chunk, its coefficients taken from the objective itself
+(:func:`learners.objectives.chunk_coefficients`), so backward recomputes no logits.
 
 Behaviour weights (TIS/IcePop/M2PO) are formed over this rank's rows of a mini-batch at
 once; M2PO's second-moment mask is therefore per rank, not across ranks.
@@ -21,7 +24,7 @@ once; M2PO's second-moment mask is therefore per rank, not across ranks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +34,7 @@ from torch import Tensor
 from async_rl.config import AlgorithmConfig
 from learners.advantages import group_advantages, overlong_keep, overlong_penalty, sft_rows
 from learners.engine import LearnerEngine
-from learners.objectives import LossInputs, build_objective
+from learners.objectives import LossInputs, build_objective, chunk_coefficients, token_local
 from learners.offpolicy import behavior_weights, clip_centre
 from learners.packing import (
     MicroBatch,
@@ -116,6 +119,7 @@ class Trainer:
         self.engine = engine
         self.algorithm = algorithm
         self.objective = build_objective(algorithm, max_staleness=max_staleness)
+        self.fused = engine.cfg.fused_logprobs and token_local(algorithm)
         self.max_staleness = max_staleness
         self.mini_batches = mini_batches
         self.micro_batch_tokens = micro_batch_tokens
@@ -254,13 +258,34 @@ class Trainer:
         return out
 
     def micro_loss(self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals) -> tuple[Tensor, dict]:
-        logp, entropy = self.engine.forward(*self.forward_args(mb), self.temperature, True)
         if not mb.rows:  # a filler micro-batch: same collectives, zero gradient
+            logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
             return logp.sum() * 0.0, {}
-        dev = logp.device
+        inputs = self.loss_inputs(state, mb, totals)
+        if self.fused:
+            return self.fused_micro_loss(mb, inputs)
+        logp, entropy = self.engine.forward(*self.forward_args(mb), self.temperature, True)
+        return self.objective(replace(inputs, logp=mb.scatter(logp), entropy=mb.scatter(entropy)))
+
+    def fused_micro_loss(self, mb: MicroBatch, inputs: LossInputs) -> tuple[Tensor, dict]:
+        """One pass that also forms the loss gradient chunk by chunk (token-local objectives,
+        :func:`learners.logprobs.fused_token_objective`); the loss value and the metrics come
+        from the objective on the finished logprobs, exactly as on the unfused path."""
+        coefficients = chunk_coefficients(self.objective, inputs, mb.row, mb.col)
+        surrogate, logp, entropy = self.engine.forward(
+            *self.forward_args(mb), self.temperature, True, coefficients=coefficients
+        )
+        with torch.no_grad():
+            loss, metrics = self.objective(replace(inputs, logp=mb.scatter(logp), entropy=mb.scatter(entropy)))
+        return loss + (surrogate - surrogate.detach()), metrics
+
+    def loss_inputs(self, state: RowState, mb: MicroBatch, totals) -> LossInputs:
+        """The objective's inputs for one micro-batch; ``logp``/``entropy`` are zero placeholders."""
+        dev = self.engine.device
         denom = mb.response_mask()
-        inputs = LossInputs(
-            logp=mb.scatter(logp),
+        zeros = torch.zeros(denom.shape, dtype=torch.float32, device=dev)
+        return LossInputs(
+            logp=zeros,
             logp_old=mb.padded(state.logp_old, 0.0, torch.float32).to(dev),
             behavior_weight=mb.padded(state.weight, 0.0, torch.float32).to(dev),
             advantages=torch.as_tensor(state.advantages[mb.rows], dtype=torch.float32, device=dev),
@@ -269,11 +294,10 @@ class Trainer:
             staleness=torch.as_tensor(state.staleness[mb.rows], device=dev),
             global_tokens=totals["global_tokens"].to(dev),
             global_seqs=totals["global_seqs"].to(dev),
-            entropy=mb.scatter(entropy) if entropy is not None else None,
+            entropy=zeros,
             sft_rows=torch.as_tensor(state.sft[mb.rows], device=dev),
             global_sft_tokens=totals["global_sft_tokens"].to(dev),
         )
-        return self.objective(inputs)
 
     def micro_batch(self, batch: RolloutBatch, rows: list[int]) -> MicroBatch:
         mb = build_micro_batch(rows, batch.prompts, batch.responses) if rows else empty_micro_batch()

@@ -75,15 +75,16 @@ def learner_config(zero_stage: int, **overrides):
     return LearnerConfig(**base)
 
 
-def build_trainer(model_dir: Path, zero_stage: int, *, mini_batches: int = 1, **overrides):
+def build_trainer(model_dir: Path, zero_stage: int, *, mini_batches: int = 1, algorithm: dict | None = None,
+                  **overrides):
     from async_rl.config import AlgorithmConfig
     from learners.engine import LearnerEngine
     from learners.trainer import Trainer
 
     cfg = learner_config(zero_stage, **overrides)
     engine = LearnerEngine(model_dir, cfg, ds_overrides=SHARD_EVERYTHING if zero_stage == 3 else None)
-    return Trainer(engine, AlgorithmConfig(), max_staleness=4, mini_batches=mini_batches,
-                   micro_batch_tokens=cfg.micro_batch_tokens)
+    return Trainer(engine, AlgorithmConfig.model_validate(algorithm or {}), max_staleness=4,
+                   mini_batches=mini_batches, micro_batch_tokens=cfg.micro_batch_tokens)
 
 
 def save_weights(trainer, path: Path) -> None:
@@ -101,6 +102,11 @@ def write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------- scenarios
 
 TABLE_A = dict(seed=0, version=0)
+# Objectives stepped with learner.fused_logprobs on and off (the default one is the reference).
+FUSED_CASES = {
+    "gppo": {},
+    "cispo_entropy": {"loss": {"type": "cispo"}, "entropy_coef": 0.05, "aggregation": "seq-mean-token-mean"},
+}
 TABLE_B = dict(seed=1, version=1)
 CURSOR = {"buffer_cursor": {"segment": 3, "offset": 17}}
 
@@ -156,6 +162,8 @@ def single_rank_scenario(payload: dict) -> None:
     report["nan"] = ref.train_step(make_table(seed=5, version=2, nan_reward=True), 2)
     save_weights(ref, out / "ref_after_nan.safetensors")
     checkpoint.export_hf(ref.engine, out / "hf_export")
+    del ref
+    report["fused"] = fused_on_and_off(model, out)
 
     resumed = build_trainer(model, 1)
     state = checkpoint.resume(resumed.engine, out / "ckpt3")
@@ -164,6 +172,18 @@ def single_rank_scenario(payload: dict) -> None:
     report["cross_step2"] = resumed.train_step(make_table(**TABLE_B), 1)
     save_weights(resumed, out / "cross_resume_step2.safetensors")
     write_json(out / "single_rank.json", report)
+
+
+def fused_on_and_off(model: Path, out: Path) -> dict:
+    """One step of each FUSED_CASES objective with the fused logprob path on and off (ZeRO-0)."""
+    report = {}
+    for name, algorithm in FUSED_CASES.items():
+        for fused in (True, False):
+            trainer = build_trainer(model, 0, algorithm=algorithm, fused_logprobs=fused)
+            key = f"{name}_{'fused' if fused else 'unfused'}"
+            report[key] = {"uses_fused": trainer.fused, "step": trainer.train_step(make_table(**TABLE_A), 0)}
+            save_weights(trainer, out / f"{key}_step1.safetensors")
+    return report
 
 
 def gpu_scenario(payload: dict) -> None:

@@ -65,6 +65,18 @@ def test_two_rank_zero_step_matches_the_single_process_reference(runs, stage):
     assert two["optimizer_steps"] == 1 and two["policy_version"] == 1
 
 
+@pytest.mark.parametrize("case", list(learner_ranks.FUSED_CASES))
+def test_a_step_with_fused_logprobs_equals_the_step_without(runs, case):
+    fused, unfused = (report(runs, "single_rank")["fused"][f"{case}_{k}"] for k in ("fused", "unfused"))
+    assert fused["uses_fused"] and not unfused["uses_fused"]
+    after = weights(runs, f"{case}_fused_step1")
+    assert max_diff(after, initial_weights(runs)) > 10 * SAME_WEIGHTS_ATOL
+    assert max_diff(after, weights(runs, f"{case}_unfused_step1")) < SAME_WEIGHTS_ATOL
+    assert fused["step"].keys() == unfused["step"].keys()
+    for key, value in unfused["step"].items():
+        assert fused["step"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 def test_zero3_gathered_weights_equal_the_unsharded_ones(runs):
     assert max_diff(weights(runs, "z3_initial"), initial_weights(runs)) == 0.0
     (portable,) = (runs / "ckpt3").glob("step_*/portable.safetensors")
