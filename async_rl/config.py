@@ -168,8 +168,10 @@ class BufferConfig(Section):
         "batch", description="When appended batches are fsynced before being acknowledged."
     )
     fsync_interval_s: float = Field(1.0, gt=0, description="Interval for fsync: interval.")
-    sampler: Literal["fifo", "uniform", "prioritized"] = Field(
-        "fifo", description="Which groups a sample returns first."
+    sampler: Literal["fifo", "freshest", "uniform", "prioritized"] = Field(
+        "fifo",
+        description="Which groups a sample returns first: fifo = oldest stored first (a queue), "
+        "freshest = newest policy version first (LIFO), uniform, prioritized = freshness and reuse.",
     )
     max_staleness: int = Field(
         4, ge=0, description="Rows older than this many policy versions are never trained on."

@@ -24,6 +24,13 @@ def fifo(candidates, min_versions, times_sampled, learner_version, n, rng) -> np
     return candidates[:n]
 
 
+def freshest(candidates, min_versions, times_sampled, learner_version, n, rng) -> np.ndarray:
+    """Freshest first (last in, first out): the groups of the newest policy version, the most
+    recently stored first among equals. Older groups wait and age out at ``max_staleness``."""
+    order = np.lexsort((-candidates, -min_versions[candidates]))
+    return np.sort(candidates[order[:n]])
+
+
 def uniform(candidates, min_versions, times_sampled, learner_version, n, rng) -> np.ndarray:
     """Every candidate group equally likely, without replacement."""
     if len(candidates) <= n:
@@ -41,4 +48,6 @@ def prioritized(candidates, min_versions, times_sampled, learner_version, n, rng
     return np.sort(picked)
 
 
-SAMPLERS: dict[str, Sampler] = {"fifo": fifo, "uniform": uniform, "prioritized": prioritized}
+SAMPLERS: dict[str, Sampler] = {
+    "fifo": fifo, "freshest": freshest, "uniform": uniform, "prioritized": prioritized,
+}

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from buffer.rate_limiter import RateLimiter
-from buffer.samplers import fifo, prioritized, uniform
+from buffer.samplers import fifo, freshest, prioritized, uniform
 from buffer.testing import synthetic_batch
 from buffer.wire import ipc_to_table, pack_header, table_to_ipc, unpack_header
 
@@ -19,6 +19,17 @@ def test_fifo_takes_the_first_candidates_in_insertion_order():
     candidates = np.array([3, 5, 9, 12])
     picked = fifo(candidates, np.zeros(4), np.zeros(4), 0, 2, np.random.default_rng(0))
     assert picked.tolist() == [3, 5]
+
+
+def test_freshest_takes_the_newest_versions_then_the_latest_stored():
+    candidates = np.array([3, 5, 9, 12])
+    versions = np.zeros(13)
+    versions[[3, 5, 9, 12]] = [7, 8, 8, 6]
+    rng = np.random.default_rng(0)
+    assert freshest(candidates, versions, np.zeros(13), 8, 2, rng).tolist() == [5, 9]
+    assert freshest(candidates, versions, np.zeros(13), 8, 3, rng).tolist() == [3, 5, 9]
+    same = np.zeros(13)
+    assert freshest(candidates, same, np.zeros(13), 0, 2, rng).tolist() == [9, 12]
 
 
 def test_uniform_returns_n_distinct_candidates():

@@ -63,6 +63,20 @@ def test_fifo_returns_whole_groups_oldest_first_each_once(tmp_path):
     assert third is None and reason.startswith("not_enough_groups")
 
 
+def test_freshest_returns_the_newest_policy_versions_first_each_once(tmp_path):
+    store = _store(tmp_path, sampler="freshest", max_staleness=10)
+    store.insert(synthetic_batch(groups=["a"], version=3))
+    store.insert(synthetic_batch(groups=["b", "c"], version=5))
+    store.insert(synthetic_batch(groups=["d"], version=4))
+    store.set_learner_version(5)
+    first, _ = store.sample(2)
+    assert sorted(_groups(first)) == ["b", "c"]
+    second, _ = store.sample(1)
+    assert _groups(second) == ["d"]
+    third, _ = store.sample(1)
+    assert _groups(third) == ["a"]
+
+
 def test_an_incomplete_group_is_not_returned_until_its_last_row_arrives(tmp_path):
     store = _store(tmp_path)
     full = synthetic_batch(groups=["g"], group_size=4)
