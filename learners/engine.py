@@ -35,6 +35,8 @@ from learners.logprobs import CoefficientFn, fused_token_objective, token_logpro
 SHM_COMM_OP = "deepspeed_shm_comm"
 # Logged so a run shows DeepSpeed's own lines only when something goes wrong.
 DS_LOG_LEVEL = "WARNING"
+# Set by the launchers when every rank runs on this machine: the path of the rendezvous file.
+RENDEZVOUS_ENV = "ASYNC_RL_RENDEZVOUS"
 ADAM_EPS = 1e-8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,6 +163,13 @@ def init_distributed(cfg: LearnerConfig) -> DistInfo:
     else:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     deepspeed.utils.logger.setLevel(DS_LOG_LEVEL)
+    rendezvous = os.environ.get(RENDEZVOUS_ENV)
+    if rendezvous and not torch.distributed.is_initialized():
+        # A file store: torch's TCP store would listen on every interface, not just loopback.
+        torch.distributed.init_process_group(
+            backend, init_method=f"file://{rendezvous}", rank=info.rank, world_size=info.world_size,
+            timeout=deepspeed.constants.default_pg_timeout,
+        )
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return info
 

@@ -12,17 +12,23 @@ its peers hanging in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
+# The engine's rendezvous-file variable (learners.engine.RENDEZVOUS_ENV; not imported: that
+# module imports DeepSpeed, which this launcher must not need).
+RENDEZVOUS_ENV = "ASYNC_RL_RENDEZVOUS"
 # How often the parent looks at its ranks while they run.
 POLL_S = 0.2
 # Grace given to the surviving ranks after one failed, before they are killed.
@@ -40,15 +46,19 @@ class RankEnv:
     master_addr: str
     master_port: int
     local_rank: int
+    rendezvous: str = ""
 
     def variables(self) -> dict[str, str]:
-        return {
+        out = {
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(self.local_rank),
         }
+        if self.rendezvous:
+            out[RENDEZVOUS_ENV] = self.rendezvous
+        return out
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -56,6 +66,24 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def rendezvous_file(master_addr: str) -> str:
+    """A fresh rendezvous file for a group whose ranks all run on this machine, else "".
+
+    The ranks then meet through a file store instead of torch's TCP store, which listens on
+    every interface. Each group gets its own file: a file left by a killed group must never be
+    joined by the next one.
+    """
+    if not master_addr.startswith("127."):
+        return ""
+    return os.path.join(tempfile.gettempdir(), f"async-rl-rendezvous-{uuid.uuid4().hex}")
+
+
+def remove_rendezvous(path: str) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def resolve(entry: str) -> Callable[[dict], object]:
@@ -83,7 +111,8 @@ def child_env(env: RankEnv, extra: dict[str, str] | None) -> dict[str, str]:
     share the cores instead of each starting one compute thread per core."""
     out = dict(os.environ)
     out.update(env.variables())
-    out.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // env.world_size)))
+    if env.master_addr.startswith("127."):
+        out.setdefault("GLOO_SOCKET_IFNAME", "lo")  # else gloo listens on the host's address
     paths = [p for p in sys.path if p] + out.get("PYTHONPATH", "").split(os.pathsep)
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     # Ranks share the machine's cores; more OpenMP threads than cores makes them spin-wait
@@ -104,13 +133,18 @@ def launch(
 ) -> None:
     """Run ``entry(payload)`` on ``world_size`` local ranks; raise if any rank fails."""
     port = master_port or free_port()
+    rendezvous = rendezvous_file(LOOPBACK)
     procs = []
-    for rank in range(world_size):
-        rank_env = RankEnv(rank, world_size, LOOPBACK, port, local_rank=rank)
-        procs.append(
-            subprocess.Popen(rank_command(entry, payload or {}), env=child_env(rank_env, env))
-        )
-    wait_all(procs, timeout_s)
+    try:
+        for rank in range(world_size):
+            rank_env = RankEnv(rank, world_size, LOOPBACK, port, local_rank=rank, rendezvous=rendezvous)
+            procs.append(
+                subprocess.Popen(rank_command(entry, payload or {}), env=child_env(rank_env, env))
+            )
+        wait_all(procs, timeout_s)
+    finally:
+        stop(procs)
+        remove_rendezvous(rendezvous)
 
 
 def wait_all(procs: list[subprocess.Popen], timeout_s: float | None) -> None:

@@ -26,3 +26,39 @@ def tiny_model_dir(tmp_path_factory):
     from async_rl.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+def listening_ips(root_pid: int) -> dict[str, str]:
+    """{"ip:port": process name} of every listening TCP socket of ``root_pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    out = {}
+    for conn in psutil.net_connections("inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
+            try:
+                name = procs[conn.pid].name()
+            except psutil.NoSuchProcess:
+                name = "?"
+            out[f"{conn.laddr.ip}:{conn.laddr.port}"] = name
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4-mapped loopback (::ffff:127.0.0.1)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+@pytest.fixture
+def exposed_listeners():
+    """``exposed_listeners(pid)``: the listening sockets under ``pid`` bound beyond loopback."""
+
+    def exposed(root_pid: int) -> dict[str, str]:
+        return {addr: name for addr, name in listening_ips(root_pid).items() if not is_loopback(addr.rsplit(":", 1)[0])}
+
+    return exposed

@@ -28,6 +28,12 @@ MAX_RESTARTS = 5
 BUFFER_STATS_EVERY_S = 10.0
 # How long a graceful stop waits for each role before killing it.
 STOP_GRACE_S = 120.0
+# How long a learner group may wait for its resources before the start fails.
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot give a role the resources its config asks for."""
 
 
 class Controller:
@@ -83,14 +89,24 @@ class Controller:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from async_rl.job.roles import LearnerRank
-        from learners.launch import free_port
+        from learners.launch import RENDEZVOUS_ENV, free_port, remove_rendezvous, rendezvous_file
 
         clear_stop(self.run_dir, "learner")
         cfg = self.cfg.model_copy(deep=True)
         cfg.learner.ranks = ranks
         group = placement.learner_placement_group(self.cfg.cluster, cfg.learner)
-        ray.get(group.ready())
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise PlacementError(
+                f"learner.ranks={ranks}: {ranks} bundle(s) of {cfg.learner.cpus:g} CPU / {cfg.learner.gpus:g} GPU "
+                f"could not be placed within {PLACEMENT_TIMEOUT_S:.0f} s (free now: "
+                f"{ray.available_resources().get('CPU', 0):g} CPU, {ray.available_resources().get('GPU', 0):g} GPU)"
+            ) from None
         master_port = free_port(self.cfg.cluster.bind_host)
+        remove_rendezvous(getattr(self, "rendezvous", ""))  # the previous group's, if it was killed
+        self.rendezvous = rendezvous_file(self.cfg.cluster.bind_host)
         payload = {
             "config": cfg.model_dump(mode="json"),
             "run_dir": str(self.run_dir),
@@ -112,6 +128,7 @@ class Controller:
             env = {
                 "MASTER_ADDR": self.cfg.cluster.bind_host, "MASTER_PORT": str(master_port),
                 "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0",
+                **({RENDEZVOUS_ENV: self.rendezvous} if self.rendezvous else {}),
             }
             self.learners.append(handle)
             self.learner_refs.append(handle.run.remote(env, payload))
@@ -169,7 +186,7 @@ class Controller:
             result = ray.get(ref)
             self._event(f"actor {actor_id} finished: {result}")
         except Exception as err:  # RayActorError when killed, or the loop raised
-            self._event(f"actor {actor_id} died ({type(err).__name__}); restarting")
+            self._event(f"actor {actor_id} died ({type(err).__name__}); restarting", detail=str(err))
             if self._allow_restart(f"actor-{actor_id}"):
                 self._start_actor(actor_id)
 
@@ -179,8 +196,11 @@ class Controller:
         try:
             results = ray.get(done)
         except Exception as err:
-            self._event(f"learner group failed ({type(err).__name__}: {str(err)[:200]}); restarting from checkpoint")
-            self._kill(self.learners)
+            self._event(
+                f"learner group failed ({type(err).__name__}: {str(err)[:200]}); restarting from checkpoint",
+                detail=str(err),
+            )
+            self._release_learners()
             if self._allow_restart("learner"):
                 self._start_learners(self.learner_ranks)
             return
@@ -276,8 +296,14 @@ class Controller:
         with self._lock:
             request_stop(self.run_dir, "learner")
             ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=STOP_GRACE_S)
-            self._kill(self.learners)
-            self._start_learners(ranks)
+            self._release_learners()
+            previous = self.learner_ranks
+            try:
+                self._start_learners(ranks)
+            except PlacementError as err:
+                self._event(f"{err}; restarting with {previous} rank(s)")
+                self._start_learners(previous)
+                raise
         return self.status()
 
     def stop(self) -> dict[str, Any]:
@@ -299,6 +325,9 @@ class Controller:
                 self._buffer_client = None
             if self.buffer is not None:
                 self.buffer.stop()
+            from learners.launch import remove_rendezvous
+
+            remove_rendezvous(getattr(self, "rendezvous", ""))
             self.finished = True
             self._event("stopped")
         return self.status()
@@ -352,6 +381,21 @@ class Controller:
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def _release_learners(self) -> None:
+        """Kill the learner ranks and free their placement group: the next group needs its CPUs."""
+        import ray
+
+        from learners.launch import remove_rendezvous
+
+        self._kill(self.learners)
+        if getattr(self, "learner_group", None) is not None:
+            try:
+                ray.util.remove_placement_group(self.learner_group)
+            except Exception as err:  # already removed with a dead node
+                self._event(f"placement group removal: {type(err).__name__}")
+            self.learner_group = None
+        remove_rendezvous(getattr(self, "rendezvous", ""))
+
     def _kill(self, handles: list) -> None:
         import ray
 
@@ -361,7 +405,10 @@ class Controller:
             except Exception:  # already gone
                 pass
 
-    def _event(self, text: str) -> None:
+    def _event(self, text: str, detail: str = "") -> None:
+        """Record an event for `status` and append it, with any detail, to logs/controller.log."""
         stamp = time.strftime("%H:%M:%S")
         self.events.append(f"{stamp} {text}")
         log.info(text)
+        with open(self.run_dir / "logs" / "controller.log", "a") as out:
+            out.write(f"{time.strftime('%Y-%m-%d')} {stamp} {text}\n{detail}{chr(10) if detail else ''}")

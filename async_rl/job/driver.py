@@ -46,7 +46,10 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     from async_rl.job.control import ControlServer
 
     control = ControlServer(cfg.cluster.bind_host)
-    update_run_json(run_dir, pid=os.getpid(), control_address=control.address, **addresses, policy_dir=str(policy_dir))
+    update_run_json(
+        run_dir, pid=os.getpid(), control_address=control.address, **addresses, policy_dir=str(policy_dir),
+        ray_address=ray.get_runtime_context().gcs_address,
+    )
     console.print(f"job: buffer {addresses['buffer_address']}, weights {addresses['weights_address']}, control {control.address}")
     interrupted = _install_interrupt(run_dir)
     try:
@@ -82,15 +85,21 @@ def _local_cpus(cfg: Config) -> int:
 
 
 def _start_controller(ray, cfg: Config, run_dir: Path, policy_dir: Path):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from transformers import AutoTokenizer
 
     from async_rl.job.controller import Controller
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    # On this node: the buffer service it starts binds cluster.bind_host, an address of this node.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return (
         ray.remote(Controller)
-        .options(name=placement.CONTROLLER_NAME, num_cpus=0, max_concurrency=8, runtime_env=placement.role_env())
+        .options(
+            name=placement.CONTROLLER_NAME, num_cpus=0, max_concurrency=8, runtime_env=placement.role_env(),
+            scheduling_strategy=here,
+        )
         .remote(cfg.model_dump(mode="json"), str(run_dir), str(policy_dir), stop_ids)
     )
 

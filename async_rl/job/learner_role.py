@@ -132,7 +132,9 @@ class LearnerLoop:
 
         if self.engine.dist.world_size == 1:
             return code if code is not None else data
-        length = torch.tensor([len(data) if data is not None else code], dtype=torch.int64)
+        # Rank 0 sends the length (or the code); the other ranks' value is overwritten.
+        value = len(data) if data is not None else (code if code is not None else 0)
+        length = torch.tensor([value], dtype=torch.int64)
         torch.distributed.broadcast(length, src=0)
         if int(length) <= 0:
             return int(length)
@@ -179,6 +181,7 @@ class LearnerLoop:
         record = {
             "step": self.version,
             "version": self.version,
+            "ranks": self.engine.dist.world_size,
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards >= self.cfg.reward.correct).mean()),
             "staleness_mean": float(staleness.mean()),

@@ -9,7 +9,9 @@ and the buffer are placed individually.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from async_rl.config import ActorsConfig, ClusterConfig, LearnerConfig
 
@@ -54,14 +56,18 @@ def local_cpus(cluster: ClusterConfig, actors: ActorsConfig, learner: LearnerCon
 
 def init_ray(cluster: ClusterConfig, *, num_cpus: int | None = None):
     """Start a private loopback Ray, or join the cluster at ``cluster.ray_address``."""
-    # Without this Ray listens on every interface even with a loopback node address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if cluster.ray_address is not None:
+        _use_cluster_token()
     import ray
 
     if ray.is_initialized():
         return ray
     if cluster.ray_address is None:
+        _keep_ray_on_loopback()
         ray.init(
+            # "local": always a private Ray. With no address Ray joins a cluster that `ray start`
+            # left on this machine (even a stale record of one), and its CPUs are not ours.
+            address="local",
             _node_ip_address=cluster.bind_host,
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -72,6 +78,43 @@ def init_ray(cluster: ClusterConfig, *, num_cpus: int | None = None):
     else:
         ray.init(address=cluster.ray_address, namespace=NAMESPACE, log_to_driver=False)
     return ray
+
+
+def _keep_ray_on_loopback() -> None:
+    """A private Ray must not listen beyond loopback.
+
+    With Ray's "cluster" switch on (the default on Linux) its processes listen on every interface
+    and the runtime-env agent on the host's address, whatever node address is given. Ray reads the
+    switch from the environment once, when ``ray`` is first imported, and vLLM's engine imports
+    ``ray`` on start-up: so the switch is set both in the environment (for Ray's child processes)
+    and on the already-imported constant.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _use_cluster_token() -> None:
+    """Authenticate to a cluster whose head requires Ray's token.
+
+    Ray 2.60 heads started with `ray start` require a token, while its clients default to no
+    authentication and fail with "InvalidAuthToken". Unless the user chose ``RAY_AUTH_MODE``,
+    token mode is used whenever a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+    or ``~/.ray/auth_token``, which `ray start --head` writes). Ray reads the mode once; if it
+    is already loaded, its config is re-read.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def learner_placement_group(cluster: ClusterConfig, learner: LearnerConfig):

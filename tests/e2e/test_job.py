@@ -119,6 +119,15 @@ def test_policy_advances_weights_reach_the_actor_and_the_buffer_fills_and_drains
     assert (run_dir / "checkpoints" / "latest").is_file()
 
 
+def test_every_socket_of_a_local_job_listens_on_loopback_only(job, exposed_listeners):
+    """Driver, private Ray, controller, buffer, learner rank (file rendezvous, gloo on lo),
+    vLLM actor and its engine core: nothing is reachable from outside the machine."""
+    run_dir, proc = job
+    wait_for("learner version 1", lambda: learner_version(run_dir) >= 1)
+    wait_for("the learner's and the actor's pids", lambda: {"learner-0", "actor-0"} <= set(status(run_dir).get("pids", {})))
+    assert exposed_listeners(proc.pid) == {}
+
+
 def test_scale_actors_up_then_down_while_training(job):
     run_dir, _ = job
     up = cli("scale", "actors", "2", "--run-dir", str(run_dir), timeout=300)
@@ -149,6 +158,24 @@ def test_a_killed_learner_resumes_from_its_checkpoint(job):
     wait_for("training past the checkpoint", lambda: learner_version(run_dir) >= checkpointed + 2)
     versions = [r["version"] for r in metrics(run_dir, "learner")]
     assert checkpointed + 1 in versions
+
+
+def test_scale_learners_to_two_ranks_while_the_actor_keeps_running(job):
+    run_dir, _ = job
+    actor_pid = wait_for("the actor's pid", lambda: status(run_dir).get("pids", {}).get("actor-0"))
+    wait_for("a checkpoint", lambda: (run_dir / "checkpoints" / "latest").is_file())
+    version = learner_version(run_dir)
+    scaled = cli("scale", "learners", "2", "--run-dir", str(run_dir), timeout=400)
+    assert scaled.returncode == 0, scaled.stderr
+    assert "learner ranks now: 2" in scaled.stdout
+    # The new group resumes from the checkpoint the old one wrote on its way out, then trains on.
+    resumed = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert resumed >= version
+    wait_for("steps by the 2-rank group", lambda: any(
+        r["ranks"] == 2 and r["version"] >= resumed + 2 for r in metrics(run_dir, "learner")))
+    live = status(run_dir)
+    assert live["learner_ranks"] == 2 and {"learner-0", "learner-1"} <= set(live["pids"])
+    assert live["pids"]["actor-0"] == actor_pid  # the actor was not restarted
 
 
 def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):

@@ -144,7 +144,16 @@ def multi_rank_scenario(payload: dict) -> None:
             save_weights(trainer, out / f"stage{stage}_step2_resumed.safetensors")
         del trainer
         gc.collect()
+    report["listening"] = listening_addresses()
     write_json(out / f"multi_rank{rank}.json", report)
+
+
+def listening_addresses() -> list[str]:
+    """The IPs this rank's process listens on (its share of the store and gloo's pairs)."""
+    import psutil
+
+    conns = psutil.Process().net_connections(kind="inet")
+    return sorted({c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN})
 
 
 def single_rank_scenario(payload: dict) -> None:

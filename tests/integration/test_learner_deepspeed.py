@@ -16,6 +16,7 @@ from pathlib import Path
 import learner_ranks
 import pytest
 import torch
+from conftest import is_loopback
 from safetensors.torch import load_file
 
 from learners.launch import launch
@@ -119,3 +120,11 @@ def test_hf_export_loads_in_transformers_with_the_trained_weights(runs):
     exported = {k: v.detach() for k, v in model.named_parameters()}
     assert max_diff(exported, weights(runs, "ref_after_nan")) == 0.0
     assert not list(runs.glob(".incoming-*"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_local_group_listens_on_loopback_only(runs, rank):
+    """The ranks meet through a file store (torch's TCP store would listen on every interface)
+    and gloo is pinned to loopback."""
+    listening = report(runs, f"multi_rank{rank}")["listening"]
+    assert [ip for ip in listening if not is_loopback(ip)] == []

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from async_rl.commands.sft import split_data_arg
-from learners.launch import LaunchError, launch, resolve, run_rank
+from learners.launch import RENDEZVOUS_ENV, LaunchError, launch, rendezvous_file, resolve, run_rank
 
 
 def write_env(payload: dict) -> None:
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", RENDEZVOUS_ENV, "GLOO_SOCKET_IFNAME")
     out = Path(payload["out"]) / f"rank{os.environ['RANK']}.json"
     out.write_text(json.dumps({k: os.environ[k] for k in keys}))
 
@@ -33,6 +33,17 @@ def test_each_rank_gets_its_own_distributed_env(tmp_path):
     assert {s["WORLD_SIZE"] for s in seen} == {"3"}
     assert {s["MASTER_ADDR"] for s in seen} == {"127.0.0.1"}
     assert len({s["MASTER_PORT"] for s in seen}) == 1
+    # One rendezvous file for the group (torch's TCP store would listen on every interface),
+    # removed when the group is done; gloo pinned to loopback.
+    assert len({s[RENDEZVOUS_ENV] for s in seen}) == 1
+    assert not Path(seen[0][RENDEZVOUS_ENV]).exists()
+    assert {s["GLOO_SOCKET_IFNAME"] for s in seen} == {"lo"}
+
+
+def test_only_a_loopback_group_meets_through_a_fresh_file():
+    first, second = rendezvous_file("127.0.0.1"), rendezvous_file("127.0.0.1")
+    assert first != second and os.path.isabs(first)
+    assert rendezvous_file("10.0.0.5") == ""
 
 
 def test_a_failing_rank_fails_the_launch_and_stops_its_peers():
