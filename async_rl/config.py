@@ -336,6 +336,15 @@ class WeightsConfig(Section):
     credit_chunks: int = Field(
         16, ge=1, le=1024, description="Chunks a subscriber lets the publisher have in flight to it."
     )
+    transport: Literal["auto", "tcp", "shm"] = Field(
+        "auto",
+        description=(
+            "How a version reaches a subscriber on the publisher's host: 'auto' = it maps the "
+            "publisher's /dev/shm file (zero-copy, checksums verified), others stream over the "
+            "socket; 'tcp' = everyone streams, no /dev/shm files; 'shm' = like auto, but a "
+            "subscriber that cannot map a version drops it instead of streaming it."
+        ),
+    )
     heartbeat_s: float = Field(
         0.5, gt=0, le=60, description="Idle subscribers re-announce their version this often."
     )

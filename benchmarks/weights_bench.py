@@ -1,15 +1,19 @@
 """Weight publishing throughput: learner tensors → verified tensors in subscriber processes.
 
 For each payload (fp32 tensors) it measures, in one run:
-  * zmq: WeightPublisher → 1, 2, 4 WeightSubscriber processes over tcp loopback
-    (end-to-end: ``publish()`` called → every subscriber's ``on_weights`` has the verified
-    set), plus one subscriber under CURVE;
+  * zmq: WeightPublisher → 1, 2, 4 WeightSubscriber processes streaming over tcp loopback
+    (``transport=tcp``, the cross-host path; end-to-end: ``publish()`` called → every
+    subscriber's ``on_weights`` has the verified set), plus one subscriber under CURVE;
+  * zmq+shm: the same with ``transport=shm``: subscribers map the publisher's /dev/shm
+    file and verify every checksum on it (the same-host path); ``zmq+shm+copy`` is one
+    subscriber whose callback copies the set into its own preallocated buffer;
   * ray: the same tensors through the Ray object store (``ray.put`` here, ``ray.get`` in
     a worker process);
   * torch.save: ``torch.save`` to /dev/shm then ``torch.load`` (same process);
   * memcpy: a plain copy of the bytes into a preallocated buffer (the ceiling).
-Times are medians of ``--repeats`` steady-state publishes, after one warm-up publish that
-allocates the buffers (first-touch page faults are reported separately as ``cold_s``).
+Times are medians of ``--repeats`` steady-state publishes. The publisher alternates two
+send buffers, so zmq rows first make two warm-up publishes that allocate them (the first
+one's first-touch page faults are reported as ``cold_s``); the baselines warm up once.
 
     python benchmarks/weights_bench.py            # 0.5 GB and 2 GB, 1/2/4 subscribers
     python benchmarks/weights_bench.py --quick    # 64 MB, 1/2 subscribers, under a minute
@@ -41,6 +45,8 @@ GB = 1e9
 TENSOR_BYTES = 64 << 20  # payloads are cut into 64 MiB fp32 tensors (a large layer's size)
 # Memory kept free for the other processes on a shared machine.
 MEMORY_MARGIN = 2 << 30
+# One per send buffer the publisher alternates between.
+WARMUP_PUBLISHES = 2
 
 
 def make_payload(nbytes: int) -> list[tuple[str, torch.Tensor]]:
@@ -60,11 +66,21 @@ def payload_bytes(tensors) -> int:
 # --------------------------------------------------------------------------- zmq
 
 
-def subscriber_main(address: str, cfg_json: str) -> None:
-    """Child: report (version, monotonic time) once each verified set is handed over."""
+def subscriber_main(address: str, cfg_json: str, copy: str = "") -> None:
+    """Child: report (version, monotonic time) once each verified set is handed over.
+
+    With ``copy``, the callback first copies the set into buffers it owns (allocated once).
+    """
     from async_rl.weights import WeightSubscriber
 
+    owned: list[torch.Tensor] = []
+
     def on_weights(version, named_tensors):
+        if copy:
+            if not owned:
+                owned.extend(torch.empty_like(t) for _, t in named_tensors)
+            for mine, (_, tensor) in zip(owned, named_tensors, strict=True):
+                mine.copy_(tensor)
         sys.stdout.write(json.dumps({"version": version, "t": time.monotonic()}) + "\n")
         sys.stdout.flush()
 
@@ -80,11 +96,12 @@ def _read(proc: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
-def bench_zmq(tensors, n_subs: int, cfg: WeightsConfig, repeats: int) -> dict:
+def bench_zmq(tensors, n_subs: int, cfg: WeightsConfig, repeats: int, copy: bool = False) -> dict:
     with WeightPublisher(cfg) as publisher:
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--subscriber", publisher.address, cfg.model_dump_json()],
+                [sys.executable, __file__, "--subscriber", publisher.address, cfg.model_dump_json(),
+                 "copy" if copy else ""],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             for _ in range(n_subs)
@@ -94,7 +111,7 @@ def bench_zmq(tensors, n_subs: int, cfg: WeightsConfig, repeats: int) -> dict:
             while len(publisher.stats()["peers"]) < n_subs and time.monotonic() < deadline:
                 time.sleep(0.05)
             times, stalls = [], []
-            for version in range(1, repeats + 2):
+            for version in range(1, repeats + 1 + WARMUP_PUBLISHES):
                 start = time.monotonic()
                 publisher.publish(version, tensors)
                 stalls.append(time.monotonic() - start)
@@ -105,8 +122,8 @@ def bench_zmq(tensors, n_subs: int, cfg: WeightsConfig, repeats: int) -> dict:
             for proc in procs:  # started here, stopped here, by handle
                 proc.stdin.close()
                 proc.wait(timeout=60)
-    return {"cold_s": times[0], "seconds": statistics.median(times[1:]),
-            "publish_stall_s": statistics.median(stalls[1:])}
+    return {"cold_s": times[0], "seconds": statistics.median(times[WARMUP_PUBLISHES:]),
+            "publish_stall_s": statistics.median(stalls[WARMUP_PUBLISHES:])}
 
 
 # --------------------------------------------------------------------------- baselines
@@ -141,7 +158,7 @@ def bench_torch_save(tensors, repeats: int) -> dict:
 def bench_ray(tensors, repeats: int) -> dict:
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=int(payload_bytes(tensors) * 2.5) + (256 << 20),
+    ray.init(address="local", num_cpus=2, object_store_memory=int(payload_bytes(tensors) * 2.5) + (256 << 20),
              include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote
@@ -166,13 +183,20 @@ def bench_ray(tensors, repeats: int) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def fits(nbytes: int, copies: float) -> bool:
-    return psutil.virtual_memory().available > nbytes * copies + MEMORY_MARGIN
+def fits(nbytes: int, copies: float, shm_copies: float = 0) -> bool:
+    """Room for ``copies`` of the payload in memory and ``shm_copies`` in /dev/shm."""
+    if psutil.virtual_memory().available < nbytes * copies + MEMORY_MARGIN:
+        return False
+    if shm_copies:
+        shm = os.statvfs("/dev/shm")
+        return shm.f_bavail * shm.f_frsize >= nbytes * shm_copies + MEMORY_MARGIN
+    return True
 
 
 def run(sizes, subs, repeats, chunk_bytes, with_ray, curve_dir) -> list[dict]:
     rows = []
-    cfg = WeightsConfig(chunk_bytes=chunk_bytes, credit_chunks=32)
+    cfg = WeightsConfig(chunk_bytes=chunk_bytes, credit_chunks=32, transport="tcp")
+    shm_cfg = cfg.model_copy(update={"transport": "shm"})
     for size in sizes:
         tensors = make_payload(size)
 
@@ -190,6 +214,14 @@ def run(sizes, subs, repeats, chunk_bytes, with_ray, curve_dir) -> list[dict]:
                 add("zmq", n, bench_zmq(tensors, n, cfg, repeats))
             else:
                 add("zmq", n, {"skipped": "not enough free memory on this shared machine"})
+        for n in subs:
+            # tensors + two /dev/shm files (at most two named, plus one a slow reader may hold)
+            if fits(size, 4, shm_copies=3):
+                add("zmq+shm", n, bench_zmq(tensors, n, shm_cfg, repeats))
+            else:
+                add("zmq+shm", n, {"skipped": "not enough free memory or /dev/shm space"})
+        if fits(size, 5, shm_copies=3):
+            add("zmq+shm+copy", 1, bench_zmq(tensors, 1, shm_cfg, repeats, copy=True))
         if curve_dir is not None and fits(size, 5):
             add("zmq+curve", 1, bench_zmq(tensors, 1, cfg.model_copy(update={"curve_keys_dir": curve_dir}), repeats))
         add("torch.save", 1, bench_torch_save(tensors, repeats) if fits(size, 3) else {"skipped": "memory"})
@@ -200,14 +232,14 @@ def run(sizes, subs, repeats, chunk_bytes, with_ray, curve_dir) -> list[dict]:
 
 
 def table(rows) -> str:
-    lines = [f"{'GB':>5} {'method':<11} {'subs':>4} {'seconds':>8} {'GB/s':>6} {'cold_s':>7} {'stall_s':>8}"]
+    lines = [f"{'GB':>5} {'method':<13} {'subs':>4} {'seconds':>8} {'GB/s':>6} {'cold_s':>7} {'stall_s':>8}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['size_gb']:>5.2f} {r['method']:<11} {r['subscribers']:>4}  skipped: {r['skipped']}")
+            lines.append(f"{r['size_gb']:>5.2f} {r['method']:<13} {r['subscribers']:>4}  skipped: {r['skipped']}")
             continue
         stall = f"{r['publish_stall_s']:.3f}" if "publish_stall_s" in r else "-"
         lines.append(
-            f"{r['size_gb']:>5.2f} {r['method']:<11} {r['subscribers']:>4} {r['seconds']:>8.3f} "
+            f"{r['size_gb']:>5.2f} {r['method']:<13} {r['subscribers']:>4} {r['seconds']:>8.3f} "
             f"{r['gb_per_s']:>6.2f} {r['cold_s']:>7.3f} {stall:>8}"
         )
     return "\n".join(lines)
@@ -223,15 +255,16 @@ def targets(rows) -> dict:
 
     out = {}
     for size in sorted({r["size_gb"] for r in rows}):
-        one, four, ceiling = get(size, "zmq", 1), get(size, "zmq", 4), get(size, "memcpy", 0)
-        ray, save = get(size, "ray", 1), get(size, "torch.save", 1)
-        out[f"{size:g}GB"] = {
-            "one_sub_share_of_memcpy": one and ceiling and one["gb_per_s"] / ceiling["gb_per_s"],
-            "faster_than_ray": one and ray and one["seconds"] < ray["seconds"],
-            "faster_than_torch_save": one and save and one["seconds"] < save["seconds"],
-            "seconds_per_gb_one_sub": one and one["seconds"] / size,
-            "four_subs_over_one": one and four and four["seconds"] / one["seconds"],
-        }
+        ceiling, ray, save = get(size, "memcpy", 0), get(size, "ray", 1), get(size, "torch.save", 1)
+        for method in ("zmq", "zmq+shm"):
+            one, four = get(size, method, 1), get(size, method, 4)
+            out[f"{size:g}GB {method}"] = {
+                "one_sub_share_of_memcpy": one and ceiling and one["gb_per_s"] / ceiling["gb_per_s"],
+                "faster_than_ray": one and ray and one["seconds"] < ray["seconds"],
+                "faster_than_torch_save": one and save and one["seconds"] < save["seconds"],
+                "seconds_per_gb_one_sub": one and one["seconds"] / size,
+                "four_subs_over_one": one and four and four["seconds"] / one["seconds"],
+            }
     return out
 
 
@@ -242,7 +275,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=4 << 20)
     parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--subscriber", nargs=2, metavar=("ADDRESS", "CFG_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--subscriber", nargs=3, metavar=("ADDRESS", "CFG_JSON", "COPY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.subscriber:
         subscriber_main(*args.subscriber)
@@ -260,7 +293,7 @@ def main() -> None:
     print(table(rows))
     result = {
         "rows": rows, "targets": targets(rows), "quick": args.quick, "chunk_bytes": args.chunk_bytes,
-        "transport": "tcp loopback", "cpus": os.cpu_count(),
+        "transport": "zmq: tcp loopback; zmq+shm: same-host /dev/shm mapping", "cpus": os.cpu_count(),
         "loadavg_before": load_before, "loadavg_after": load_after,
         "under_contention": contended, "torch_threads": torch.get_num_threads(),
     }

@@ -17,9 +17,14 @@ one credit per chunk received, so at most that many chunks (never above
 ``wire.MAX_CREDITS``) per subscriber sit in socket queues and the send high-water mark
 below is never reached.
 
-Threads: ``publish`` runs in the caller's thread (copy into a send buffer, then return);
-one background thread owns the socket (hashing, announcing, streaming). Shutdown order in
-``close``: stop the thread, close the socket, stop the authenticator, end the context.
+Same host: with ``transport`` auto or shm the send buffer is a file in /dev/shm
+(``shm.py``) and the HEADER says so; a subscriber that maps it grants no credit, so
+nothing is streamed to it, and answers DONE as usual. Subscribers elsewhere stream it.
+
+Threads: ``publish`` runs in the caller's thread (copy into a send buffer and checksum it
+with a few chunk workers, then return); one background thread owns the socket
+(announcing, streaming). Shutdown order in ``close``: stop the thread, close the socket,
+stop the authenticator, end the context, remove the /dev/shm files.
 """
 
 from __future__ import annotations
@@ -41,14 +46,13 @@ import zmq
 from async_rl.config import WeightsConfig
 from async_rl.weights import wire
 from async_rl.weights.keys import secure_server
-from async_rl.weights.sendbuffer import BufferPool, Snapshot, copy_into
+from async_rl.weights.sendbuffer import BufferPool, Snapshot, copy_and_hash
+from async_rl.weights.shm import ShmStore, host_id
 
 log = logging.getLogger(__name__)
 
 # Idle poll period: bounds how late peer expiry runs when nothing else happens.
 IDLE_POLL_MS = 100
-# Bytes hashed between two socket services, so hashing a large model never stalls transfers.
-HASH_BYTES_PER_STEP = 64 << 20
 # Messages drained per loop turn before sending again (keeps streaming fair to control traffic).
 MAX_RECV_PER_TURN = 256
 # Queue room per subscriber beyond its credit window, for control messages.
@@ -112,14 +116,16 @@ class WeightPublisher:
         self.address = _advertised(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._pub = random.getrandbits(63)  # tells a restarted publisher's transfers apart
         self._xfer_ids = itertools.count(1)
-        self._pool = BufferPool()
+        store = _shm_store(self._pub, cfg.transport)
+        self._host = host_id() if store is not None else None
+        self._pool = BufferPool(store)
+        self._workers = wire.ChunkWorkers(min(wire.MAX_CHUNK_THREADS, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._pending: Snapshot | None = None
         self._last_version = -1
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         self._closing = threading.Event()
-        self._hashing: Snapshot | None = None
         self._latest: Snapshot | None = None
         self._changed_at: list[int] = []
         self._tracked_since = -1
@@ -151,14 +157,22 @@ class WeightPublisher:
             raise RuntimeError("publish on a closed WeightPublisher")
         specs, total = wire.plan_layout(named_tensors, self._cfg.wire_dtype)
         tensors = [tensor for _, tensor in named_tensors]
-        pinned = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
-        buffer = self._pool.acquire(total, pinned)
-        copy_into(buffer, specs, tensors)
-        snapshot = Snapshot(version, specs, wire.layout_id(specs), total, self._cfg.chunk_bytes, buffer)
-        with self._lock:
-            superseded, self._pending = self._pending, snapshot
+        with self._lock:  # one not yet announced is superseded now; its buffer may serve this one
+            superseded, self._pending = self._pending, None
         if superseded is not None:
             self._pool.release(superseded)
+        pinned = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
+        buffer, shm_file = self._pool.acquire(total, pinned, version)
+        snapshot = Snapshot(
+            version, specs, wire.layout_id(specs), total, self._cfg.chunk_bytes, buffer, shm=shm_file
+        )
+        try:
+            copy_and_hash(snapshot, tensors, self._workers)
+        except BaseException:
+            self._pool.release(snapshot)
+            raise
+        with self._lock:
+            self._pending = snapshot
         self._last_version = version
         os.write(self._wake_write, b"\0")
 
@@ -178,6 +192,7 @@ class WeightPublisher:
             )
         return {
             "latest": latest.version if latest else None,
+            "shm": str(latest.shm.path) if latest and latest.shm else None,
             "bytes_sent": self._bytes_sent,
             "peers": peers,
         }
@@ -192,6 +207,9 @@ class WeightPublisher:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
+        self._workers.close()
+        self._pending = self._latest = None
+        self._pool.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
 
@@ -209,13 +227,11 @@ class WeightPublisher:
         poller.register(self._wake_read, zmq.POLLIN)
         try:
             while not self._closing.is_set():
-                busy = self._hashing is not None or self._sendable()
-                events = dict(poller.poll(0 if busy else IDLE_POLL_MS))
+                events = dict(poller.poll(0 if self._sendable() else IDLE_POLL_MS))
                 if self._wake_read in events:
                     self._drain_wake()
                 self._receive()
                 self._adopt_pending()
-                self._hash_step()
                 self._send_chunks()
                 self._expire(time.monotonic())
         except Exception:
@@ -233,24 +249,16 @@ class WeightPublisher:
     def _adopt_pending(self) -> None:
         with self._lock:
             snapshot, self._pending = self._pending, None
-        if snapshot is None:
-            return
-        if self._hashing is not None:  # superseded before it was ever announced
-            self._pool.release(self._hashing)
-        self._hashing = snapshot
-
-    def _hash_step(self) -> None:
-        snapshot = self._hashing
-        if snapshot is None:
-            return
-        snapshot.hash_some(max(1, HASH_BYTES_PER_STEP // snapshot.chunk_bytes))
-        if snapshot.hashed:
-            self._hashing = None
+        if snapshot is not None:
             self._install(snapshot)
 
     def _install(self, snapshot: Snapshot) -> None:
-        """Make a hashed snapshot the latest and offer it to every idle subscriber behind it."""
+        """Make a snapshot the latest and offer it to every idle subscriber behind it."""
+        if snapshot.shm is not None:
+            snapshot.shm.publish()
         previous, self._latest = self._latest, snapshot
+        if previous is not None:
+            self._pool.retire(previous)
         if previous is not None and previous.layout == snapshot.layout:
             for index, (old, new) in enumerate(zip(previous.checksums, snapshot.checksums)):
                 if old != new:
@@ -323,8 +331,9 @@ class WeightPublisher:
         snapshot = transfer.snapshot
         self._end_transfer(peer)
         if body.get("ok") is True:
-            peer.have, peer.base_pub, peer.base = snapshot.version, self._pub, snapshot.version
-            peer.layout = snapshot.layout
+            peer.have = snapshot.version
+            if body.get("shm") is not True:  # a /dev/shm read leaves its receive buffer as it was
+                peer.base_pub, peer.base, peer.layout = self._pub, snapshot.version, snapshot.layout
             if self._latest is not None and self._latest.version > peer.have:
                 self._start_transfer(peer)
 
@@ -341,6 +350,7 @@ class WeightPublisher:
             total_bytes=snapshot.total_bytes, chunk_bytes=snapshot.chunk_bytes,
             checksums=tuple(snapshot.checksums), send=None if send is None else tuple(send),
             base=-1 if send is None else peer.base, layout=snapshot.layout,
+            shm_host=self._host if snapshot.shm is not None else None,
         )
         snapshot.refs += 1
         peer.transfer = transfer
@@ -413,6 +423,21 @@ class WeightPublisher:
             if now - peer.last_seen > self._cfg.stall_timeout_s:
                 log.info("forgot a weight subscriber silent for %.1fs", now - peer.last_seen)
                 self._forget(peer)
+
+
+def _shm_store(pub: int, transport: str) -> ShmStore | None:
+    """Where this publisher keeps /dev/shm send buffers; None streams only."""
+    if transport == "tcp":
+        return None
+    if host_id() is None:
+        log.log(logging.WARNING if transport == "shm" else logging.DEBUG,
+                "weights: no /dev/shm on this host; every subscriber streams")
+        return None
+    try:
+        return ShmStore(pub)
+    except OSError as exc:
+        log.warning("weights: cannot use /dev/shm (%s); every subscriber streams", exc)
+        return None
 
 
 def _hello_fields(body: dict) -> tuple[int, int, int, str]:

@@ -13,12 +13,20 @@ receive buffer, valid until ``on_weights`` returns (copy what you keep; vLLM's
 ``load_weights`` copies into its parameters). ``on_weights`` runs on the subscriber's
 thread; transfers wait while it runs.
 
-Shutdown order in ``close``: stop the thread, close the socket, end the context.
+Same host (``transport`` auto or shm, and a HEADER whose ``shm`` host is ours): the
+tensors are views of a private mapping of the publisher's /dev/shm file instead — no
+receive buffer, no copy. The file's shared lock is held from before verification until
+``on_weights`` returns, so the verified bytes cannot change under the callback, and
+writes the callback makes stay in its own copy-on-write pages. If the file cannot be
+mapped the transfer streams as above (with ``transport=shm`` it is dropped instead).
+
+Shutdown order in ``close``: stop the thread, close the socket, end the context, unmap.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +38,7 @@ import zmq
 from async_rl.config import WeightsConfig
 from async_rl.weights import wire
 from async_rl.weights.keys import secure_client
+from async_rl.weights.shm import MappedFiles, Reading, host_id
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +86,16 @@ class WeightSubscriber:
         self._have = NO_VERSION
         self._arena: _Arena | None = None
         self._transfer: _Transfer | None = None
+        self._last_header = (0, 0)  # (pub, xfer) of the last header acted on; xfer ids start at 1
         self._next_hello = 0.0
+        self._host = host_id() if cfg.transport != "tcp" else None
+        self._mapped = MappedFiles()
+        self._workers: wire.ChunkWorkers | None = None
         self.stats = {
-            "delivered": 0, "bytes_received": 0, "rejected_corrupt": 0, "rejected_truncated": 0,
-            "rejected_old": 0, "rejected_malformed": 0, "dropped_stalled": 0,
-            "dropped_aborted": 0, "duplicate_chunks": 0, "callback_errors": 0,
+            "delivered": 0, "delivered_shm": 0, "bytes_received": 0, "rejected_corrupt": 0,
+            "rejected_truncated": 0, "rejected_old": 0, "rejected_malformed": 0,
+            "dropped_stalled": 0, "dropped_aborted": 0, "dropped_unmapped": 0,
+            "duplicate_chunks": 0, "callback_errors": 0, "shm_fallbacks": 0,
         }
 
     @property
@@ -116,6 +130,9 @@ class WeightSubscriber:
         self._thread.join()
         self._thread = None
         self._ctx.term()
+        self._mapped.close()
+        if self._workers is not None:
+            self._workers.close()
 
     def __enter__(self) -> WeightSubscriber:
         return self.start()
@@ -190,13 +207,19 @@ class WeightSubscriber:
     # ------------------------------------------------------------------ a transfer
 
     def _on_header(self, header: wire.Header) -> None:
+        if (header.pub, header.xfer) == self._last_header:
+            return  # the publisher repeated a header our HELLO crossed (a /dev/shm read may be done)
+        self._last_header = (header.pub, header.xfer)
         running = self._transfer
-        if running is not None and (running.header.pub, running.header.xfer) == (header.pub, header.xfer):
-            return  # the publisher repeated a header our HELLO crossed
         if running is not None:
             self._drop("dropped_aborted", f"superseded by a new header (v{header.version})")
         if header.version <= self._have:
             self._reject(header, "rejected_old", f"v{header.version} is not newer than v{self._have}")
+            return
+        if self._host is not None and header.shm_host == self._host and self._read_shm(header):
+            return
+        if self._cfg.transport == "shm":
+            self._reject(header, "dropped_unmapped", f"v{header.version} is not mappable from /dev/shm here")
             return
         if header.base >= 0 and not self._holds_base(header):
             self._reject(header, "rejected_malformed", f"delta on v{header.base} we do not hold")
@@ -251,6 +274,37 @@ class WeightSubscriber:
         if not transfer.missing:
             self._complete()
 
+    def _read_shm(self, header: wire.Header) -> bool:
+        """Verify and deliver ``header``'s version from the publisher's /dev/shm file.
+
+        False (nothing sent) when the file cannot be mapped, so the caller streams it.
+        """
+        try:
+            reading = self._mapped.open(header.pub, header.version, header.total_bytes)
+        except OSError as exc:
+            self.stats["shm_fallbacks"] += 1
+            log.info("weights v%d: /dev/shm file not mappable (%s)", header.version, exc)
+            return False
+        with reading:  # holds the file's shared lock: the publisher cannot rewrite it meanwhile
+            bad = self._first_bad_chunk(reading, header)
+            if bad is not None and not reading.fresh:  # our copy-on-write pages, not the file
+                self._mapped.remap(reading)
+                bad = self._first_bad_chunk(reading, header)
+            if bad is not None:
+                self._reject(header, "rejected_corrupt", f"chunk {bad} of v{header.version} in /dev/shm "
+                             "failed its checksum")
+                return True
+            ok = self._deliver(header, reading.buffer)
+        self.stats["delivered_shm"] += ok
+        self._send(wire.DONE, {"xfer": header.xfer, "version": header.version, "ok": ok, "shm": True})
+        self._next_hello = time.monotonic() + self._cfg.heartbeat_s
+        return True
+
+    def _first_bad_chunk(self, reading: Reading, header: wire.Header) -> int | None:
+        if self._workers is None:
+            self._workers = wire.ChunkWorkers(min(wire.MAX_CHUNK_THREADS, os.cpu_count() or 1))
+        return wire.first_bad_chunk(reading.view, header.checksums, header.chunk_bytes, self._workers)
+
     def _grant_credit(self, transfer: _Transfer) -> None:
         transfer.owed_credits += 1
         if transfer.owed_credits >= max(1, self._cfg.credit_chunks // 2) and transfer.missing:
@@ -268,13 +322,13 @@ class WeightSubscriber:
                 self._send(wire.DONE, {"xfer": header.xfer, "version": header.version, "ok": False})
                 return
         arena.base, arena.checksums = (header.pub, header.version), header.checksums
-        ok = self._deliver(header, arena)
+        ok = self._deliver(header, arena.buffer)
         self._send(wire.DONE, {"xfer": header.xfer, "version": header.version, "ok": ok})
         self._next_hello = time.monotonic() + self._cfg.heartbeat_s
 
-    def _deliver(self, header: wire.Header, arena: _Arena) -> bool:
+    def _deliver(self, header: wire.Header, buffer: torch.Tensor) -> bool:
         try:
-            self._on_weights(header.version, wire.tensor_views(arena.buffer, header.tensors))
+            self._on_weights(header.version, wire.tensor_views(buffer, header.tensors))
         except Exception:
             self.stats["callback_errors"] += 1
             log.exception("on_weights failed for v%d; it stays unloaded", header.version)

@@ -12,7 +12,7 @@ One publish of version v to one subscriber (a *transfer*):
                          hash, checksums, send, base, layout}
     subscriber → CREDIT {xfer, n}                                  (n more chunks allowed)
     publisher  → CHUNK  {xfer, i} + raw bytes of chunk i           (only against credit)
-    subscriber → DONE   {xfer, version, ok}
+    subscriber → DONE   {xfer, version, ok, shm}
     publisher  → IDLE   {latest}   (HELLO answered when nothing newer exists)
     publisher  → ABORT  {xfer}     (a CREDIT for a transfer the publisher no longer has)
 
@@ -23,12 +23,20 @@ is ``[i * chunk_bytes, min((i + 1) * chunk_bytes, total_bytes))``. ``checksums[i
 the wrong index fails. ``send`` lists the chunks this transfer carries (None = all of
 them); a delta (``base`` ≥ 0) carries only chunks that changed since version ``base``
 of the same publisher ``pub`` and the subscriber already holds the others.
+
+Same-host path (``shm.py``): when the publisher's send buffer is a file in /dev/shm, the
+HEADER's ``shm`` names the publisher's host (boot id + /dev/shm mount). A subscriber on
+that host maps the file ``shm.version_name(pub, version)`` instead of asking for chunks
+(no CREDIT), verifies every checksum on the mapping, and answers DONE with ``shm: true``;
+one that cannot map it grants credit and the transfer streams as usual.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +67,10 @@ MAX_TOTAL_BYTES = 1 << 40
 # Most chunks one subscriber may have in flight (matches WeightsConfig.credit_chunks' bound).
 MAX_CREDITS = 1024
 U64 = 1 << 64
+MAX_HOST_CHARS = 256
+# Threads that copy and checksum chunks in parallel (memcpy and xxhash release the GIL);
+# more than this only contends for memory bandwidth.
+MAX_CHUNK_THREADS = 4
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -111,6 +123,7 @@ class Header:
     send: tuple[int, ...] | None
     base: int
     layout: str
+    shm_host: str | None = None  # the payload is also readable from /dev/shm on this host
 
     @property
     def n_chunks(self) -> int:
@@ -184,6 +197,47 @@ def chunk_checksum(data: memoryview | bytes, index: int) -> int:
     return xxhash.xxh3_64_intdigest(data, seed=index)
 
 
+def first_bad_chunk(
+    view: memoryview, checksums: Sequence[int], chunk_bytes: int, workers: ChunkWorkers | None = None
+) -> int | None:
+    """The lowest chunk index of ``view`` whose checksum differs from ``checksums``, or None."""
+    bad: list[int] = []
+
+    def check(index: int) -> None:
+        start, stop = chunk_span(index, chunk_bytes, len(view))
+        if chunk_checksum(view[start:stop], index) != checksums[index]:
+            bad.append(index)
+
+    (workers or ChunkWorkers(1)).run(len(checksums), check)
+    return min(bad) if bad else None
+
+
+class ChunkWorkers:
+    """A few threads that process chunk indices in parallel; ``run`` returns when all are done."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, "weight-chunks") if self.threads > 1 else None
+
+    def run(self, n_chunks: int, work: Callable[[int], None]) -> None:
+        if self._pool is None or n_chunks < 2:
+            for index in range(n_chunks):
+                work(index)
+            return
+        next_index = itertools.count().__next__  # atomic under the GIL
+
+        def drain() -> None:
+            while (index := next_index()) < n_chunks:
+                work(index)
+
+        for future in [self._pool.submit(drain) for _ in range(self.threads)]:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 def tensor_views(arena: torch.Tensor, specs: Sequence[TensorSpec]) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) views of a uint8 payload buffer ``arena: [total_bytes]``, in table order."""
     views = []
@@ -230,6 +284,7 @@ def header_body(header: Header) -> dict[str, Any]:
         "send": None if header.send is None else list(header.send),
         "base": header.base,
         "layout": header.layout,
+        "shm": header.shm_host,
     }
 
 
@@ -293,9 +348,12 @@ def header_from_body(body: dict[str, Any]) -> Header:
     layout = body.get("layout")
     if not isinstance(layout, str) or layout != layout_id(specs):
         raise WireError("layout id does not match the tensor table")
+    shm_host = body.get("shm")
+    if shm_host is not None and not (isinstance(shm_host, str) and 0 < len(shm_host) <= MAX_HOST_CHARS):
+        raise WireError(f"shm: expected a host id of at most {MAX_HOST_CHARS} characters or nil")
     return Header(
         pub=_int(body, "pub", 0, U64), xfer=_int(body, "xfer", 0, U64),
         version=_int(body, "version", 0, 1 << 62), tensors=tuple(specs), total_bytes=total,
         chunk_bytes=chunk, checksums=tuple(checksums),
-        send=None if send is None else tuple(send), base=base, layout=layout,
+        send=None if send is None else tuple(send), base=base, layout=layout, shm_host=shm_host,
     )

@@ -25,12 +25,12 @@ from weights_helpers import (
 
 from async_rl.config import WeightsConfig
 from async_rl.weights import WeightPublisher, WeightSubscriber, wire
-from async_rl.weights.sendbuffer import Snapshot, copy_into
+from async_rl.weights.sendbuffer import Snapshot, copy_and_hash
 
 WAIT_S = 60.0
 CHUNK = 4096
-# Slow transfers (one chunk in flight, 4 KiB chunks) leave time to kill a peer mid-way.
-SLOW = {"chunk_bytes": CHUNK, "credit_chunks": 1}
+# Slow streamed transfers (one chunk in flight, 4 KiB chunks) leave time to kill a peer mid-way.
+SLOW = {"chunk_bytes": CHUNK, "credit_chunks": 1, "transport": "tcp"}
 
 
 class ScriptedPublisher:
@@ -55,9 +55,8 @@ class ScriptedPublisher:
     def header(self, version: int, tensors) -> tuple[wire.Header, Snapshot]:
         specs, total = wire.plan_layout(tensors)
         buffer = torch.empty(total, dtype=torch.uint8)
-        copy_into(buffer, specs, [t for _, t in tensors])
         snap = Snapshot(version, specs, wire.layout_id(specs), total, CHUNK, buffer)
-        snap.hash_some(snap.n_chunks)
+        copy_and_hash(snap, [t for _, t in tensors])
         self.xfer += 1
         header = wire.Header(
             pub=1, xfer=self.xfer, version=version, tensors=specs, total_bytes=total,

@@ -1,4 +1,4 @@
-"""Weight publishing over real ZeroMQ sockets (tcp loopback and ipc), in one process."""
+"""Weight publishing over real ZeroMQ sockets (tcp loopback and ipc) and /dev/shm, in one process."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ def model_state() -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-@pytest.fixture(params=["tcp", "ipc"])
+@pytest.fixture(params=["tcp", "ipc", "shm"])
 def cfg(request):
-    if request.param == "tcp":
-        yield WeightsConfig(chunk_bytes=64 << 10)
+    if request.param != "ipc":
+        yield WeightsConfig(chunk_bytes=64 << 10, transport=request.param)
         return
     with tempfile.TemporaryDirectory(dir="/tmp") as short:  # ipc paths must stay short
-        yield WeightsConfig(chunk_bytes=64 << 10, endpoint=f"ipc://{Path(short) / 'w.sock'}")
+        yield WeightsConfig(chunk_bytes=64 << 10, transport="tcp", endpoint=f"ipc://{Path(short) / 'w.sock'}")
 
 
 def test_real_model_state_dict_round_trips_bit_exact(model_state, cfg):
@@ -58,8 +58,9 @@ def test_real_model_state_dict_round_trips_bit_exact(model_state, cfg):
         assert_bit_exact(received, model_state)
 
 
-def test_late_joiner_gets_only_the_current_version():
-    cfg = WeightsConfig(chunk_bytes=16 << 10)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_late_joiner_gets_only_the_current_version(transport):
+    cfg = WeightsConfig(chunk_bytes=16 << 10, transport=transport)
     got = Recorder()
     with WeightPublisher(cfg) as publisher:
         for version in (1, 2, 5):
@@ -73,8 +74,9 @@ def test_late_joiner_gets_only_the_current_version():
     assert_bit_exact(got.calls[0][1], make_tensors(5, 256 << 10))
 
 
-def test_every_subscriber_follows_successive_versions():
-    cfg = WeightsConfig(chunk_bytes=16 << 10, heartbeat_s=0.1)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_every_subscriber_follows_successive_versions(transport):
+    cfg = WeightsConfig(chunk_bytes=16 << 10, heartbeat_s=0.1, transport=transport)
     gots = [Recorder(), Recorder()]
     with WeightPublisher(cfg) as publisher:
         subs = [WeightSubscriber(publisher.address, got, cfg).start() for got in gots]
@@ -91,7 +93,7 @@ def test_every_subscriber_follows_successive_versions():
 
 
 def test_changed_only_sends_changed_chunks_and_delivers_the_full_set():
-    cfg = WeightsConfig(chunk_bytes=4096, changed_only=True)
+    cfg = WeightsConfig(chunk_bytes=4096, changed_only=True, transport="tcp")
     tensors = [(f"t{i}", torch.randn(4096)) for i in range(8)]  # 16 KiB = 4 chunks each
     got = Recorder()
     with WeightPublisher(cfg) as publisher, WeightSubscriber(publisher.address, got, cfg) as sub:

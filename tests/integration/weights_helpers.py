@@ -3,7 +3,8 @@
 Run as a script it is one side of a transfer in its own process, so a test can kill it
 by PID mid-transfer:
 
-    python weights_helpers.py subscriber ADDRESS CFG_JSON   # prints one JSON line per delivery
+    python weights_helpers.py subscriber ADDRESS CFG_JSON [hold]   # one JSON line per delivery;
+                                                                   # hold: never return from it
     python weights_helpers.py publisher CFG_JSON VERSION SEED NBYTES   # prints its address
 """
 
@@ -103,12 +104,17 @@ def _emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def _subscriber_main(address: str, cfg_json: str) -> None:
+def _subscriber_main(address: str, cfg_json: str, mode: str = "") -> None:
     from async_rl.config import WeightsConfig
     from async_rl.weights import WeightSubscriber
 
+    def on_weights(version, named_tensors):
+        _emit({"version": version, "digest": digest(named_tensors)})
+        if mode == "hold":  # keeps the version's /dev/shm file locked until we are killed
+            time.sleep(3600)
+
     cfg = WeightsConfig.model_validate_json(cfg_json)
-    with WeightSubscriber(address, lambda v, ts: _emit({"version": v, "digest": digest(ts)}), cfg):
+    with WeightSubscriber(address, on_weights, cfg):
         sys.stdin.read()  # until the test closes our stdin or kills us
 
 
@@ -120,7 +126,8 @@ def _publisher_main(cfg_json: str, version: str, seed: str, nbytes: str) -> None
     tensors = make_tensors(int(seed), int(nbytes))
     with WeightPublisher(cfg) as publisher:
         publisher.publish(int(version), tensors)
-        _emit({"address": publisher.address, "digest": digest(tensors)})
+        wait_until(lambda: publisher.stats()["latest"] == int(version), 60.0)
+        _emit({"address": publisher.address, "digest": digest(tensors), "shm": publisher.stats()["shm"]})
         sys.stdin.read()
 
 

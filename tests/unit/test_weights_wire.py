@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from async_rl.weights import wire
-from async_rl.weights.sendbuffer import BufferPool, Snapshot, copy_into
+from async_rl.weights import sendbuffer, wire
+from async_rl.weights.sendbuffer import BufferPool, Snapshot, copy_and_hash, copy_into
 
 WEIGHTS_PKG = Path(wire.__file__).parent
 KEYS_CLI = WEIGHTS_PKG.parent / "commands" / "keys.py"
@@ -33,9 +33,8 @@ def sample_tensors():
 def snapshot_of(tensors, chunk_bytes=4096, version=1):
     specs, total = wire.plan_layout(tensors)
     buffer = torch.empty(total, dtype=torch.uint8)
-    copy_into(buffer, specs, [t for _, t in tensors])
     snap = Snapshot(version, specs, wire.layout_id(specs), total, chunk_bytes, buffer)
-    snap.hash_some(snap.n_chunks)
+    copy_and_hash(snap, [t for _, t in tensors])
     return snap
 
 
@@ -103,6 +102,8 @@ def test_header_round_trips_through_msgpack():
         (lambda b: b.update(send=[0]), "only in a delta"),
         (lambda b: b.update(layout="0" * 32), "layout"),
         (lambda b: b.update(version="7"), "version"),
+        (lambda b: b.update(shm=5), "shm"),
+        (lambda b: b.update(shm=""), "shm"),
     ],
 )
 def test_inconsistent_headers_are_refused(tamper, message):
@@ -110,6 +111,36 @@ def test_inconsistent_headers_are_refused(tamper, message):
     tamper(body)
     with pytest.raises(wire.WireError, match=message):
         wire.header_from_body(body)
+
+
+def test_header_carries_the_shm_host_or_nil():
+    snap = snapshot_of(sample_tensors())
+    assert wire.header_from_body(header_of(snap, shm_host="boot:42")).shm_host == "boot:42"
+    assert wire.header_from_body(header_of(snap)).shm_host is None
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_and_hash_equals_a_plain_copy_and_one_shot_checksums(monkeypatch, threads):
+    monkeypatch.setattr(sendbuffer, "PIECE_BYTES", 1000)  # pieces straddle tensors and chunks
+    tensors = sample_tensors() + [("big", torch.randn(5000)), ("cast", torch.randn(300))]
+    specs, total = wire.plan_layout(tensors, "bfloat16")
+    snap = Snapshot(1, specs, wire.layout_id(specs), total, 4096, torch.full((total,), 7, dtype=torch.uint8))
+    workers = wire.ChunkWorkers(threads)
+    try:
+        copy_and_hash(snap, [t for _, t in tensors], workers)
+        expected = torch.full((total,), 7, dtype=torch.uint8)
+        copy_into(expected, specs, [t for _, t in tensors])
+        assert torch.equal(snap.buffer, expected)
+        view = memoryview(expected.numpy())
+        assert snap.checksums == [
+            wire.chunk_checksum(view[slice(*wire.chunk_span(i, 4096, total))], i) for i in range(snap.n_chunks)
+        ]
+        assert wire.first_bad_chunk(view, snap.checksums, 4096, workers) is None
+        expected[4096 * 2 + 5] ^= 1
+        expected[4096 + 9] ^= 1
+        assert wire.first_bad_chunk(view, snap.checksums, 4096, workers) == 1  # the lowest of 1 and 2
+    finally:
+        workers.close()
 
 
 def test_undecodable_bodies_are_wire_errors():
@@ -122,8 +153,9 @@ def test_buffer_pool_reuses_a_released_buffer():
     pool = BufferPool()
     snap = snapshot_of(sample_tensors())
     pool.release(snap)
-    assert pool.acquire(snap.total_bytes, pinned=False) is snap.buffer
-    assert pool.acquire(snap.total_bytes, pinned=False) is not snap.buffer
+    buffer, shm_file = pool.acquire(snap.total_bytes, pinned=False, version=2)
+    assert buffer is snap.buffer and shm_file is None
+    assert pool.acquire(snap.total_bytes, pinned=False, version=3)[0] is not snap.buffer
 
 
 def test_no_weight_module_can_reach_pickle():
@@ -143,7 +175,7 @@ def test_no_weight_module_can_reach_pickle():
             n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
         }
         assert imported <= {"__future__", "async_rl", "collections", "dataclasses", "typing", "zmq",
-                            "torch", "msgpack", "xxhash", "pathlib", "typer"}, path.name
+                            "torch", "msgpack", "xxhash", "pathlib", "typer", "concurrent"}, path.name
 
 
 def test_keys_generate_writes_private_secrets_and_refuses_to_overwrite(tmp_path):
