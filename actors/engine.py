@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -55,6 +56,10 @@ LOGPROBS_MODE = "processed_logprobs"
 GIB = 1 << 30
 # Staging weight files in RAM avoids a disk round-trip; fall back to the work folder.
 SHM_DIR = Path("/dev/shm")
+# Staged weight files: PREFIX + "<actor pid>-<8 hex>.safetensors", deleted after each load; an
+# actor killed mid-update leaves its file behind, and the next engine on the machine removes it.
+STAGING_PREFIX = "async-rl-weights-"
+STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-[0-9a-f]{8}\.safetensors")
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL); vLLM appends
 # "/<uuid4>" (37 characters) to VLLM_RPC_BASE_PATH for each IPC socket.
 MAX_RPC_DIR_CHARS = 107 - 37
@@ -178,6 +183,29 @@ def sampled_logprobs(token_ids: Sequence[int], steps) -> list[float]:
     return [float(step[token].logprob) for token, step in zip(token_ids, steps, strict=True)]
 
 
+def sweep_stale_staging(staging_dir: Path) -> list[Path]:
+    """Remove staged weight files whose actor process is gone; returns what was removed."""
+    removed = []
+    for path in Path(staging_dir).glob(f"{STAGING_PREFIX}*.safetensors"):
+        match = STAGING_NAME.fullmatch(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d staged weight file(s) of dead actors from %s", len(removed), staging_dir)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 class VllmEngine:
     """An ``AsyncLLM`` with behaviour logprobs, weight versions and in-flight weight updates."""
 
@@ -186,6 +214,7 @@ class VllmEngine:
         self._cfg = actors
         self.model_dir = Path(model_dir)
         self._staging_dir = staging_dir
+        sweep_stale_staging(staging_dir)
         self._reference_names = checkpoint_names(self.model_dir)
         self._requests = itertools.count()
         self._update_lock = asyncio.Lock()
@@ -282,7 +311,7 @@ class VllmEngine:
             raise ValueError(f"weight version {version} must exceed the loaded one ({self.version})")
         start = time.perf_counter()
         check_weight_set((name for name, _ in named_tensors), self._reference_names)
-        path = self._staging_dir / f"async-rl-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+        path = self._staging_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         await asyncio.to_thread(write_safetensors, path, named_tensors)
         staged = time.perf_counter()
         try:

@@ -17,6 +17,7 @@ from actors.engine import (
     expand_versions,
     rope_overrides,
     sampled_logprobs,
+    sweep_stale_staging,
 )
 from actors.prompts import prompt_stream
 from actors.trajectories import group_batch
@@ -164,3 +165,18 @@ def test_weight_path_into_vllm_never_imports_pickle():
                     for alias in node.names} | {node.module for node in ast.walk(tree)
                                                 if isinstance(node, ast.ImportFrom) and node.module}
         assert not {m for m in imported if "pickle" in m}, name
+
+
+def test_staged_weight_files_of_dead_actors_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"async-rl-weights-{gone.pid}-0123abcd.safetensors"
+    live = tmp_path / f"async-rl-weights-{os.getpid()}-89abcdef.safetensors"
+    other = tmp_path / f"async-rl-weights-{gone.pid}-v3"  # a publisher's file: not the actor's to remove
+    for path in (dead, live, other):
+        path.write_bytes(b"x")
+    assert sweep_stale_staging(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
