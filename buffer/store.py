@@ -20,6 +20,7 @@ Not thread-safe: one owner (the service loop, or a test) calls it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +93,14 @@ class ReplayStore:
         self._stale_checked: tuple[int, int] | None = None  # (learner version, rows) last scanned
         self._flat_checked = -1  # rows stored when zero-advantage groups were last filtered
         self.state = read_journal(self.dir)
+        self.retired = RetiredGroups(self.dir, writable=not read_only)
         self._recover_segments()
+        # The next segment gets a new number, also past segments that _restore_state deletes
+        # now: batch_segment keeps their (retired) batches, so a number must never come back.
+        self._writer_id = max(self.segments, default=0)
         self._restore_state()
         # The ratio is enforced from the moment the store opens, like a fresh Reverb table.
         self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
-        self._writer_id = max(self.segments, default=0)  # the next segment gets a new number
         self._last_fsync = self._last_release = time.monotonic()
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
 
@@ -186,7 +190,11 @@ class ReplayStore:
         hashes = hash_ids(batch.column("traj_id").to_pylist())
         _, first = np.unique(hashes, return_index=True)
         first.sort()
-        return first[~self.index.traj_hashes.contains(hashes[first])], hashes
+        fresh = first[~self.index.traj_hashes.contains(hashes[first])]
+        if len(fresh) and len(self.retired):
+            groups = hash_ids(batch.column("group_id").take(pa.array(fresh)).to_pylist())
+            fresh = fresh[~self.retired.contains(groups)]
+        return fresh, hashes
 
     def _active_writer(self) -> int:
         if self._writer is not None and self._writer.size >= self.cfg.segment_bytes:
@@ -442,7 +450,12 @@ class ReplayStore:
 
     def _delete_segment(self, seg_id: int) -> None:
         seg = self.segments.pop(seg_id)
-        for batch_id in np.flatnonzero(self.batch_segment.view == seg_id).tolist():
+        batch_ids = np.flatnonzero(self.batch_segment.view == seg_id)
+        rows = np.flatnonzero(np.isin(self.index.row_batch.view, batch_ids))
+        # Before the file goes: after a restart the index no longer knows these rows, and a
+        # resend of them must still be a duplicate.
+        self.retired.add(self.index.group_hash.view[np.unique(self.index.row_group.view[rows])])
+        for batch_id in batch_ids.tolist():
             self.batches[batch_id] = None
         seg.path.unlink(missing_ok=True)
         log.info("buffer: deleted segment %s (%d rows, all retired)", seg.path.name, seg.rows)
@@ -469,6 +482,46 @@ class ReplayStore:
             self._writer = None
         if self.journal is not None:
             self.journal.close()
+        self.retired.close()
+
+
+class RetiredGroups:
+    """Hashes of the groups whose rows were all retired and their segment deleted, kept in
+    ``retired-groups.u64`` (8 bytes a group, appended and fsynced before the segment goes), so
+    an insert stays idempotent on traj_id across restarts. A torn last entry is ignored."""
+
+    FILE = "retired-groups.u64"
+
+    def __init__(self, directory: Path, *, writable: bool) -> None:
+        self.path = Path(directory) / self.FILE
+        raw = self.path.read_bytes() if self.path.is_file() else b""
+        whole = len(raw) - len(raw) % 8
+        self._sorted = np.unique(np.frombuffer(raw[:whole], dtype=np.uint64))
+        self._fd = -1
+        if writable:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.ftruncate(self._fd, whole)
+            os.lseek(self._fd, whole, os.SEEK_SET)
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self._sorted, hashes).clip(max=max(len(self._sorted) - 1, 0))
+        return self._sorted[at] == hashes if len(self._sorted) else np.zeros(len(hashes), bool)
+
+    def add(self, hashes: np.ndarray) -> None:
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not len(hashes) or self._fd < 0:
+            return
+        os.write(self._fd, hashes.tobytes())
+        os.fsync(self._fd)
+        self._sorted = np.union1d(self._sorted, hashes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> RowFacts:
