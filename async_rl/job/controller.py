@@ -54,6 +54,8 @@ class Controller:
         self.pid_refs: dict[str, Any] = {}
         self.finished = False
         self.failure: str | None = None
+        self.learner_group = None  # the learner ranks' placement group
+        self.rendezvous = ""  # the learner group's rendezvous file ("" off loopback)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
@@ -105,7 +107,7 @@ class Controller:
                 f"{ray.available_resources().get('CPU', 0):g} CPU, {ray.available_resources().get('GPU', 0):g} GPU)"
             ) from None
         master_port = free_port(self.cfg.cluster.bind_host)
-        remove_rendezvous(getattr(self, "rendezvous", ""))  # the previous group's, if it was killed
+        remove_rendezvous(self.rendezvous)  # the previous group's, if it was killed
         self.rendezvous = rendezvous_file(self.cfg.cluster.bind_host)
         payload = {
             "config": cfg.model_dump(mode="json"),
@@ -327,7 +329,7 @@ class Controller:
                 self.buffer.stop()
             from learners.launch import remove_rendezvous
 
-            remove_rendezvous(getattr(self, "rendezvous", ""))
+            remove_rendezvous(self.rendezvous)
             self.finished = True
             self._event("stopped")
         return self.status()
@@ -388,13 +390,13 @@ class Controller:
         from learners.launch import remove_rendezvous
 
         self._kill(self.learners)
-        if getattr(self, "learner_group", None) is not None:
+        if self.learner_group is not None:
             try:
                 ray.util.remove_placement_group(self.learner_group)
             except Exception as err:  # already removed with a dead node
                 self._event(f"placement group removal: {type(err).__name__}")
             self.learner_group = None
-        remove_rendezvous(getattr(self, "rendezvous", ""))
+        remove_rendezvous(self.rendezvous)
 
     def _kill(self, handles: list) -> None:
         import ray
