@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,8 +70,9 @@ def summarize(run_dir: Path, mode: str, budget_min: float) -> dict:
     }
 
 
-def warm_start(root: Path) -> None:
-    """One SFT warm start shared by both modes (cached under ROOT/shared)."""
+def warm_start(root: Path, overrides: Sequence[str] = ()) -> None:
+    """One SFT warm start shared by both modes (cached under ROOT/shared); ``overrides`` are
+    tiny.yaml ``KEY=VALUE`` settings."""
     shared = root / "shared"
     if (shared / "sft_model" / "config.json").is_file():
         return
@@ -80,7 +82,7 @@ def warm_start(root: Path) -> None:
     from async_rl.job.driver import warm_start as sft
     from async_rl.prepare import prepare_run
 
-    cfg = load_config("tiny", [f"run.dir={shared}"])
+    cfg = load_config("tiny", [*overrides, f"run.dir={shared}"])
     sft(cfg, prepare_run(cfg), Console())
 
 

@@ -2,6 +2,11 @@
 under controlled staleness, and the real job's async vs sync at equal wall-clock.
 
     python benchmarks/learning_study.py [--quick] [--seeds 3] [--steps 24] [--eval-every 6]
+                                        [--set KEY=VALUE ...] [--tag NAME]
+
+``--set`` overrides tiny.yaml (the temperature, the SFT epochs, the warmup: a setting that
+changes the SFT warm start needs its own ``--root``); ``--tag`` marks a probe, whose JSON is
+``learning_study_TAG.json`` and whose plots stay under ``--root`` instead of replacing the study's.
 
 Part 1, the lockstep loop (one process, real components). One vLLM-CPU engine serves the whole
 study (its weights are reloaded between runs), one DeepSpeed learner (world size 1, gloo, CPU)
@@ -541,6 +546,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-min", type=float, default=4.0, help="wall-clock per mode of the async/sync job (0 = skip)")
     parser.add_argument("--no-filter", dest="filter_zero_advantage", action="store_false",
                         help="train on zero-advantage groups too (the job's buffer skips them)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tiny.yaml override (repeatable), e.g. actors.temperature=0.7; one that changes "
+                             "the SFT warm start needs its own --root")
+    parser.add_argument("--tag", default="",
+                        help="a probe's name: writes learning_study_TAG.json and keeps its plots under --root")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "learning_study")
     args = parser.parse_args(argv)
     if args.quick:
@@ -564,6 +574,8 @@ def check_args(args: argparse.Namespace) -> None:
         fail(f"--lr={args.lr}: must be > 0")
     if args.target is not None and not 0 < args.target <= 1:
         fail(f"--target={args.target}: expected an accuracy in (0, 1]")
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        fail(f"--tag={args.tag!r}: expected letters, digits, '-' or '_'")
     if args.job_min < 0:
         fail(f"--job-min={args.job_min}: must be >= 0")
     try:
@@ -583,10 +595,10 @@ def prepare(args) -> tuple[object, Path]:
     from async_rl.prepare import prepare_run
 
     shared = args.root / "shared"
-    cfg = load_config("tiny", [f"run.dir={shared}"])
+    cfg = load_config("tiny", [*args.overrides, f"run.dir={shared}"])
     if args.quick:
         return cfg, prepare_run(cfg).model_dir
-    warm_start(args.root)
+    warm_start(args.root, args.overrides)
     return cfg, shared / "sft_model"
 
 
@@ -621,9 +633,9 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
 
 def save(args, lockstep: dict, job: list[dict], extra: dict) -> None:
     """The JSON result and the plots (rewritten once the job part is in)."""
-    plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick else DOCS)
+    plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick or args.tag else DOCS)
     settings = {k: v for k, v in vars(args).items() if k not in ("arm_list", "root")}
-    write_result("learning_study" + ("_quick" if args.quick else ""), {
+    write_result("learning_study" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""), {
         "settings": settings, **lockstep, "async_vs_sync": job, **extra,
         "plots": [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in plots],
     })
