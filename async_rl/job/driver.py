@@ -181,9 +181,13 @@ def _summary(run_dir: Path) -> str:
     from async_rl.job.display import snapshot
 
     snap = snapshot(run_dir)
+    def accuracy(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
     lines = [
         f"run folder: {run_dir}",
-        f"policy version {snap['version']}; held-out accuracy {snap['first_heldout_accuracy']} → {snap['heldout_accuracy']}",
+        f"policy version {snap['version']}; held-out accuracy {accuracy(snap['first_heldout_accuracy'])} → "
+        f"{accuracy(snap['heldout_accuracy'])}",
         f"metrics: {run_dir / 'metrics'}; plot: async-rl plot {run_dir}",
     ]
     (run_dir / "summary.json").write_text(json.dumps(snap, indent=2, default=str))
