@@ -181,6 +181,7 @@ def _summary(run_dir: Path) -> str:
     from async_rl.job.display import snapshot
 
     snap = snapshot(run_dir)
+
     def accuracy(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
