@@ -27,9 +27,10 @@ class BufferRequestError(RuntimeError):
 
 
 class BufferClient:
-    def __init__(self, address: str, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 60.0, learner_token: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.learner_token = learner_token  # the learner's secret: lets it set the version
         self.last_refusal: str | None = None
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
@@ -67,10 +68,12 @@ class BufferClient:
     def stats(self) -> dict:
         return self._call({"verb": "stats"})[0]["stats"]
 
-    def set_learner_version(self, version: int) -> int:
-        return self._call({"verb": "set_learner_version", "version": int(version)})[0][
-            "learner_version"
-        ]
+    def set_learner_version(self, version: int, *, restart: bool = False) -> int:
+        """Announce the learner's policy version (needs ``learner_token``). It only moves up,
+        except with ``restart`` (a learner group resumed from an older checkpoint)."""
+        request = {"verb": "set_learner_version", "version": int(version), "restart": restart,
+                   "token": self.learner_token}
+        return self._call(request)[0]["learner_version"]
 
     def head(self, n: int = 10, *, random: bool = False, where: str | None = None,
              data_source: str | None = None, min_staleness: int | None = None) -> pa.Table:

@@ -151,18 +151,15 @@ class TrajectoryIndex:
     def n_groups(self) -> int:
         return self.group_hash.size
 
-    def add_rows(self, batch_id: int, rows: RowFacts, offsets: np.ndarray) -> None:
-        """Index rows of one stored record batch (new ones only: the caller deduplicates).
-
-        ``offsets`` are the rows' positions inside the record batch.
-        """
+    def add_rows(self, batch_id: int, rows: RowFacts) -> None:
+        """Index rows of one stored record batch (new ones only: the caller deduplicates)."""
         start = self.n_rows
         n = len(rows.traj_hashes)
         self.traj_hashes.add(rows.traj_hashes)
         groups = self._group_ids(rows, start)
         self.row_group.extend(groups)
         self.row_batch.extend(np.full(n, batch_id, dtype=np.int32))
-        self.row_offset.extend(offsets)
+        self.row_offset.extend(rows.offsets)
         self.row_min_version.extend(rows.min_versions)
         self.row_reward.extend(rows.rewards)
         self.row_resp_len.extend(rows.resp_lens)
@@ -249,6 +246,7 @@ class TrajectoryIndex:
 class RowFacts:
     """What the index keeps of the rows of one batch (all arrays are ``[n]``)."""
 
+    offsets: np.ndarray  # the rows' positions inside their record batch
     traj_hashes: np.ndarray
     group_hashes: np.ndarray
     group_sizes: np.ndarray

@@ -82,6 +82,8 @@ def parse_where(expr: str) -> tuple[str, str, str]:
 
 def inspect_rows(store: ReplayStore, n: int, *, random: bool = False, seed: int = 0, **filters):
     """The ``n`` newest (or ``n`` random) rows passing the filters, with status and staleness."""
+    if n < 0:
+        raise ValueError(f"n={n}: the number of rows must be >= 0")
     rows = select_rows(store, **filters)
     if random and len(rows) > n:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))

@@ -44,6 +44,9 @@ TRAJECTORY_SCHEMA = pa.schema(
 
 PER_TOKEN_COLUMNS = ("response_tokens", "behavior_logprobs", "token_versions")
 
+MAX_GROUP_SIZE = 1 << 16  # far above any n of group-relative RL (8-64); a group must fit a sample
+MAX_POLICY_VERSION = (1 << 31) - 1  # token_versions are int32: a larger version cannot be compared
+
 
 class SchemaError(ValueError):
     """A batch that does not satisfy the trajectory contract; the message names the column."""
@@ -53,8 +56,12 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     """Return ``data`` as one record batch in exactly ``TRAJECTORY_SCHEMA``, or raise.
 
     Columns may come in any order and with castable types (e.g. int64 token ids); missing or
-    extra columns, nulls, negative group sizes and unequal per-token lengths are errors.
+    extra columns, nulls, group sizes outside [1, MAX_GROUP_SIZE], negative token versions,
+    non-finite rewards, NaN logprobs and unequal per-token lengths are errors. The Arrow data
+    itself is validated in full first (offsets, UTF-8), so a crafted batch never reaches a
+    kernel that trusts its buffers.
     """
+    _check_arrow_structure(data)
     names = set(data.schema.names)
     expected = set(TRAJECTORY_SCHEMA.names)
     if names != expected:
@@ -69,9 +76,31 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as err:
         raise SchemaError(f"trajectory types: {err}") from None
     _check_token_lengths(batch)
-    if batch.num_rows and pc.min(batch.column("group_size")).as_py() < 1:
-        raise SchemaError("group_size: must be >= 1")
+    _check_values(batch)
     return batch
+
+
+def _check_arrow_structure(data: pa.RecordBatch | pa.Table) -> None:
+    """Full validation of the buffers (O(data)): offsets monotonic and in range, valid UTF-8."""
+    try:
+        data.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowException) as err:
+        raise SchemaError(f"malformed Arrow data: {err}") from None
+
+
+def _check_values(batch: pa.RecordBatch) -> None:
+    """Bounds of the values the index and the statistics compute with."""
+    if not batch.num_rows:
+        return
+    sizes = batch.column("group_size")
+    if pc.min(sizes).as_py() < 1 or pc.max(sizes).as_py() > MAX_GROUP_SIZE:
+        raise SchemaError(f"group_size: must be in [1, {MAX_GROUP_SIZE}]")
+    if pc.min(pc.list_flatten(batch.column("token_versions"))).as_py() < 0:
+        raise SchemaError("token_versions: policy versions must be >= 0")
+    if not pc.all(pc.is_finite(batch.column("reward"))).as_py():
+        raise SchemaError("reward: must be finite (no NaN or infinity)")
+    if pc.any(pc.is_nan(pc.list_flatten(batch.column("behavior_logprobs")))).as_py():
+        raise SchemaError("behavior_logprobs: NaN; a logprob must be a number")
 
 
 def _empty_batch() -> pa.RecordBatch:

@@ -1,10 +1,14 @@
-"""Append-only Arrow IPC segment files: writing, fsync, and recovery of a torn tail.
+"""Append-only Arrow IPC segment files: writing, fsync, recovery of a torn tail, quarantine.
 
 A segment is a plain Arrow IPC *stream* file (``seg-000001.arrows``): one schema message, then
 one encapsulated record-batch message per acknowledged insert, and the end-of-stream marker
 once the segment is closed. It opens with ``pyarrow.ipc.open_stream`` and with DuckDB's
 Arrow reader. A segment is never reopened for writing: after a restart the store starts a
 new one, so a torn tail only ever sits at the end of a file that nobody appends to.
+
+A complete message that is not a valid batch (crafted offsets, a row that breaks the
+contract) is skipped by the scan; :func:`quarantine_messages` moves its bytes to
+``quarantine/`` and rewrites the segment without it, so one bad batch never stops a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 
 SEGMENT_GLOB = "seg-*.arrows"
+QUARANTINE_DIR = "quarantine"
+END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _SEGMENT_RE = re.compile(r"seg-(\d+)\.arrows$")
 
 
@@ -59,7 +65,7 @@ class SegmentWriter:
         """Write the end-of-stream marker so the file is a complete IPC stream."""
         if self._fd < 0:
             return
-        self._write(b"\xff\xff\xff\xff\x00\x00\x00\x00")
+        self._write(END_OF_STREAM)
         self.fsync()
         os.close(self._fd)
         self._fd = -1
@@ -81,11 +87,23 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @dataclass
+class BadMessage:
+    """A complete message of a segment that does not hold a valid batch."""
+
+    start: int
+    end: int
+    error: str
+
+
+@dataclass
 class SegmentScan:
     """What a segment file holds: its complete batches and whether its tail was torn."""
 
     path: Path
     batches: list[pa.RecordBatch] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each batch
+    bad: list[BadMessage] = field(default_factory=list)  # complete messages that are no batch
+    schema_bytes: int = 0
     good_bytes: int = 0
     file_bytes: int = 0
     error: str | None = None
@@ -116,7 +134,7 @@ def scan_segment(path: Path, schema: pa.Schema) -> SegmentScan:
         if not file_schema.equals(schema):
             scan.error = "schema differs from the trajectory schema"
             return scan
-        scan.good_bytes = source.tell()
+        scan.good_bytes = scan.schema_bytes = source.tell()
         _read_batches(reader, source, schema, scan)
     except (pa.ArrowInvalid, OSError, StopIteration) as err:
         scan.error = scan.error or f"{type(err).__name__}: {err}"
@@ -142,15 +160,50 @@ def _read_batches(reader, source, schema: pa.Schema, scan: SegmentScan) -> None:
         except StopIteration:
             scan.good_bytes = source.tell()  # end-of-stream marker, or a clean end of file
             return
-        batch = pa.ipc.read_record_batch(message, schema)
-        batch.validate(full=False)
+        start, end = scan.good_bytes, source.tell()
+        scan.good_bytes = end
+        try:
+            batch = pa.ipc.read_record_batch(message, schema)
+            batch.validate(full=True)  # offsets and UTF-8: nothing downstream re-checks them
+        except (pa.ArrowInvalid, pa.ArrowException) as err:
+            scan.bad.append(BadMessage(start, end, f"{type(err).__name__}: {err}"))
+            continue
         scan.batches.append(batch)
-        scan.good_bytes = source.tell()
+        scan.spans.append((start, end))
 
 
 def truncate_segment(path: Path, good_bytes: int) -> None:
     """Cut a torn tail off and fsync, so the file ends after its last complete batch."""
     with open(path, "r+b") as handle:
         handle.truncate(good_bytes)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def quarantine_messages(scan: SegmentScan) -> list[Path]:
+    """Move ``scan.bad`` out of the segment: each message's bytes go to
+    ``quarantine/<segment>@<offset>.msg``, then the segment is rewritten (atomically, fsynced)
+    with its schema, its good batches and an end-of-stream marker. Returns the files written.
+    """
+    data = memoryview(scan.mapping)
+    folder = scan.path.parent / QUARANTINE_DIR
+    folder.mkdir(exist_ok=True)
+    written = []
+    for bad in scan.bad:
+        target = folder / f"{scan.path.name}@{bad.start}.msg"
+        _write_durably(target, [data[bad.start : bad.end]])
+        written.append(target)
+    kept = [data[: scan.schema_bytes]] + [data[s:e] for s, e in scan.spans] + [END_OF_STREAM]
+    tmp = scan.path.with_name(scan.path.name + ".rewrite")
+    _write_durably(tmp, kept)
+    os.replace(tmp, scan.path)
+    _fsync_dir(scan.path.parent)
+    return written
+
+
+def _write_durably(path: Path, parts: list) -> None:
+    with open(path, "wb") as handle:
+        for part in parts:
+            handle.write(part)
         handle.flush()
         os.fsync(handle.fileno())

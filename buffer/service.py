@@ -5,7 +5,8 @@
 Actors send ``insert`` requests from DEALER sockets and may keep several in flight (a push
 stream with an acknowledgement per batch: an ack means the rows are durable under the fsync
 policy); the learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
-``head``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle).
+``head``. Only the learner may set the learner version: the request must carry the secret of
+``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle).
 
 One thread owns the store. A ``sample`` that the rate limiter refuses is parked until it can
 be served or its ``timeout_s`` passes, so a blocked learner never stalls the actors.
@@ -20,9 +21,11 @@ socket closes → ``service.json`` is removed.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,15 +37,27 @@ import zmq
 
 from async_rl.config import BufferConfig
 from buffer import inspection
-from buffer.schema import SchemaError
+from buffer.schema import MAX_POLICY_VERSION, SchemaError
 from buffer.store import RateLimited, ReplayStore
-from buffer.wire import VERBS, ipc_to_table, pack_header, table_to_ipc, unpack_header
+from buffer.wire import (
+    VERBS,
+    float_arg,
+    int_arg,
+    ipc_to_table,
+    pack_header,
+    table_to_ipc,
+    unpack_header,
+)
 
 log = logging.getLogger("buffer.service")
 
 SERVICE_FILE = "service.json"
+LEARNER_TOKEN_FILE = "learner.token"  # mode 0600: only the job's user (its learner) can read it
 POLL_MS = 50  # loop wake-up for parked samples, interval fsync and the stop flag
 MAX_HEAD_ROWS = 10_000  # bounds a `head` reply
+MAX_SAMPLE_WAIT_S = 3600.0  # a parked sample is answered within an hour, whatever it asked for
+MAX_PARKED_SAMPLES = 1024  # far above learner ranks x requests in flight; bounds memory and work
+MAX_SAMPLE_GROUPS = 1 << 20  # more groups than a buffer of capacity_rows=1e6 could ever hold
 
 
 @dataclass
@@ -56,6 +71,7 @@ class ParkedSample:
 class BufferService:
     store: ReplayStore
     cfg: BufferConfig
+    learner_token: str  # what a set_learner_version request must carry
     parked: list[ParkedSample] = field(default_factory=list)
     stopping: bool = False
     parent_pid: int | None = None  # stop when this process is gone (no orphaned services)
@@ -112,7 +128,7 @@ class BufferService:
             if verb not in VERBS:
                 raise ValueError(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
             getattr(self, f"_on_{verb}")(identity, header, frames[1:])
-        except (ValueError, SchemaError, RateLimited, TypeError, KeyError) as err:
+        except (ValueError, SchemaError, RateLimited, TypeError, KeyError, PermissionError) as err:
             self._reply(identity, header, ok=False, error=f"{type(err).__name__}: {err}",
                         retry=isinstance(err, RateLimited))
         except Exception as err:  # a bug must not take ingest down: answer, log, keep serving
@@ -129,16 +145,18 @@ class BufferService:
         self._reply(identity, header, **ack.as_dict())
 
     def _on_sample(self, identity, header, payload) -> None:
-        timeout_s = float(header.get("timeout_s", 0.0))
+        timeout_s = float_arg(header, "timeout_s", 0.0, lo=0.0, hi=MAX_SAMPLE_WAIT_S)
+        int_arg(header, "n_groups", None, lo=1, hi=MAX_SAMPLE_GROUPS)
         parked = ParkedSample(identity, header, time.monotonic() + timeout_s)
-        if not self._try_sample(parked, final=timeout_s <= 0):
+        final = timeout_s <= 0
+        if not final and len(self.parked) >= MAX_PARKED_SAMPLES:
+            raise ValueError(f"{len(self.parked)} sample requests already wait; retry later")
+        if not self._try_sample(parked, final=final):
             self.parked.append(parked)
 
     def _try_sample(self, parked: ParkedSample, *, final: bool) -> bool:
         """Serve a sample if possible (or refuse it when ``final``); True when answered."""
-        n_groups = int(parked.header["n_groups"])
-        if n_groups < 1:
-            raise ValueError(f"n_groups={n_groups}: must be >= 1")
+        n_groups = parked.header["n_groups"]  # checked by _on_sample
         table, reason = self.store.sample(n_groups, peek=bool(parked.header.get("peek")))
         if table is not None:
             self._reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
@@ -159,14 +177,19 @@ class BufferService:
         self._reply(identity, header, stats=inspection.stats(self.store))
 
     def _on_set_learner_version(self, identity, header, payload) -> None:
-        self.store.set_learner_version(int(header["version"]))
+        token = header.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token, self.learner_token):
+            raise PermissionError(f"set_learner_version: only the learner (it holds {LEARNER_TOKEN_FILE})")
+        version = int_arg(header, "version", None, lo=0, hi=MAX_POLICY_VERSION)
+        self.store.set_learner_version(version, restart=header.get("restart") is True)
         self._reply(identity, header, learner_version=self.store.learner_version)
 
     def _on_head(self, identity, header, payload) -> None:
-        n = min(int(header.get("n", 10)), MAX_HEAD_ROWS)
+        n = min(int_arg(header, "n", 10, lo=0, hi=1 << 62), MAX_HEAD_ROWS)
+        seed = int_arg(header, "seed", 0, lo=0, hi=(1 << 64) - 1)
         filters = {k: header.get(k) for k in ("where", "data_source", "min_staleness")}
         table = inspection.inspect_rows(self.store, n, random=bool(header.get("random")),
-                                        seed=int(header.get("seed", 0)), **filters)
+                                        seed=seed, **filters)
         self._reply(identity, header, [table_to_ipc(table)], rows=table.num_rows)
 
     def _reply(self, identity: bytes, request: dict, payload: list | None = None, *,
@@ -181,6 +204,21 @@ class BufferService:
 
 
 # ---------------------------------------------------------------------- process entry point
+
+
+def learner_token(directory: Path) -> str:
+    """The secret of ``DIR/learner.token`` that the learner's set_learner_version carries;
+    created (mode 0600) the first time a service opens the folder, kept across restarts."""
+    path = Path(directory) / LEARNER_TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path.read_text().strip()
 
 
 def write_service_file(directory: Path, address: str) -> None:
@@ -201,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     store = ReplayStore(directory, cfg, seed=args.seed)
     for report in store.recovery:
         log.warning("recovered segment: %s", json.dumps(report))
-    service = BufferService(store, cfg, parent_pid=os.getppid() if args.exit_with_parent else None)
+    service = BufferService(store, cfg, learner_token(directory),
+                            parent_pid=os.getppid() if args.exit_with_parent else None)
     address = service.bind(host, port)
 
     def _stop(signum, frame):
@@ -241,6 +280,10 @@ class ServiceHandle:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def learner_token(self) -> str:
+        return learner_token(self.directory)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM (clean shutdown), then SIGKILL if it has not exited in time."""

@@ -34,10 +34,19 @@ from buffer.index import EVICTION_REASONS, Column, RowFacts, Status, TrajectoryI
 from buffer.journal import Journal, read_journal
 from buffer.rate_limiter import RateLimiter
 from buffer.samplers import SAMPLERS
-from buffer.schema import TRAJECTORY_SCHEMA, min_token_version, validate_batch
+from buffer.schema import (
+    MAX_POLICY_VERSION,
+    TRAJECTORY_SCHEMA,
+    SchemaError,
+    min_token_version,
+    validate_batch,
+)
 from buffer.segments import (
+    BadMessage,
+    SegmentScan,
     SegmentWriter,
     list_segments,
+    quarantine_messages,
     release_pages,
     scan_segment,
     segment_path,
@@ -108,12 +117,33 @@ class ReplayStore:
 
     def _recover_segments(self) -> None:
         for seg_id, path in list_segments(self.dir):
-            scan = scan_segment(path, TRAJECTORY_SCHEMA)
+            scan = self._scan_checked(path)
             if scan.torn_bytes or scan.error:
                 self._report_torn(seg_id, scan)
             self.segments[seg_id] = Segment(path=path, bytes=scan.good_bytes, mapping=scan.mapping)
             for batch in scan.batches:
-                self._index_batch(batch, seg_id)
+                self._index_batch(batch, seg_id, self._recovered_facts(batch))
+
+    def _scan_checked(self, path: Path) -> SegmentScan:
+        """Scan a segment and set aside every batch that breaks the contract: reported, and
+        (when writable) quarantined so the segment holds only batches that index cleanly."""
+        scan = scan_segment(path, TRAJECTORY_SCHEMA)
+        for k in reversed(range(len(scan.batches))):
+            try:
+                validate_batch(scan.batches[k])
+            except SchemaError as err:
+                start, end = scan.spans.pop(k)
+                scan.batches.pop(k)
+                scan.bad.append(BadMessage(start, end, str(err)))
+        if not scan.bad:
+            return scan
+        moved = [] if self.read_only else quarantine_messages(scan)
+        report = {"segment": path.name, "batches_quarantined": len(scan.bad),
+                  "errors": sorted({bad.error for bad in scan.bad}),
+                  "moved_to": [str(p) for p in moved]}
+        self.recovery.append(report)
+        log.warning("buffer recovery: unreadable batches set aside: %s", report)
+        return scan if self.read_only else scan_segment(path, TRAJECTORY_SCHEMA)
 
     def _report_torn(self, seg_id: int, scan) -> None:
         report = {
@@ -174,12 +204,15 @@ class ReplayStore:
             raise RateLimited(refusal)
         if len(fresh) < batch.num_rows:
             batch = batch.take(pa.array(fresh))
+        # Everything the index needs is computed before the first byte is written: a batch
+        # that cannot be indexed must never reach a segment (recovery would replay it).
+        facts = _row_facts(batch, hashes[fresh], np.arange(batch.num_rows))
         seg_id = self._active_writer()
         self._writer.append(batch)
         fsynced = self._maybe_fsync(force=self.cfg.fsync == "batch")
         self.segments[seg_id].bytes = self._writer.size
         completed_before = self.index.completed_groups
-        self._index_batch(batch, seg_id, traj_hashes=hashes[fresh])
+        self._index_batch(batch, seg_id, facts)
         self.limiter.inserted += self.index.completed_groups - completed_before
         self._after_insert()
         return Ack(batch.num_rows, duplicates, fsynced)
@@ -244,18 +277,20 @@ class ReplayStore:
             release_pages(seg.mapping)
         self._last_release = time.monotonic()
 
-    def _index_batch(self, batch: pa.RecordBatch, seg_id: int, traj_hashes=None) -> None:
-        """Index a stored batch. Without ``traj_hashes`` (recovery) rows already indexed are
-        skipped; with them (insert) the caller has already deduplicated."""
+    def _recovered_facts(self, batch: pa.RecordBatch) -> RowFacts:
+        """Row facts of a checked batch read back from disk, without the rows already
+        indexed (a duplicate on disk)."""
+        traj = hash_ids(batch.column("traj_id").to_pylist())
+        keep = np.flatnonzero(~self.index.traj_hashes.contains(traj))
+        return _row_facts(batch, traj, keep)
+
+    def _index_batch(self, batch: pa.RecordBatch, seg_id: int, facts: RowFacts) -> None:
+        """Index a stored batch whose new rows (``facts.offsets``) are already deduplicated."""
         batch_id = len(self.batches)
-        keep = np.arange(batch.num_rows)
-        traj = traj_hashes
-        if traj is None:
-            traj = hash_ids(batch.column("traj_id").to_pylist())
-            keep = keep[~self.index.traj_hashes.contains(traj)]  # a duplicate on disk
+        keep = facts.offsets
         self.batches.append(batch)
         self.batch_segment.extend(np.array([seg_id]))
-        self.index.add_rows(batch_id, _row_facts(batch, traj, keep), offsets=keep)
+        self.index.add_rows(batch_id, facts)
         seg = self.segments[seg_id]
         seg.rows += len(keep)
         gids = self.index.row_group.view[self.index.n_rows - len(keep) :]
@@ -270,9 +305,20 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ sample
 
-    def set_learner_version(self, version: int) -> None:
-        """Record the learner's policy version (journaled) and evict what became too stale."""
+    def set_learner_version(self, version: int, *, restart: bool = False) -> None:
+        """Record the learner's policy version (journaled) and evict what became too stale.
+
+        The version only moves up, so no request can make retired rows' peers look fresh;
+        ``restart`` (a learner group resumed from an older checkpoint) may move it down.
+        """
         self._require_writable()
+        if not 0 <= version <= MAX_POLICY_VERSION:
+            raise ValueError(f"learner version {version}: must be in [0, {MAX_POLICY_VERSION}]")
+        if version < self.learner_version and not restart:
+            raise ValueError(
+                f"learner version {version} < {self.learner_version}: it only moves up "
+                "(a learner resumed from a checkpoint says restart)"
+            )
         self._record({"op": "version", "v": int(version)})
         self._evict_stale()
         self._maybe_fsync(force=self.cfg.fsync == "batch")
@@ -529,6 +575,7 @@ def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> Row
         return batch.column(name).to_numpy(zero_copy_only=False)[keep]
 
     return RowFacts(
+        offsets=keep,
         traj_hashes=traj[keep],
         group_hashes=hash_ids(batch.column("group_id").take(pa.array(keep)).to_pylist()),
         group_sizes=pick("group_size"),

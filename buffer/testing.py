@@ -61,3 +61,15 @@ def _lists(flat: np.ndarray, n: int, value_type: pa.DataType) -> pa.ListArray:
     width = len(flat) // n if n else 0
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
     return pa.ListArray.from_arrays(offsets, pa.array(flat, type=value_type))
+
+
+def with_broken_offsets(batch: pa.RecordBatch, column: str) -> pa.RecordBatch:
+    """``batch`` with the string ``column`` replaced by one whose offsets go backwards (a
+    crafted, hostile batch: it serializes and deserializes, and only full validation sees it)."""
+    n = batch.num_rows
+    offsets = np.arange(n + 1, dtype=np.int32)
+    offsets[1], offsets[2] = 2, 1  # non-monotonic
+    broken = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"x" * n))
+    at = batch.schema.get_field_index(column)
+    arrays = [broken if k == at else c for k, c in enumerate(batch.columns)]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)

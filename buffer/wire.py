@@ -7,6 +7,8 @@ A payload is one Arrow IPC *stream* (schema + batches), the same bytes a segment
 
 from __future__ import annotations
 
+import math
+
 import msgpack
 import pyarrow as pa
 
@@ -26,6 +28,24 @@ def unpack_header(frame) -> dict:
     if not isinstance(header, dict):
         raise ValueError("header must be a msgpack map")
     return header
+
+
+def int_arg(header: dict, name: str, default: int, *, lo: int, hi: int) -> int:
+    """The integer argument ``name`` of a request, or ValueError naming it and its bounds."""
+    value = header.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r}: must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def float_arg(header: dict, name: str, default: float, *, lo: float, hi: float) -> float:
+    """The finite number argument ``name`` of a request, or ValueError naming its bounds."""
+    value = header.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        math.isfinite(value) and lo <= value <= hi
+    ):
+        raise ValueError(f"{name}={value!r}: must be a finite number in [{lo}, {hi}]")
+    return float(value)
 
 
 def table_to_ipc(data: pa.Table | pa.RecordBatch) -> pa.Buffer:

@@ -75,15 +75,17 @@ class LearnerLoop:
     def _open_rank0(self, payload: dict[str, Any]) -> None:
         from async_rl.weights.publisher import WeightPublisher
         from buffer.client import BufferClient
+        from buffer.service import learner_token
 
-        self.client = BufferClient(payload["buffer_address"])
+        token = learner_token(self.run_dir / "buffer")  # the folder the controller started it on
+        self.client = BufferClient(payload["buffer_address"], learner_token=token)
         self.publisher = WeightPublisher(self.cfg.weights)
         self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        self.publish()  # actors may hold older weights (a resume, a restarted learner)
+        self.publish(restart=True)  # actors may hold older weights (a resume, a restarted learner)
         steps = 0
         while True:
             wait_start = time.monotonic()
@@ -148,12 +150,12 @@ class LearnerLoop:
 
     # ------------------------------------------------------------------ side effects
 
-    def publish(self) -> None:
+    def publish(self, *, restart: bool = False) -> None:
         weights = self.trainer.weights_for_publishing()  # collective under ZeRO-3
         if self.rank == 0:
             start = time.monotonic()
             self.publisher.publish(self.version, weights)
-            self.client.set_learner_version(self.version)
+            self.client.set_learner_version(self.version, restart=restart)
             self.last_publish_s = time.monotonic() - start
 
     def save(self) -> None:

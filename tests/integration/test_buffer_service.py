@@ -1,10 +1,12 @@
 """The buffer service as a real process over loopback ZeroMQ: concurrency, bad requests,
-blocking samples, `kill -9` mid-ingest, a corrupted segment tail, and the CLI on a live job."""
+blocking samples, `kill -9` mid-ingest, a corrupted segment tail, hostile requests, and the
+CLI on a live job."""
 
 import json
 import threading
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 import zmq
 from typer.testing import CliRunner
@@ -12,9 +14,10 @@ from typer.testing import CliRunner
 from async_rl.commands.buffer import app as buffer_cli
 from async_rl.config import BufferConfig
 from buffer.client import BufferClient, BufferRequestError
-from buffer.service import start_service
-from buffer.testing import synthetic_batch
-from buffer.wire import unpack_header
+from buffer.schema import MAX_POLICY_VERSION
+from buffer.service import MAX_SAMPLE_WAIT_S, start_service
+from buffer.testing import synthetic_batch, with_broken_offsets
+from buffer.wire import pack_header, table_to_ipc, unpack_header
 
 SMALL_MESSAGES = 1 << 20  # max_message_bytes for the shared service: oversized is easy to hit
 
@@ -99,7 +102,8 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(service):
 def test_a_blocked_sample_is_answered_when_groups_arrive(tmp_path):
     handle = start_service(tmp_path, BufferConfig(min_size_to_sample=2))
     try:
-        with BufferClient(handle.address) as learner, BufferClient(handle.address) as actor:
+        with BufferClient(handle.address, learner_token=handle.learner_token) as learner, \
+                BufferClient(handle.address) as actor:
             assert learner.sample(1, timeout_s=0.2) is None
             assert "0 sampleable group(s), need 2" in learner.last_refusal
             result = {}
@@ -109,7 +113,7 @@ def test_a_blocked_sample_is_answered_when_groups_arrive(tmp_path):
             actor.insert(synthetic_batch(groups=["b"]))
             waiting.join(60)
             assert result["t"].column("group_id").unique().to_pylist() == ["a", "b"]
-            assert actor.set_learner_version(3) == 3
+            assert learner.set_learner_version(3) == 3
             assert actor.stats()["learner_version"] == 3
     finally:
         handle.stop()
@@ -177,7 +181,7 @@ def test_the_cli_inspects_a_live_service_and_the_same_folder_offline(tmp_path):
     handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1))
     runner = CliRunner()
     try:
-        with BufferClient(handle.address) as client:
+        with BufferClient(handle.address, learner_token=handle.learner_token) as client:
             client.insert(synthetic_batch(groups=["a", "b"], rewards=[1, -1, 1, -1, 0, 1, 0, 1]))
             client.set_learner_version(2)
         live = runner.invoke(buffer_cli, ["stats", "--connect", handle.address, "--json"])
@@ -194,3 +198,89 @@ def test_the_cli_inspects_a_live_service_and_the_same_folder_offline(tmp_path):
         handle.stop()
     bad = runner.invoke(buffer_cli, ["stats", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "no replay buffer here" in bad.output
+
+
+def test_a_crafted_batch_is_refused_and_the_service_serves_and_restarts_with_every_row(tmp_path):
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    try:
+        with BufferClient(handle.address, timeout_s=20) as client:
+            assert client.insert(synthetic_batch(groups=["a"]))["accepted"] == 4
+            for column in ("traj_id", "group_id", "actor_id", "reward_info"):
+                crafted = with_broken_offsets(synthetic_batch(groups=["x"]), column)
+                with pytest.raises(BufferRequestError, match="non-monotonic offset"):
+                    client.insert(crafted)
+            assert client.ping()["pid"] == handle.pid
+            assert client.insert(synthetic_batch(groups=["b"]))["accepted"] == 4
+    finally:
+        assert handle.stop() == 0
+    again = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    try:
+        with BufferClient(again.address) as client:
+            stats = client.stats()
+            assert (stats["rows"], stats["recovery"]) == (8, [])
+            assert client.sample(2).column("group_id").unique().to_pylist() == ["a", "b"]
+    finally:
+        again.stop()
+
+
+def test_only_the_learner_sets_the_version_and_only_upward(tmp_path):
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    try:
+        with BufferClient(handle.address) as stranger, \
+                BufferClient(handle.address, learner_token=handle.learner_token) as learner:
+            for token in (None, "guess", 7):
+                stranger.learner_token = token
+                with pytest.raises(BufferRequestError, match="only the learner"):
+                    stranger.set_learner_version(10**6)
+            assert learner.set_learner_version(5) == 5
+            with pytest.raises(BufferRequestError, match="learner version 4 < 5: it only moves up"):
+                learner.set_learner_version(4)
+            with pytest.raises(BufferRequestError, match=f"version=.*\\[0, {MAX_POLICY_VERSION}\\]"):
+                learner.set_learner_version(2**64 - 1)
+            assert learner.set_learner_version(2, restart=True) == 2  # a resumed learner group
+            assert stranger.stats()["learner_version"] == 2
+    finally:
+        handle.stop()
+    assert (tmp_path / "learner.token").stat().st_mode & 0o777 == 0o600
+
+
+def test_absurd_values_and_arguments_get_error_replies_and_stats_keep_working(service):
+    client = BufferClient(service.address, timeout_s=20)
+    for column, value, error in (("reward", float("nan"), "reward: must be finite"),
+                                 ("group_size", 2**31 - 1, "group_size: must be in")):
+        rows = synthetic_batch(groups=[column]).to_pydict()
+        rows[column] = [value] * 4
+        with pytest.raises(BufferRequestError, match=error):
+            client._call({"verb": "insert"}, [table_to_ipc(pa.table(rows))])
+    with pytest.raises(BufferRequestError, match="n=-5: must be an integer"):
+        client.head(-5)
+    for timeout in (float("nan"), 1e9, -1.0, "soon"):
+        with pytest.raises(BufferRequestError, match="timeout_s=.*must be a finite number"):
+            client._call({"verb": "sample", "n_groups": 1, "timeout_s": timeout})
+    for n_groups in (1.5, True, [1], 2**64 - 1):
+        with pytest.raises(BufferRequestError, match="n_groups=.*must be an integer"):
+            client._call({"verb": "sample", "n_groups": n_groups})
+    assert client.stats()["reward"]["mean"] is not None
+    assert client.ping()["pid"] == service.pid
+    client.close()
+
+
+def test_parked_samples_are_capped_and_the_excess_is_refused(tmp_path, monkeypatch):
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(handle.address)
+    try:
+        waits = 1100  # above MAX_PARKED_SAMPLES (1024)
+        for i in range(waits):
+            request = {"verb": "sample", "id": i, "n_groups": 1, "timeout_s": MAX_SAMPLE_WAIT_S}
+            raw.send_multipart([pack_header(request)])
+        refused = []
+        while len(refused) < waits - 1024 and raw.poll(20_000):
+            refused.append(unpack_header(raw.recv_multipart()[0]))
+        assert len(refused) == waits - 1024
+        assert all("already wait" in r["error"] for r in refused)
+        with BufferClient(handle.address) as client:
+            assert client.ping()["pid"] == handle.pid
+    finally:
+        raw.close(linger=0)
+        handle.stop()

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from buffer.schema import (
+    MAX_GROUP_SIZE,
     TRAJECTORY_SCHEMA,
     SchemaError,
     build_batch,
@@ -14,6 +15,7 @@ from buffer.schema import (
     row_staleness,
     validate_batch,
 )
+from buffer.testing import synthetic_batch, with_broken_offsets
 
 
 def _batch(**overrides):
@@ -93,3 +95,38 @@ def test_created_at_is_a_utc_timestamp():
     batch = _batch(created_at=when)
     assert batch.column("created_at")[0].as_py() == when
     assert np.all(batch.column("group_size").to_numpy() >= 1)
+
+
+def test_a_string_column_with_backward_offsets_is_rejected_before_any_kernel_reads_it():
+    crafted = with_broken_offsets(synthetic_batch(groups=["a"]), "actor_id")
+    with pytest.raises(SchemaError, match="malformed Arrow data: .*non-monotonic offset"):
+        validate_batch(crafted)
+    with pytest.raises(SchemaError, match="malformed Arrow data"):
+        validate_batch(pa.Table.from_batches([crafted]))
+
+
+@pytest.mark.parametrize("reward", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_reward_is_rejected(reward):
+    with pytest.raises(SchemaError, match="reward: must be finite"):
+        _batch(reward=[1.0, reward, 0.0])
+
+
+def test_a_nan_behavior_logprob_is_rejected():
+    with pytest.raises(SchemaError, match="behavior_logprobs: NaN"):
+        _batch(behavior_logprobs=[[-0.1, float("nan"), -0.3], [-0.5], [-1.0, -2.0]])
+
+
+def test_a_group_size_beyond_the_bound_is_rejected_and_the_bound_itself_accepted():
+    assert _batch(group_size=MAX_GROUP_SIZE).column("group_size")[0].as_py() == MAX_GROUP_SIZE
+    with pytest.raises(SchemaError, match=f"group_size: must be in \\[1, {MAX_GROUP_SIZE}\\]"):
+        _batch(group_size=2**31 - 1)
+
+
+def test_token_versions_must_be_non_negative_and_fit_int32():
+    with pytest.raises(SchemaError, match="token_versions: policy versions must be >= 0"):
+        _batch(token_versions=[[3, 4, 4], [-1], [5, 6]])
+    table = pa.Table.from_batches([_batch()])
+    versions = pa.array([[2**64 - 1] * 3, [0], [0, 0]], pa.list_(pa.uint64()))
+    at = table.schema.get_field_index("token_versions")
+    with pytest.raises(SchemaError, match="trajectory types"):
+        validate_batch(table.set_column(at, "token_versions", versions))

@@ -10,8 +10,9 @@ import pytest
 
 from async_rl.config import BufferConfig
 from buffer.schema import TRAJECTORY_SCHEMA, SchemaError
+from buffer.segments import SegmentWriter, segment_path
 from buffer.store import RateLimited, ReplayStore
-from buffer.testing import synthetic_batch
+from buffer.testing import synthetic_batch, with_broken_offsets
 
 
 def _store(path, **cfg):
@@ -406,3 +407,57 @@ def test_the_journal_compacts_and_forgets_groups_whose_segments_are_gone(tmp_pat
     store = _store(tmp_path, max_times_sampled=2)
     table, _ = store.sample(1)
     assert _groups(table) == ["b"] and table.column("times_sampled")[0].as_py() == 2
+
+
+def test_a_crafted_batch_is_refused_before_a_byte_is_written_and_the_store_keeps_working(tmp_path):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"]))
+    size = store.segments[1].bytes
+    for column in ("traj_id", "group_id", "actor_id", "data_source"):
+        crafted = with_broken_offsets(synthetic_batch(groups=["x"]), column)
+        with pytest.raises(SchemaError, match="non-monotonic offset"):
+            store.insert(crafted)
+    assert (tmp_path / "seg-000001.arrows").stat().st_size == size == store.segments[1].bytes
+    assert store.insert(synthetic_batch(groups=["b"])).accepted == 4
+    assert _groups(store.sample(2)[0]) == ["a", "b"]
+
+
+def _with_reward(batch, value):
+    at = batch.schema.get_field_index("reward")
+    rewards = pa.array(np.full(batch.num_rows, value, np.float32))
+    return pa.RecordBatch.from_arrays(
+        [rewards if k == at else c for k, c in enumerate(batch.columns)], schema=batch.schema)
+
+
+def test_recovery_quarantines_unreadable_batches_and_keeps_the_ones_around_them(tmp_path):
+    writer = SegmentWriter(segment_path(tmp_path, 1), TRAJECTORY_SCHEMA)
+    writer.append(synthetic_batch(groups=["a"]))
+    writer.append(with_broken_offsets(synthetic_batch(groups=["x"]), "traj_id"))
+    writer.append(_with_reward(synthetic_batch(groups=["y"]), float("nan")))
+    writer.append(synthetic_batch(groups=["b"]))
+    writer.close()
+    store = _store(tmp_path)
+    report = store.recovery[0]
+    assert report["segment"] == "seg-000001.arrows" and report["batches_quarantined"] == 2
+    assert any("non-monotonic" in e for e in report["errors"])
+    assert any("reward: must be finite" in e for e in report["errors"])
+    assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == sorted(
+        p.rsplit("/", 1)[-1] for p in report["moved_to"])
+    assert store.index.n_rows == 8
+    store.close()
+    reopened = _store(tmp_path)
+    assert reopened.recovery == []  # the segment was rewritten without the bad batches
+    assert _groups(reopened.sample(2)[0]) == ["a", "b"]
+
+
+def test_read_only_recovery_skips_a_bad_batch_and_changes_no_file(tmp_path):
+    writer = SegmentWriter(segment_path(tmp_path, 1), TRAJECTORY_SCHEMA)
+    writer.append(with_broken_offsets(synthetic_batch(groups=["x"]), "group_id"))
+    writer.append(synthetic_batch(groups=["a"]))
+    writer.close()
+    before = (tmp_path / "seg-000001.arrows").read_bytes()
+    store = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    assert store.recovery[0]["batches_quarantined"] == 1 and store.recovery[0]["moved_to"] == []
+    assert store.index.n_rows == 4
+    assert (tmp_path / "seg-000001.arrows").read_bytes() == before
+    assert not (tmp_path / "quarantine").exists()
