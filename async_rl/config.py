@@ -7,10 +7,21 @@ whole tree. Loading (YAML + dotted overrides, one-line errors) lives in ``config
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1 or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name or a wildcard: reachable from elsewhere
+        return False
 
 
 class Section(BaseModel):
@@ -360,7 +371,11 @@ class ClusterConfig(Section):
     ray_address: str | None = Field(
         None, description="None starts a private local Ray; 'auto' or HOST:PORT joins a cluster."
     )
-    bind_host: str = Field("127.0.0.1", description="Address every service binds (loopback locally).")
+    bind_host: str = Field(
+        "127.0.0.1",
+        description="Address every service binds (loopback locally); localhost and ::1 become "
+        "127.0.0.1, so every stage (learner rendezvous included) knows it stays on this machine.",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs given to a private local Ray.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy on clusters."
@@ -368,6 +383,11 @@ class ClusterConfig(Section):
 
 
 # --------------------------------------------------------------------------- logging / run
+
+    @field_validator("bind_host")
+    @classmethod
+    def _loopback_is_one_address(cls, host: str) -> str:
+        return "127.0.0.1" if is_loopback(host) and not host.startswith("127.") else host
 
 
 class LoggingConfig(Section):
@@ -426,14 +446,25 @@ class Config(Section):
             raise ValueError(
                 f"algorithm.staleness_schedule.eps_min={sched.eps_min} > eps_max={sched.eps_max}"
             )
-        if self.cluster.bind_host not in ("127.0.0.1", "localhost", "::1") and (
-            self.weights.curve_keys_dir is None
-        ):
-            raise ValueError(
-                f"cluster.bind_host={self.cluster.bind_host}: off loopback weights.curve_keys_dir "
-                "must be set (`async-rl keys generate DIR`) so traffic is authenticated"
-            )
+        self._check_listeners_are_authenticated()
         return self
+
+    def _check_listeners_are_authenticated(self) -> None:
+        """Off loopback every listener (buffer, control, weights, learner rendezvous) requires
+        the job's CURVE keys, so a config that would open one without them is refused."""
+        if self.weights.curve_keys_dir is not None:
+            return
+        listeners = {"cluster.bind_host": self.cluster.bind_host, "weights.host": self.weights.host,
+                     "buffer.host": self.buffer.host}
+        endpoint = self.weights.endpoint or ""
+        if endpoint.startswith("tcp://"):
+            listeners["weights.endpoint"] = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+        for name, host in listeners.items():
+            if not is_loopback(host):
+                raise ValueError(
+                    f"{name}={host}: off loopback every listener requires CURVE keys; set "
+                    "weights.curve_keys_dir (`async-rl keys generate DIR`)"
+                )
 
     @property
     def run_dir(self) -> Path:

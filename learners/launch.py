@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from async_rl.config import is_loopback
+
 LOOPBACK = "127.0.0.1"
 # The engine's rendezvous-file variable (learners.engine.RENDEZVOUS_ENV; not imported: that
 # module imports DeepSpeed, which this launcher must not need).
@@ -75,7 +77,7 @@ def rendezvous_file(master_addr: str) -> str:
     every interface. Each group gets its own file: a file left by a killed group must never be
     joined by the next one.
     """
-    if not master_addr.startswith("127."):
+    if not is_loopback(master_addr):
         return ""
     return os.path.join(tempfile.gettempdir(), f"async-rl-rendezvous-{uuid.uuid4().hex}")
 
@@ -111,7 +113,7 @@ def child_env(env: RankEnv, extra: dict[str, str] | None) -> dict[str, str]:
     share the cores instead of each starting one compute thread per core."""
     out = dict(os.environ)
     out.update(env.variables())
-    if env.master_addr.startswith("127."):
+    if is_loopback(env.master_addr):
         out.setdefault("GLOO_SOCKET_IFNAME", "lo")  # else gloo listens on the host's address
     paths = [p for p in sys.path if p] + out.get("PYTHONPATH", "").split(os.pathsep)
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))

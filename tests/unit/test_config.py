@@ -74,6 +74,29 @@ def test_public_bind_requires_curve_keys():
     assert "curve_keys_dir" in message
 
 
+@pytest.mark.parametrize(("override", "field"), [
+    ("weights.host=0.0.0.0", "weights.host=0.0.0.0"),
+    ("buffer.host=10.1.2.3", "buffer.host=10.1.2.3"),
+    ("weights.endpoint=tcp://0.0.0.0:5555", "weights.endpoint=0.0.0.0"),
+    ("cluster.bind_host=node7.example", "cluster.bind_host=node7.example"),
+])
+def test_every_listener_off_loopback_requires_curve_keys(override, field):
+    message = error_of(override)
+    assert message.startswith(f"{field}: off loopback every listener requires CURVE keys")
+    assert "\n" not in message
+    assert load_config("tiny", [override, "weights.curve_keys_dir=keys"]).weights.curve_keys_dir == "keys"
+
+
+@pytest.mark.parametrize("host", ["localhost", "::1", "127.0.0.2"])
+def test_every_loopback_name_binds_127_0_0_1_so_the_learners_rendezvous_through_a_file(host):
+    from learners.launch import rendezvous_file
+
+    bind_host = load_config("tiny", [f"cluster.bind_host={host}"]).cluster.bind_host
+    assert bind_host == ("127.0.0.2" if host.startswith("127.") else "127.0.0.1")
+    assert rendezvous_file(host) != "" and rendezvous_file(bind_host) != ""
+    assert rendezvous_file("0.0.0.0") == ""
+
+
 def test_malformed_override_and_missing_file():
     assert "expected KEY.PATH=VALUE" in error_of("=3")
     assert "no such file or recipe" in error_of(config="does-not-exist")
