@@ -132,8 +132,10 @@ class RewardConfig(Section):
     )
     code_isolation: Literal["auto", "firejail", "bwrap", "rlimits"] = Field(
         "auto",
-        description="Code reward sandbox: 'auto' picks the strongest that works (firejail > bwrap > "
-        "rlimits); naming one makes its absence an error instead of a fallback.",
+        description="Code reward sandbox: 'auto' picks the strongest isolating level that works "
+        "(firejail > bwrap > unshare as root) and refuses to score code when none does; "
+        "'rlimits' (no network or filesystem isolation) runs only when named; naming a level "
+        "makes its absence an error instead of a fallback.",
     )
     code_sandbox_user: str = Field(
         "asyncrl-sandbox",
@@ -381,13 +383,13 @@ class ClusterConfig(Section):
         "PACK", description="Ray placement group strategy on clusters."
     )
 
-
-# --------------------------------------------------------------------------- logging / run
-
     @field_validator("bind_host")
     @classmethod
     def _loopback_is_one_address(cls, host: str) -> str:
         return "127.0.0.1" if is_loopback(host) and not host.startswith("127.") else host
+
+
+# --------------------------------------------------------------------------- logging / run
 
 
 class LoggingConfig(Section):

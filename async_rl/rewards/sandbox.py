@@ -306,38 +306,71 @@ def _collect(lines: list[dict], n: int, level: str, failure: str | None) -> Sand
 
 # --------------------------------------------------------------------------- level choice
 
-_CHOSEN: dict[tuple[str, str], tuple[str, Identity]] = {}
+@dataclass(frozen=True)
+class Choice:
+    level: str
+    ident: Identity
+    at: float  # time.monotonic() of the probe
+    strongest: bool  # the strongest candidate worked: never probed again in this process
+
+
+_CHOSEN: dict[tuple[str, str], Choice] = {}
 PROBE_SOURCE = "print(sum(map(int, input().split())))"
+# A probe that times out is retried with more time: on a loaded machine a sandbox start can
+# take seconds, and a slow start must not lock a worker into a weaker level.
+PROBE_TIMEOUTS_S = (5.0, 15.0, 45.0)
+REPROBE_STRONGER_S = 300.0  # a worker on a weaker level than the best installed retries it
 
 
 def select_isolation(
     preference: str = "auto", user: str = "asyncrl-sandbox"
 ) -> tuple[str, Identity]:
     """The strongest level that really runs a program here, probed once per process and
-    reported once (loudly when weak). A named level that fails is an error, not a fallback."""
+    reported once (loudly when weak). ``auto`` picks only isolating levels and refuses when
+    none works; a named level that fails is an error, never a fallback."""
     key = (preference, user)
-    if key in _CHOSEN:
-        return _CHOSEN[key]
+    chosen = _CHOSEN.get(key)
+    if chosen and (chosen.strongest or time.monotonic() - chosen.at < REPROBE_STRONGER_S):
+        return chosen.level, chosen.ident
     ident = levels.sandbox_identity(user)
     sweep_stale_workdirs()
     failures: dict[str, str] = {}
-    for level in levels.candidates(preference, ident):
-        why = probe(level, ident)
+    order = levels.candidates(preference, ident)
+    for level in order:
+        why = probe_until_conclusive(level, ident)
         if why is None:
-            levels.report(level, failures)
-            _CHOSEN[key] = (level, ident)
+            if chosen is None or chosen.level != level:
+                levels.report(level, failures)
+            _CHOSEN[key] = Choice(level, ident, time.monotonic(), strongest=level == order[0])
             return level, ident
         failures[level] = why
-    raise SandboxUnavailable(
-        f"reward.code_isolation={preference!r}: no sandbox works here ("
-        + "; ".join(f"{lvl}: {why}" for lvl, why in failures.items())
-        + "); run scripts/install.sh as root to install firejail and the sandbox user"
+    raise SandboxUnavailable(_no_sandbox_message(preference, failures))
+
+
+def _no_sandbox_message(preference: str, failures: dict[str, str]) -> str:
+    tried = "; ".join(f"{lvl}: {why}" for lvl, why in failures.items()) or "none installed"
+    if preference != "auto":
+        return f"reward.code_isolation={preference!r} does not work here ({tried})"
+    return (
+        f"reward.code_isolation='auto': no isolating sandbox works here ({tried}); untrusted "
+        "code is not run. Install firejail or bubblewrap (scripts/install.sh, as root), or "
+        "set reward.code_isolation=rlimits to accept programs with network and file access"
     )
 
 
-def probe(level: str, ident: Identity) -> str | None:
+def probe_until_conclusive(level: str, ident: Identity) -> str | None:
+    """:func:`probe`, retried with more time while it only times out (a loaded machine)."""
+    why = None
+    for timeout_s in PROBE_TIMEOUTS_S:
+        why = probe(level, ident, timeout_s=timeout_s)
+        if why is None or not why.startswith("timeout"):
+            return why
+    return why
+
+
+def probe(level: str, ident: Identity, *, timeout_s: float = PROBE_TIMEOUTS_S[0]) -> str | None:
     """None when ``level`` runs a trivial program correctly, else why not."""
-    limits = SandboxLimits(test_timeout_s=5.0, budget_s=5.0)
+    limits = SandboxLimits(test_timeout_s=timeout_s, budget_s=timeout_s)
     try:
         run = run_program(
             PROBE_SOURCE,

@@ -12,6 +12,7 @@ Strongest first:
    directories (/tmp, /dev/shm) stay writable.
 4. ``rlimits`` — a fresh session, a scrubbed environment, rlimits, the sandbox user when
    root. Weakest: no network isolation, and the program can signal processes of its user.
+   Never chosen by ``auto``: it runs only when ``reward.code_isolation: rlimits`` names it.
 
 Untrusted code never runs as root: when the trainer is root the program runs as
 ``RewardConfig.code_sandbox_user`` (created by ``scripts/install.sh``); otherwise as the
@@ -31,6 +32,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LEVELS = ("firejail", "bwrap", "unshare", "rlimits")
+# Levels that cut the program off the network and from the host's files and processes:
+# `auto` picks among these only; rlimits runs when it is named explicitly.
+ISOLATING = ("firejail", "bwrap", "unshare")
 # Levels whose program lives in a private PID namespace: the harness may kill(-1) there.
 PID_NAMESPACED = frozenset({"firejail", "bwrap", "unshare"})
 SYSTEM_PATH = "/usr/bin:/bin"
@@ -150,11 +154,11 @@ def launch_identity(level: str, ident: Identity) -> Identity:
 
 
 def candidates(preference: str, ident: Identity) -> list[str]:
-    """Levels to try, strongest first (only the named one unless ``auto``)."""
+    """Levels to try, strongest first: the isolating ones that are installed for ``auto``
+    (never rlimits), else only the named one."""
     if preference != "auto":
         return [preference]
-    tools = {"firejail": "firejail", "bwrap": "bwrap", "unshare": "unshare"}
-    levels = [lvl for lvl in LEVELS if lvl not in tools or shutil.which(tools[lvl])]
+    levels = [lvl for lvl in ISOLATING if shutil.which(lvl)]
     if not ident.switches and os.geteuid() != 0:
         levels = [lvl for lvl in levels if lvl != "unshare"]  # needs root to make namespaces
     return levels

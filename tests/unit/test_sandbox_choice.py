@@ -1,0 +1,88 @@
+"""How the code sandbox picks its isolation level: `auto` never ends at rlimits, a probe that
+only timed out is retried with more time, and a worker on a weaker level re-probes later.
+
+The probe is replaced by a scripted one here (the logic is under test, not the jails; the
+real jails are exercised in tests/integration/test_sandbox_*.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from async_rl.rewards import sandbox, sandbox_levels
+from async_rl.rewards.sandbox_levels import Identity, SandboxUnavailable
+
+ME = Identity(None, None, "trainer")
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Every tool installed; ``answers[level]`` is the list of probe results still to come
+    (None = works); every probe call is recorded as (level, timeout_s)."""
+    answers: dict[str, list[str | None]] = {}
+    calls: list[tuple[str, float]] = []
+
+    def probe(level, ident, *, timeout_s=None):
+        calls.append((level, timeout_s))
+        return answers[level].pop(0) if answers.get(level) else None
+
+    monkeypatch.setattr(sandbox, "probe", probe)
+    monkeypatch.setattr(sandbox, "sweep_stale_workdirs", lambda: None)
+    monkeypatch.setattr(sandbox_levels, "sandbox_identity", lambda user: ME)
+    monkeypatch.setattr(sandbox_levels.shutil, "which", lambda tool, **kw: f"/usr/bin/{tool}")
+    monkeypatch.setattr(sandbox_levels.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox, "_CHOSEN", {})
+    return answers, calls
+
+
+def test_auto_refuses_with_one_error_when_no_isolating_level_works(scripted):
+    answers, calls = scripted
+    for level in sandbox_levels.ISOLATING:
+        answers[level] = ["runtime_error: cannot create namespace"]
+    with pytest.raises(SandboxUnavailable) as info:
+        sandbox.select_isolation("auto", "nobody")
+    message = str(info.value)
+    assert message.startswith("reward.code_isolation='auto': no isolating sandbox works here")
+    assert "set reward.code_isolation=rlimits" in message and "\n" not in message
+    assert [level for level, _ in calls] == ["firejail", "bwrap", "unshare"]  # never rlimits
+
+
+def test_auto_refuses_when_no_jail_is_installed(scripted, monkeypatch):
+    monkeypatch.setattr(sandbox_levels.shutil, "which", lambda tool, **kw: None)
+    with pytest.raises(SandboxUnavailable, match="works here \\(none installed\\)"):
+        sandbox.select_isolation("auto", "nobody")
+    assert scripted[1] == []
+
+
+def test_rlimits_runs_only_when_named(scripted):
+    assert sandbox.select_isolation("rlimits", "nobody")[0] == "rlimits"
+    assert sandbox_levels.candidates("auto", ME) == ["firejail", "bwrap", "unshare"]
+
+
+def test_a_probe_that_times_out_under_load_is_retried_with_more_time_before_a_weaker_level(scripted):
+    answers, calls = scripted
+    answers["firejail"] = ["timeout: host deadline reached", "timeout: host deadline reached"]
+    assert sandbox.select_isolation("auto", "nobody")[0] == "firejail"
+    assert calls == [("firejail", t) for t in sandbox.PROBE_TIMEOUTS_S]
+
+
+def test_a_probe_that_fails_for_another_reason_is_not_retried(scripted):
+    answers, calls = scripted
+    answers["firejail"] = ["runtime_error: firejail: no suid"]
+    assert sandbox.select_isolation("auto", "nobody")[0] == "bwrap"
+    assert calls == [("firejail", 5.0), ("bwrap", 5.0)]
+
+
+def test_a_worker_on_a_weaker_level_probes_the_stronger_one_again_later(scripted, monkeypatch):
+    answers, calls = scripted
+    answers["firejail"] = ["runtime_error: busy"]
+    now = [1000.0]
+    monkeypatch.setattr(sandbox.time, "monotonic", lambda: now[0])
+    assert sandbox.select_isolation("auto", "nobody")[0] == "bwrap"
+    now[0] += sandbox.REPROBE_STRONGER_S / 2
+    assert sandbox.select_isolation("auto", "nobody")[0] == "bwrap"
+    assert len(calls) == 2  # cached in between
+    now[0] += sandbox.REPROBE_STRONGER_S
+    assert sandbox.select_isolation("auto", "nobody")[0] == "firejail"
+    now[0] += 10 * sandbox.REPROBE_STRONGER_S
+    assert sandbox.select_isolation("auto", "nobody")[0] == "firejail"
+    assert [level for level, _ in calls] == ["firejail", "bwrap", "firejail"]
