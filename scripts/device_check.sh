@@ -39,6 +39,8 @@ main() {
         export PATH="$site/bin:$site/ninja/data/bin:$PATH"  # ninja, for DeepSpeed's JIT ops
     fi
     export PYTHONPATH="${site:+$site:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # torch.distributed's renamed-collective notices, once per DeepSpeed call site: noise here.
+    export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
     "$PYTHON" scripts/device_check.py "${dry_run[@]}" "$out" "$@"
 }
 

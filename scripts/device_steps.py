@@ -189,6 +189,7 @@ def learner_rank(payload: dict) -> None:
                 uninterrupted = dict(trainer.weights_for_publishing())
             release(trainer)
         judge_runs(log, plan, reference, runs)
+        print_runs(plan, {"reference float32 zero1": reference, **{f"{plan.low_precision} zero{k}": v for k, v in runs.items()}})
         resumed = resume_and_step(model, plan, max(plan.stages), tables, work / "ckpt", uninterrupted)
         log.add("resume", resumed)
         log.check("resumed step bit-identical to the uninterrupted run", resumed["bit_identical"])
@@ -300,6 +301,16 @@ def judge_runs(log: StepLog, plan: LearnerPlan, reference: dict, runs: dict[int,
         g["grad_norm_rel"] <= BF16_GRAD_NORM_RTOL and g["loss_abs"] <= BF16_LOSS_ATOL for g in gaps.values()
     ))
     log.check("ZeRO stages agree", all(g["grad_norm_rel"] <= ZERO_STAGE_RTOL for g in stage_gaps.values()))
+
+
+def print_runs(plan: LearnerPlan, runs: dict[str, dict]) -> None:
+    from benchmarks._common import print_table
+
+    rows = [[name, " ".join(f"{x:.4f}" for x in r["loss"]), " ".join(f"{x:.4f}" for x in r["grad_norm"]),
+             min(r["step_s"]), r["tokens_per_s"], r.get("peak_gib", 0.0), r["init_s"]] for name, r in runs.items()]
+    print_table(f"learner: Qwen2 {plan.shape['hidden_size']}x{plan.shape['num_hidden_layers']}, "
+                f"{plan.tokens_per_step} tokens/step, 1 rank over {plan.backend}",
+                ["run", "loss per step", "grad norm per step", "step s", "tokens/s", "peak GiB", "init s"], rows)
 
 
 def gap(reference: dict, other: dict) -> dict:
@@ -439,8 +450,18 @@ def weights(log: StepLog, work: Path, *, sizes_gb=WEIGHT_SIZES_GB, device="cuda"
             transport_cfg = cfg.model_copy(update={"transport": transport})
             log.add(key, with_rate(bench.bench_zmq(tensors, 1, transport_cfg, repeats), size_gb))
         del tensors
-    measured = [v for v in log.read()["figures"].values() if isinstance(v, dict) and "publish_stall_s" in v]
-    log.check("a publish reached the subscriber", bool(measured))
+    figures = log.read()["figures"]
+    print_weights(device, figures)
+    log.check("a publish reached the subscriber", any("publish_stall_s" in v for v in figures.values()))
+
+
+def print_weights(device: str, figures: dict[str, dict]) -> None:
+    from benchmarks._common import print_table
+
+    rows = [[key.split()[0], key.split()[1], r["gb_per_s"], r["seconds"], r.get("publish_stall_s", "-"), r["cold_s"]]
+            for key, r in figures.items() if "seconds" in r]
+    print_table(f"weights published from {device} tensors to 1 subscriber", ["size", "path", "GB/s", "seconds",
+                                                                            "stall s", "cold s"], rows)
 
 
 def with_rate(result: dict, size_gb: float) -> dict:
