@@ -168,7 +168,8 @@ def learner(log: StepLog, work: Path, plan: str = "gpu") -> None:
 
 
 def learner_rank(payload: dict) -> None:
-    """The rank: fp32 reference, then the low-precision runs at each ZeRO stage, then resume."""
+    """The rank: fp32 reference, the low-precision runs at each ZeRO stage (the last one saves
+    a checkpoint before its last step), then a fresh engine resumes it and repeats that step."""
     import torch
 
     log, plan, work = StepLog(Path(payload["log"])), PLANS[payload["plan"]], Path(payload["work"])
@@ -177,22 +178,20 @@ def learner_rank(payload: dict) -> None:
         model = build_model(plan, work / "model")
         tables = [device_batch(plan, step) for step in range(plan.steps)]
         log.add("plan", {**asdict(plan), "parameters": count_parameters(model), "deterministic_algorithms": True})
-        reference, trainer = train(model, plan, "float32", 1, tables)
-        release(trainer)
+        reference, _ = train(model, plan, "float32", 1, tables)
         log.add("reference_float32_zero1", reference)
-        runs = {}
+        runs, root = {}, work / "ckpt"
         for stage in plan.stages:
-            keep = stage == max(plan.stages)
-            runs[stage], trainer = train(model, plan, plan.low_precision, stage, tables, checkpoint_root=work / "ckpt" if keep else None)
+            resume_stage = stage == plan.stages[-1]
+            runs[stage], states = train(model, plan, plan.low_precision, stage, tables,
+                                        checkpoint_root=root if resume_stage else None)
             log.add(f"{plan.low_precision}_zero{stage}", runs[stage])
-            if keep:
-                uninterrupted = dict(trainer.weights_for_publishing())
-            release(trainer)
         judge_runs(log, plan, reference, runs)
         print_runs(plan, {"reference float32 zero1": reference, **{f"{plan.low_precision} zero{k}": v for k, v in runs.items()}})
-        resumed = resume_and_step(model, plan, max(plan.stages), tables, work / "ckpt", uninterrupted)
+        resumed = resume_and_step(model, plan, plan.stages[-1], tables, root, states)
         log.add("resume", resumed)
-        log.check("resumed step bit-identical to the uninterrupted run", resumed["bit_identical"])
+        log.check("reload restores fp32 masters and Adam moments bit for bit", resumed["reload_bit_identical"])
+        log.check("resumed step bit-identical to the uninterrupted run", resumed["step_bit_identical"])
 
 
 def build_model(plan: LearnerPlan, out_dir: Path) -> Path:
@@ -247,9 +246,11 @@ def make_trainer(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int):
     return Trainer(engine, AlgorithmConfig(), max_staleness=plan.steps, micro_batch_tokens=cfg.micro_batch_tokens)
 
 
-def train(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int, tables, *, checkpoint_root: Path | None = None):
-    """(figures, trainer) after ``plan.steps`` GPPO steps; with ``checkpoint_root``, a checkpoint
-    is saved before the last step."""
+def train(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int, tables, *,
+          checkpoint_root: Path | None = None) -> tuple[dict, dict]:
+    """(figures, states) of ``plan.steps`` GPPO steps on a fresh engine, released after. With
+    ``checkpoint_root`` a checkpoint is saved before the last step, and ``states`` holds the
+    portable state (fp32 masters and Adam moments) at the save and at the end."""
     import torch
 
     from learners import checkpoint
@@ -259,31 +260,43 @@ def train(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int, tables, *,
         torch.cuda.reset_peak_memory_stats()
     start = time.monotonic()
     trainer = make_trainer(model_dir, plan, dtype, stage)
-    out = {"init_s": time.monotonic() - start, "loss": [], "grad_norm": [], "applied": [], "step_s": []}
+    out, states = {"init_s": time.monotonic() - start, "loss": [], "grad_norm": [], "applied": [], "step_s": []}, {}
     for step, table in enumerate(tables):
         if checkpoint_root is not None and step == len(tables) - 1:
             start = time.monotonic()
+            states["saved"] = checkpoint.portable_tensors(trainer.engine)
             checkpoint.save(trainer.engine, checkpoint_root, version=trainer.policy_version, keep=1)
             out["checkpoint_s"] = time.monotonic() - start
             out["checkpoint_gib"] = sum(p.stat().st_size for p in checkpoint_root.rglob("*") if p.is_file()) / GIB
-        start = time.monotonic()
-        metrics = trainer.train_step(table, step)
-        out["step_s"].append(time.monotonic() - start)
-        out["loss"].append(metrics["loss"])
-        out["grad_norm"].append(metrics["grad_norm"])
-        out["applied"].append(metrics["optimizer_steps"] == 1.0)
+        metrics = timed_step(trainer, table, step, out)
     out["tokens_per_s"] = plan.tokens_per_step / min(out["step_s"])
+    if checkpoint_root is not None:
+        states["end"] = checkpoint.portable_tensors(trainer.engine)
+        states["end_metrics"] = metrics
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-    return out, trainer
+    del trainer
+    release_memory()
+    return out, states
 
 
-def release(trainer) -> None:
+def timed_step(trainer, table, step: int, out: dict) -> dict:
+    """One train step; appends its loss, grad norm, applied flag and seconds to ``out``."""
+    start = time.monotonic()
+    metrics = trainer.train_step(table, step)
+    out["step_s"].append(time.monotonic() - start)
+    out["loss"].append(metrics["loss"])
+    out["grad_norm"].append(metrics["grad_norm"])
+    out["applied"].append(metrics["optimizer_steps"] == 1.0)
+    return metrics
+
+
+def release_memory() -> None:
+    """Collect a dropped engine (DeepSpeed holds reference cycles) and return its GPU memory."""
     import gc
 
     import torch
 
-    del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -323,28 +336,33 @@ def gap(reference: dict, other: dict) -> dict:
     }
 
 
-def resume_and_step(model_dir: Path, plan: LearnerPlan, stage: int, tables, root: Path, uninterrupted: dict) -> dict:
-    """Resume a fresh engine from the checkpoint and take the last step, twice: the first is
-    compared with the uninterrupted run, the second with the first (which tells a resume that
-    misses state from nondeterministic kernels)."""
+def resume_and_step(model_dir: Path, plan: LearnerPlan, stage: int, tables, root: Path, states: dict) -> dict:
+    """A fresh engine resumes the checkpoint: its state is compared with the one saved, then it
+    takes the last step, compared with the uninterrupted run; then it resumes and steps again,
+    compared with itself (which tells nondeterministic kernels from a resume that misses state)."""
     from learners import checkpoint
 
     trainer = make_trainer(model_dir, plan, plan.low_precision, stage)
     last = len(tables) - 1
-    attempts = []
-    for _ in range(2):
-        state = checkpoint.resume(trainer.engine, root)
-        trainer.policy_version = state.version
-        metrics = trainer.train_step(tables[last], last)
-        attempts.append((metrics, dict(trainer.weights_for_publishing())))
-    release(trainer)
-    (first, weights), (second, again) = attempts
-    return {
-        "stage": stage, "resumed_version": state.version, "loss": [first["loss"], second["loss"]],
-        "grad_norm": [first["grad_norm"], second["grad_norm"]],
-        "max_abs_diff": max_abs_diff(weights, uninterrupted), "bit_identical": identical(weights, uninterrupted),
-        "repeat_max_abs_diff": max_abs_diff(weights, again), "repeat_bit_identical": identical(weights, again),
-    }
+    state = checkpoint.resume(trainer.engine, root)
+    trainer.policy_version = state.version
+    reloaded = checkpoint.portable_tensors(trainer.engine)
+    out = {"stage": stage, "resumed_version": state.version, "reload_bit_identical": identical(reloaded, states["saved"]),
+           "reload_max_abs_diff": max_abs_diff(reloaded, states["saved"])}
+    del reloaded
+    metrics = trainer.train_step(tables[last], last)
+    after = checkpoint.portable_tensors(trainer.engine)
+    out.update(step_bit_identical=identical(after, states["end"]), step_max_abs_diff=max_abs_diff(after, states["end"]),
+               loss=[states["end_metrics"]["loss"], metrics["loss"]],
+               grad_norm=[states["end_metrics"]["grad_norm"], metrics["grad_norm"]])
+    checkpoint.resume(trainer.engine, root)
+    trainer.policy_version = state.version
+    trainer.train_step(tables[last], last)
+    again = checkpoint.portable_tensors(trainer.engine)
+    out.update(repeat_bit_identical=identical(again, after), repeat_max_abs_diff=max_abs_diff(again, after))
+    del trainer
+    release_memory()
+    return out
 
 
 def identical(a: dict, b: dict) -> bool:
