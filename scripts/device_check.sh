@@ -34,7 +34,10 @@ main() {
     local site=""
     if [ ${#dry_run[@]} -eq 0 ]; then
         [ -d .device-wheels ] || { echo "device_check: no .device-wheels/ (run scripts/device_wheels.sh)"; return 1; }
-        site=$(mktemp -d)/site
+        local tmp
+        tmp=$(mktemp -d)
+        trap 'rm -rf "$tmp"' EXIT  # main runs in the pipeline's subshell: this is its exit
+        site=$tmp/site
         install_wheels "$site"
         export PATH="$site/bin:$site/ninja/data/bin:$PATH"  # ninja, for DeepSpeed's JIT ops
     fi

@@ -209,8 +209,11 @@ def build_model(plan: LearnerPlan, out_dir: Path) -> Path:
 def count_parameters(model_dir: Path) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    total = 0
+    for path in model_dir.glob("*.safetensors"):  # one file, or shards
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
 
 
 def device_batch(plan: LearnerPlan, step: int):
