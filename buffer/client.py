@@ -16,6 +16,7 @@ import time
 import pyarrow as pa
 import zmq
 
+from async_rl.weights.keys import secure_client
 from buffer.wire import ipc_to_table, pack_header, table_to_ipc, unpack_header
 
 REPLY_GRACE_S = 30.0  # added to a sample's blocking timeout: the server answers at the deadline
@@ -27,7 +28,10 @@ class BufferRequestError(RuntimeError):
 
 
 class BufferClient:
-    def __init__(self, address: str, *, timeout_s: float = 60.0, learner_token: str | None = None) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 60.0, learner_token: str | None = None,
+                 curve_keys_dir: str | None = None) -> None:
+        """``curve_keys_dir``: the job's CURVE keys, needed when the service was started with
+        them (off loopback); without them its requests are never answered."""
         self.address = address
         self.timeout_s = timeout_s
         self.learner_token = learner_token  # the learner's secret: lets it set the version
@@ -36,6 +40,10 @@ class BufferClient:
         self._ctx = zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A send blocks while no peer is connected (a refused CURVE handshake, a restart).
+        self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        if curve_keys_dir:
+            secure_client(self._socket, curve_keys_dir)
         self._socket.connect(address)
 
     # ------------------------------------------------------------------ verbs
@@ -100,8 +108,11 @@ class BufferClient:
     def _call(self, header: dict, payload: list | None = None, *, wait_s: float | None = None,
               raise_error: bool = True) -> tuple[dict, list]:
         request_id = next(self._ids)
-        self._socket.send_multipart([pack_header({**header, "id": request_id}), *(payload or [])],
-                                    copy=False)
+        try:
+            self._socket.send_multipart([pack_header({**header, "id": request_id}), *(payload or [])],
+                                        copy=False)
+        except zmq.Again:
+            raise TimeoutError(f"buffer at {self.address}: not connected ({header['verb']!r})") from None
         deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
         while True:
             remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)

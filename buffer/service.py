@@ -6,7 +6,9 @@ Actors send ``insert`` requests from DEALER sockets and may keep several in flig
 stream with an acknowledgement per batch: an ack means the rows are durable under the fsync
 policy); the learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
 ``head``. Only the learner may set the learner version: the request must carry the secret of
-``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle).
+``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
+job's CURVE keys (required off loopback) every byte is encrypted and only clients holding the
+job's client key are admitted.
 
 One thread owns the store. A ``sample`` that the rate limiter refuses is parked until it can
 be served or its ``timeout_s`` passes, so a blocked learner never stalls the actors.
@@ -36,6 +38,7 @@ from pathlib import Path
 import zmq
 
 from async_rl.config import BufferConfig
+from async_rl.weights.keys import secure_server
 from buffer import inspection
 from buffer.schema import MAX_POLICY_VERSION, SchemaError
 from buffer.store import RateLimited, ReplayStore
@@ -72,13 +75,15 @@ class BufferService:
     store: ReplayStore
     cfg: BufferConfig
     learner_token: str  # what a set_learner_version request must carry
+    curve_keys_dir: str | None = None  # the job's CURVE keys: only their clients get through
     parked: list[ParkedSample] = field(default_factory=list)
     stopping: bool = False
     parent_pid: int | None = None  # stop when this process is gone (no orphaned services)
 
     def bind(self, host: str, port: int) -> str:
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context()  # its own: the CURVE authenticator covers only this socket
         self.socket = self.ctx.socket(zmq.ROUTER)
+        self.auth = secure_server(self.ctx, self.socket, self.curve_keys_dir) if self.curve_keys_dir else None
         self.socket.setsockopt(zmq.LINGER, 1000)
         # A hard cap well above max_message_bytes: ZMQ drops the peer past it, while messages
         # between the two get a readable error reply from handle().
@@ -200,6 +205,8 @@ class BufferService:
     def close(self) -> None:
         self.store.close()
         self.socket.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     store = ReplayStore(directory, cfg, seed=args.seed)
     for report in store.recovery:
         log.warning("recovered segment: %s", json.dumps(report))
-    service = BufferService(store, cfg, learner_token(directory),
+    service = BufferService(store, cfg, learner_token(directory), curve_keys_dir=args.curve_keys_dir,
                             parent_pid=os.getppid() if args.exit_with_parent else None)
     address = service.bind(host, port)
 
@@ -264,6 +271,8 @@ def _parse_args(argv):
     parser.add_argument("--port", type=int, default=None, help="port, 0 = any (default: buffer.port)")
     parser.add_argument("--config-json", default=None, help="BufferConfig fields as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random samplers")
+    parser.add_argument("--curve-keys-dir", default=None,
+                        help="the job's CURVE keys (`async-rl keys generate DIR`); required off loopback")
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="stop cleanly when the parent process exits")
     return parser.parse_args(argv)
@@ -306,8 +315,10 @@ class ServiceHandle:
 def start_service(
     directory: str | Path, cfg: BufferConfig | None = None, *, host: str | None = None,
     port: int | None = None, seed: int = 0, timeout_s: float = 60.0, log_file: Path | None = None,
+    curve_keys_dir: str | Path | None = None,
 ) -> ServiceHandle:
-    """Start ``python -m buffer.service`` and wait until it has written its address."""
+    """Start ``python -m buffer.service`` and wait until it has written its address; with
+    ``curve_keys_dir`` only clients holding the job's CURVE client key get through."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SERVICE_FILE).unlink(missing_ok=True)
@@ -318,6 +329,8 @@ def start_service(
         cmd += ["--host", host]
     if port is not None:
         cmd += ["--port", str(port)]
+    if curve_keys_dir is not None:
+        cmd += ["--curve-keys-dir", str(Path(curve_keys_dir).resolve())]  # the child runs elsewhere
     out = open(log_file or directory / "service.log", "ab")  # noqa: SIM115 (child owns it)
     process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=_repo_root())
     out.close()

@@ -1,14 +1,16 @@
-"""ZeroMQ CURVE key pairs for the weight transport (``async-rl keys generate DIR``).
+"""The job's ZeroMQ CURVE key pairs (``async-rl keys generate DIR``; ``weights.curve_keys_dir``).
 
-Layout of a keys folder (Z85 text files written by ``zmq.auth``):
+Every listener of a job uses them when they are configured (required off loopback): the
+weight publisher, the buffer service and the control endpoint. Layout of a keys folder (Z85
+text files written by ``zmq.auth``):
 
-    DIR/server.key, DIR/server.key_secret   the publisher (learner rank 0)
-    DIR/client.key, DIR/client.key_secret   the subscribers (actors)
-    DIR/authorized/*.key                    client public keys the publisher accepts
+    DIR/server.key, DIR/server.key_secret   the listeners (publisher, buffer, control)
+    DIR/client.key, DIR/client.key_secret   their clients (actors, learner, CLI)
+    DIR/authorized/*.key                    client public keys the listeners accept
 
-With keys configured the publisher runs a ZAP authenticator that admits only the
-authorized client keys, and every byte on the socket is encrypted, so nobody outside the
-job can push weights into the actors or read them. Secret files are mode 0600.
+With keys configured each listener runs a ZAP authenticator that admits only the authorized
+client keys, and every byte on the socket is encrypted, so nobody outside the job can push
+weights, insert or read trajectories, or stop the job. Secret files are mode 0600.
 """
 
 from __future__ import annotations
