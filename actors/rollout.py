@@ -80,6 +80,7 @@ class Actor:
         score: Scorer, buffer_address: str, cfg: ActorsConfig, reward_timeout_s: float,
         reward_failure_score: float = -1.0, gate: StalenessGate | None = None,
         reward_grace_s: float = REWARD_GRACE_S, release_uninformative: bool = False,
+        curve_keys_dir: str | None = None,
     ):
         self.actor_id = actor_id
         self.engine = engine
@@ -87,6 +88,7 @@ class Actor:
         self._prompts = prompts
         self._score = score
         self._buffer_address = buffer_address
+        self._curve_keys_dir = curve_keys_dir
         self._cfg = cfg
         self._reward_wait_s = reward_timeout_s + reward_grace_s
         self._failure_score = reward_failure_score
@@ -148,7 +150,8 @@ class Actor:
 
     async def _run(self, max_groups: int | None) -> ActorMetrics:
         self._stopping.clear()
-        self._writer = BufferWriter(self._buffer_address, max_pending=self._cfg.prompts_in_flight).start()
+        self._writer = BufferWriter(self._buffer_address, max_pending=self._cfg.prompts_in_flight,
+                                    curve_keys_dir=self._curve_keys_dir).start()
         submitted = 0
         try:
             while not self._stopping.is_set() and (max_groups is None or submitted < max_groups):

@@ -53,7 +53,7 @@ class ActorRuntime:
             actor_id=actor_id, engine=engine, loop=loop, prompts=file_prompts(prompts_path, seed=prompt_seed),
             score=rewards.submit, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
             reward_failure_score=reward.wrong, gate=StalenessGate(max_staleness, groups_per_version),
-            release_uninformative=release_uninformative,
+            release_uninformative=release_uninformative, curve_keys_dir=weights.curve_keys_dir,
         )
         subscriber = None
         if weights_address is not None:

@@ -38,8 +38,10 @@ class WriterStats:
 class BufferWriter:
     """An asyncio queue of batches drained into ``BufferClient(address)`` by one thread."""
 
-    def __init__(self, address: str, *, max_pending: int, insert_timeout_s: float = INSERT_TIMEOUT_S):
+    def __init__(self, address: str, *, max_pending: int, insert_timeout_s: float = INSERT_TIMEOUT_S,
+                 curve_keys_dir: str | None = None):
         self.address = address
+        self._keys = curve_keys_dir  # the job's CURVE keys (a buffer off loopback requires them)
         self.stats = WriterStats()
         self._timeout = insert_timeout_s
         self._queue: asyncio.Queue[pa.RecordBatch] = asyncio.Queue(maxsize=max_pending)
@@ -92,7 +94,7 @@ class BufferWriter:
 
         while not self._closing:
             if self._client is None:
-                self._client = BufferClient(self.address, timeout_s=self._timeout)
+                self._client = BufferClient(self.address, timeout_s=self._timeout, curve_keys_dir=self._keys)
             try:
                 ack = self._client.insert(batch)
             except (TimeoutError, OSError) as err:  # unreachable or restarting: re-send

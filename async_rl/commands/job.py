@@ -12,15 +12,16 @@ scale_app = typer.Typer(help="Scale a running job's actors or learner ranks.", n
 RUN_DIR_HELP = "Run folder of the job (holds run.json)."
 
 
-def _address(run_dir: Path, address: str | None) -> str:
+def _target(run_dir: Path, address: str | None) -> dict[str, str | None]:
+    """Where the job's control endpoint listens, and the job's CURVE keys (from run.json)."""
     if address:
-        return address
+        return {"address": address, "curve_keys_dir": None}
     from async_rl.job.runfolder import read_run_json
 
     info = read_run_json(run_dir)
     if "control_address" not in info:
         raise FileNotFoundError(f"{run_dir}/run.json: no control address (the job never started)")
-    return info["control_address"]
+    return {"address": info["control_address"], "curve_keys_dir": info.get("curve_keys_dir")}
 
 
 def status(
@@ -36,7 +37,7 @@ def status(
 
     live = None
     try:
-        live = request(_address(run_dir, address), "status", timeout_s=10)
+        live = request(verb="status", timeout_s=10, **_target(run_dir, address))
     except (ConnectionError, FileNotFoundError) as err:
         if address:
             raise
@@ -57,7 +58,7 @@ def scale_actors(
     """Add or remove actors while training runs (new ones get the current weights on join)."""
     from async_rl.job.control import request
 
-    result = request(_address(run_dir, address), "scale_actors", count=count)
+    result = request(verb="scale_actors", count=count, **_target(run_dir, address))
     typer.echo(f"actors now: {result['actors']}")
 
 
@@ -70,7 +71,7 @@ def scale_learners(
     """Checkpoint, restart the learner group with COUNT ranks, resume; actors keep generating."""
     from async_rl.job.control import request
 
-    result = request(_address(run_dir, address), "scale_learners", count=count, timeout_s=900)
+    result = request(verb="scale_learners", count=count, timeout_s=900, **_target(run_dir, address))
     typer.echo(f"learner ranks now: {result['learner_ranks']}")
 
 
@@ -81,7 +82,7 @@ def stop(
     """Stop a job gracefully (as Ctrl-C): checkpoint, flush the buffer, stop in order."""
     from async_rl.job.control import request
 
-    request(_address(run_dir, address), "stop", timeout_s=30)
+    request(verb="stop", timeout_s=30, **_target(run_dir, address))
     typer.echo("stop requested; the job checkpoints and exits")
 
 

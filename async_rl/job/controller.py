@@ -68,7 +68,7 @@ class Controller:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.buffer = start_service(
             self.run_dir / "buffer", self.cfg.buffer, host=host, seed=self.cfg.run.seed,
-            log_file=self.run_dir / "logs" / "buffer.log",
+            log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
         )
         port = self.cfg.weights.port or free_port(host)
         self.cfg.weights.port = port
@@ -250,7 +250,8 @@ class Controller:
             return cached[1]
         with self._lock:
             if getattr(self, "_buffer_client", None) is None:
-                self._buffer_client = BufferClient(self.buffer.address, timeout_s=5.0)
+                self._buffer_client = BufferClient(self.buffer.address, timeout_s=5.0,
+                                                   curve_keys_dir=self.cfg.weights.curve_keys_dir)
             try:
                 stats = self._buffer_client.stats()
             except Exception:  # a restarting buffer; the next tick asks again

@@ -45,9 +45,11 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     addresses = ray.get(controller.start.remote(resume))
     from async_rl.job.control import ControlServer
 
-    control = ControlServer(cfg.cluster.bind_host)
+    keys = cfg.weights.curve_keys_dir and str(Path(cfg.weights.curve_keys_dir).resolve())
+    control = ControlServer(cfg.cluster.bind_host, curve_keys_dir=keys)
     update_run_json(
-        run_dir, pid=os.getpid(), control_address=control.address, **addresses, policy_dir=str(policy_dir),
+        run_dir, pid=os.getpid(), control_address=control.address, curve_keys_dir=keys, **addresses,
+        policy_dir=str(policy_dir),
         ray_address=ray.get_runtime_context().gcs_address,
     )
     console.print(f"job: buffer {addresses['buffer_address']}, weights {addresses['weights_address']}, control {control.address}")

@@ -78,7 +78,8 @@ class LearnerLoop:
         from buffer.service import learner_token
 
         token = learner_token(self.run_dir / "buffer")  # the folder the controller started it on
-        self.client = BufferClient(payload["buffer_address"], learner_token=token)
+        self.client = BufferClient(payload["buffer_address"], learner_token=token,
+                                   curve_keys_dir=self.cfg.weights.curve_keys_dir)
         self.publisher = WeightPublisher(self.cfg.weights)
         self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
 

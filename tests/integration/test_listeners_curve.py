@@ -130,3 +130,29 @@ def test_control_refuses_scale_counts_out_of_bounds_without_calling_the_job(cont
     assert reply["ok"] is False and "count=" in reply["error"] and "must be an integer in" in reply["error"]
     assert seen == []
     assert request(address, verb, count=3, timeout_s=20) == {"verb": verb}
+
+
+def test_the_stop_command_uses_the_keys_named_in_run_json(tmp_path, keys):
+    import typer
+    from typer.testing import CliRunner
+
+    from async_rl.commands.job import stop
+    from async_rl.job.runfolder import update_run_json
+
+    app = typer.Typer()
+    app.command()(stop)
+
+    job, _ = keys
+    server = ControlServer("127.0.0.1", curve_keys_dir=job)
+    seen = []
+    try:
+        update_run_json(tmp_path, control_address=server.address, curve_keys_dir=job)
+        result = {}
+        cli = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(app, [str(tmp_path)])))
+        cli.start()
+        server.serve_pending(lambda req: seen.append(req["verb"]) or {"stopping": True}, timeout_ms=30_000)
+        cli.join()
+        assert result["r"].exit_code == 0, result["r"].output
+        assert "stop requested" in result["r"].output and seen == ["stop"]
+    finally:
+        server.close()
