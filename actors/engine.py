@@ -28,7 +28,6 @@ An engine belongs to the asyncio loop that started it: call its coroutines on th
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ import torch
 
 from actors.weight_file import check_weight_set, checkpoint_names, write_safetensors
 from async_rl.config import ActorsConfig, ModelConfig
+from async_rl.seeds import SeedWindows, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-[0-9a-f]{8}\.safet
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL); vLLM appends
 # "/<uuid4>" (37 characters) to VLLM_RPC_BASE_PATH for each IPC socket.
 MAX_RPC_DIR_CHARS = 107 - 37
-# Seeds for vLLM requests must fit a signed 32-bit int on every backend.
-SEED_MODULUS = 2**31 - 1
-# Same-prompt requests with one fixed seed would sample identical responses: each request
-# gets its own seed, derived from the configured one and a counter.
-SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -216,7 +211,7 @@ class VllmEngine:
         self._staging_dir = staging_dir
         sweep_stale_staging(staging_dir)
         self._reference_names = checkpoint_names(self.model_dir)
-        self._requests = itertools.count()
+        self._seeds = SeedWindows(derive_seed("sampling", actors.seed)) if actors.seed is not None else None
         self._update_lock = asyncio.Lock()
         self._temporary_dirs: list[Path] = []
         self._loop = asyncio.get_running_loop()
@@ -251,7 +246,7 @@ class VllmEngine:
         ``max_tokens`` of the config); ``greedy`` decodes at temperature 0 (held-out evaluation)."""
         from vllm.sampling_params import RequestOutputKind
 
-        params = self.sampling_params(n or self._cfg.n_samples_per_prompt, next(self._requests))
+        params = self.sampling_params(n or self._cfg.n_samples_per_prompt)
         if max_tokens is not None:
             params.max_tokens = max_tokens
         if greedy:
@@ -266,14 +261,19 @@ class VllmEngine:
             raise RuntimeError("vLLM finished a request without output")
         return [self._sample(c, submitted_at) for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    def sampling_params(self, n: int, request_index: int):
-        """vLLM ``SamplingParams`` from the config: one logprob per sampled token."""
+    def reseed(self, *stream: object) -> None:
+        """Sample from the stream named by ``stream`` from now on (e.g. the job's seed and the
+        actor's id); without a configured ``actors.seed`` sampling stays unseeded."""
+        if self._cfg.seed is not None:
+            self._seeds = SeedWindows(derive_seed("sampling", self._cfg.seed, *stream))
+
+    def sampling_params(self, n: int):
+        """vLLM ``SamplingParams`` from the config: one logprob per sampled token; every sample
+        draws from its own seed (``SeedWindows``)."""
         from vllm import SamplingParams
 
         cfg = self._cfg
-        seed = None
-        if cfg.seed is not None:
-            seed = (cfg.seed * SEED_STRIDE + request_index) % SEED_MODULUS
+        seed = self._seeds.take(n) if self._seeds is not None else None
         return SamplingParams(
             n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             max_tokens=cfg.max_tokens, stop=list(cfg.stop) or None, seed=seed, logprobs=0,

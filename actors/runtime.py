@@ -41,13 +41,15 @@ class ActorRuntime:
         weights_address: str | None, actors: ActorsConfig, model: ModelConfig, reward: RewardConfig,
         weights: WeightsConfig, work_dir: Path, max_staleness: int | None = None,
         groups_per_version: float | None = None, prompt_seed: int = 0, initial_version: int = 0,
-        release_uninformative: bool = False,
+        release_uninformative: bool = False, sampling_stream: tuple = (),
     ) -> ActorRuntime:
-        """Start everything one actor needs; ``run()`` on the returned actor generates."""
+        """Start everything one actor needs; ``run()`` on the returned actor generates.
+        ``prompt_seed`` orders the prompts, ``sampling_stream`` names the sampling seeds' stream."""
         from async_rl.rewards.pool import RewardPool
 
         loop = BackgroundLoop(name=f"{actor_id}-loop")
         engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work_dir, version=initial_version))
+        engine.reseed(*sampling_stream)
         rewards = RewardPool(reward)
         actor = Actor(
             actor_id=actor_id, engine=engine, loop=loop, prompts=file_prompts(prompts_path, seed=prompt_seed),

@@ -102,6 +102,11 @@ class SampleResult:
     status: str
     parsed: str | None
     correct: bool
+    # (lowest, highest) engine weight version among the response's tokens; None when unknown.
+    weight_versions: tuple[int, int] | None = None
+    # A short hash of the response's token ids: two evaluations that agree on it generated the
+    # same tokens (the exact-reproduction check of the job's evaluations).
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,13 @@ class ProblemResult:
     @property
     def c(self) -> int:
         return sum(s.correct for s in self.samples)
+
+
+def response_digest(token_ids: Sequence[int]) -> str:
+    """16 hex digits identifying a token sequence."""
+    import hashlib
+
+    return hashlib.blake2b(",".join(map(str, token_ids)).encode(), digest_size=8).hexdigest()
 
 
 def problem_row(result: ProblemResult, ks: Sequence[int], *, vote: bool = True) -> dict:
@@ -136,6 +148,7 @@ def problem_row(result: ProblemResult, ks: Sequence[int], *, vote: bool = True) 
         "mean_tokens": mean([s.tokens for s in result.samples]),
         "truncated": sum(s.finish_reason == "length" for s in result.samples),
         "statuses": dict(Counter(s.status for s in result.samples)),
+        "digests": [s.digest for s in result.samples],
     }
 
 

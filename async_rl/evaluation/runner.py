@@ -25,7 +25,7 @@ from pathlib import Path
 
 from async_rl.config import ActorsConfig, ModelConfig, RewardConfig
 from async_rl.evaluation.benchmarks import Benchmark, Problem, with_instruction
-from async_rl.evaluation.metrics import ProblemResult, SampleResult, summarize
+from async_rl.evaluation.metrics import ProblemResult, SampleResult, response_digest, summarize
 from async_rl.rewards.pool import reward_kind
 
 RESULT_FORMAT = "async-rl-eval/1"
@@ -167,7 +167,9 @@ async def evaluate_problems(
         futures = [rewards.submit(kind, s.text, problem.answer, problem.extra_info) for s in samples]
         records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         result = ProblemResult(problem.problem_id, problem.answer, [
-            SampleResult(len(s.token_ids), s.finish_reason, r.status, r.parsed, r.correct)
+            SampleResult(len(s.token_ids), s.finish_reason, r.status, r.parsed, r.correct,
+                         (min(s.versions), max(s.versions)) if s.versions else None,
+                         response_digest(s.token_ids))
             for s, r in zip(samples, records, strict=True)
         ])
         if on_done is not None:

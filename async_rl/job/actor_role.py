@@ -1,7 +1,7 @@
-"""One actor inside the job: the rollout loop plus its metrics file and held-out evaluation.
+"""One actor inside the job: the rollout loop plus its metrics file.
 
 The Ray actor is threaded: ``run`` blocks one thread in the rollout loop (which lives on its
-own asyncio thread), while ``evaluate``, ``metrics`` and ``stop`` arrive on others.
+own asyncio thread), while ``metrics`` and ``stop`` arrive on others.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from async_rl.config import Config
 from async_rl.job.metrics import MetricsWriter
+from async_rl.seeds import derive_seed
 
 # Seconds between the actor's metric records.
 METRICS_EVERY_S = 5.0
@@ -42,7 +43,8 @@ class ActorWorker:
             # sync: generate one batch per policy version, then wait for the next version.
             max_staleness=0 if sync else cfg.buffer.max_staleness,
             groups_per_version=cfg.learner.groups_per_step / max(cfg.actors.count, 1),
-            prompt_seed=cfg.data.seed * 1009 + int(payload["actor_id"]),
+            prompt_seed=derive_seed("prompts", cfg.run.seed, cfg.data.seed, int(payload["actor_id"])),
+            sampling_stream=tuple(payload.get("sampling_stream", (cfg.run.seed, payload["actor_id"]))),
             release_uninformative=cfg.buffer.filter_zero_advantage,
         )
         self.metrics = MetricsWriter(run_dir, self.actor_id)
@@ -62,28 +64,6 @@ class ActorWorker:
 
     def stop(self) -> None:
         self.runtime.actor.stop()
-
-    def evaluate(self, prompts: list[dict], max_tokens: int) -> list[dict]:
-        """Greedy answers to held-out prompts, scored by the actor's reward pool."""
-        from actors.prompts import encode_prompt
-        from async_rl.rewards.pool import reward_kind
-
-        engine, loop = self.runtime.engine, self.runtime.loop
-
-        import asyncio
-
-        async def one(prompt: dict) -> dict:
-            ids = encode_prompt(engine.tokenizer, prompt["messages"])
-            sample = (await engine.generate(ids, n=1, greedy=True, max_tokens=max_tokens))[0]
-            kind = reward_kind(prompt["data_source"])
-            future = self.runtime.rewards.submit(kind, sample.text, prompt["ground_truth"], prompt["extra_info"])
-            record = await asyncio.wrap_future(future)
-            return {"reward": record.score, "correct": record.correct, "weight_version": min(sample.versions, default=-1)}
-
-        async def all_prompts() -> list[dict]:
-            return await asyncio.gather(*(one(p) for p in prompts))
-
-        return loop.run(all_prompts())
 
     def _report(self) -> None:
         while not self._stop.wait(METRICS_EVERY_S):

@@ -1,10 +1,10 @@
 """The controller: a named Ray actor that places, supervises, scales and stops the roles.
 
 Start order: buffer service → learner group (rank 0 binds the weight publisher on a port the
-controller chose, so actors can connect before it is up) → actors. Supervision restarts a dead
+controller chose, so actors can connect before it is up) → actors → the held-out evaluator. Supervision restarts a dead
 actor (its acknowledged trajectories are already durable in the buffer) and a dead learner group
 (from its last checkpoint; the buffer is untouched). Stop order: learners (they checkpoint) →
-actors → buffer (it flushes) — so nothing acknowledged is lost and no trajectory is trained
+evaluator → actors → buffer (it flushes) — so nothing acknowledged is lost and no trajectory is trained
 twice.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from async_rl.config import Config
 from async_rl.job import placement
-from async_rl.job.runfolder import clear_stop, request_stop
+from async_rl.job.runfolder import clear_stop, next_launch, request_stop
 
 log = logging.getLogger("async_rl.controller")
 # Restarts of one role within this window beyond MAX_RESTARTS stop the job instead of looping.
@@ -30,6 +30,8 @@ BUFFER_STATS_EVERY_S = 10.0
 STOP_GRACE_S = 120.0
 # How long a learner group may wait for its resources before the start fails.
 PLACEMENT_TIMEOUT_S = 120.0
+# The last held-out evaluation (the exported policy) gets this long before the job stops anyway.
+FINAL_EVAL_TIMEOUT_S = 300.0
 
 
 class PlacementError(RuntimeError):
@@ -49,12 +51,16 @@ class Controller:
         self.learner_ranks = self.cfg.learner.ranks
         self.actors: dict[int, tuple[Any, Any]] = {}
         self.next_actor_id = 0
+        self.actor_starts: dict[int, int] = {}  # per actor id: starts in this launch (restarts + 1)
+        self.launch = 0
         self.restarts: dict[str, list[float]] = {}
         self.events: list[str] = []
         self.pid_refs: dict[str, Any] = {}
         self.finished = False
         self.failure: str | None = None
         self.learner_group = None  # the learner ranks' placement group
+        self.evaluator: tuple[Any, Any] | None = None  # (handle, run ref) of the held-out evaluator
+        self.final_version: int | None = None
         self.rendezvous = ""  # the learner group's rendezvous file ("" off loopback)
         self._lock = threading.RLock()
 
@@ -66,6 +72,7 @@ class Controller:
 
         host = self.cfg.cluster.bind_host
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.launch = next_launch(self.run_dir)
         self.buffer = start_service(
             self.run_dir / "buffer", self.cfg.buffer, host=host, seed=self.cfg.run.seed,
             log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
@@ -77,6 +84,8 @@ class Controller:
         self._start_learners(self.learner_ranks)
         for _ in range(self.cfg.actors.count):
             self._start_actor()
+        if self.cfg.learner.eval_every > 0:
+            self._start_evaluator()
         return self.addresses()
 
     def addresses(self) -> dict[str, Any]:
@@ -146,9 +155,13 @@ class Controller:
 
         if actor_id is None:
             actor_id, self.next_actor_id = self.next_actor_id, self.next_actor_id + 1
+        incarnation = self.actor_starts.get(actor_id, 0)
+        self.actor_starts[actor_id] = incarnation + 1
         payload = {
             "config": self.cfg.model_dump(mode="json"),
             "actor_id": actor_id,
+            # A restarted or resumed actor samples new streams instead of replaying its last ones.
+            "sampling_stream": [self.cfg.run.seed, actor_id, self.launch, incarnation],
             "run_dir": str(self.run_dir),
             "model_dir": self.model_dir,
             "buffer_address": self.buffer.address,
@@ -164,6 +177,20 @@ class Controller:
         self._event(f"actor {actor_id} started")
         return actor_id
 
+    def _start_evaluator(self) -> None:
+        import ray
+
+        from async_rl.job.roles import EvaluatorRole
+
+        payload = {"config": self.cfg.model_dump(mode="json"), "run_dir": str(self.run_dir),
+                   "model_dir": self.model_dir, "weights_address": self.weights_address, "resume": self.resume}
+        handle = ray.remote(EvaluatorRole).options(
+            **placement.SERVICE_RESOURCES.options(), runtime_env=placement.role_env(), max_concurrency=4,
+        ).remote(payload)
+        self.evaluator = (handle, handle.run.remote())
+        self.pid_refs["evaluator"] = handle.pid.remote()
+        self._event("evaluator started")
+
     # ------------------------------------------------------------------ supervise
 
     def supervise(self) -> dict[str, Any]:
@@ -178,6 +205,8 @@ class Controller:
             done, _ = ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=0)
             if done and not self.finished:
                 self._learners_exited(done)
+            if self.evaluator is not None and ray.wait([self.evaluator[1]], timeout=0)[0]:
+                self._evaluator_exited()
         return self.status()
 
     def _actor_exited(self, actor_id: int, ref) -> None:
@@ -191,6 +220,17 @@ class Controller:
             self._event(f"actor {actor_id} died ({type(err).__name__}); restarting", detail=str(err))
             if self._allow_restart(f"actor-{actor_id}"):
                 self._start_actor(actor_id)
+
+    def _evaluator_exited(self) -> None:
+        import ray
+
+        ref, self.evaluator = self.evaluator[1], None
+        try:
+            self._event(f"evaluator finished: {ray.get(ref)}")
+        except Exception as err:  # killed, or its engine failed
+            self._event(f"evaluator died ({type(err).__name__}); restarting", detail=str(err))
+            if self._allow_restart("evaluator"):
+                self._start_evaluator()
 
     def _learners_exited(self, done: list) -> None:
         import ray
@@ -208,6 +248,7 @@ class Controller:
             return
         if len(done) == len(self.learner_refs):
             self._event(f"learner group finished: {results[0]}")
+            self.final_version = results[0].get("version")
             self.finished = True
 
     def _allow_restart(self, role: str) -> bool:
@@ -227,6 +268,7 @@ class Controller:
         import ray
 
         live = {f"actor-{i}" for i in self.actors} | {f"learner-{r}" for r in range(len(self.learners))}
+        live |= {"evaluator"} if self.evaluator is not None else set()
         out = {}
         for role, ref in list(self.pid_refs.items()):
             if role not in live:
@@ -315,6 +357,7 @@ class Controller:
         with self._lock:
             request_stop(self.run_dir)
             ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=STOP_GRACE_S)
+            self._stop_evaluator()
             for handle, ref in self.actors.values():
                 try:
                     ray.get(handle.stop.remote(), timeout=STOP_GRACE_S)
@@ -335,42 +378,33 @@ class Controller:
             self._event("stopped")
         return self.status()
 
-    def evaluate(self, version: int) -> dict[str, Any] | None:
-        """Greedy held-out accuracy through one actor's engine, logged to ``metrics/eval.jsonl``."""
+    def final_evaluation(self, timeout_s: float = FINAL_EVAL_TIMEOUT_S) -> dict[str, Any] | None:
+        """Evaluate the finished learner's exported policy unless its version was evaluated from
+        the wire already (the learner exits right after its last publish)."""
         import ray
 
-        from async_rl.job.metrics import MetricsWriter
-        from async_rl.tasks.dataset import load_rows
-
-        if not self.actors:
+        if self.evaluator is None or self.final_version is None:
             return None
-        if not hasattr(self, "_heldout"):
-            source = self.cfg.data.heldout
-            path = self.run_dir / "data" / "heldout.parquet" if source == "synthetic" else Path(source)
-            rows, _ = load_rows(path)
-            self._heldout = [
-                {"messages": r.messages, "ground_truth": r.ground_truth, "data_source": r.data_source,
-                 "extra_info": r.extra_info}
-                for r in rows[: self.cfg.learner.eval_prompts]
-            ]
-        handle = self.actors[min(self.actors)][0]
-        start = time.monotonic()
-        results = ray.get(handle.evaluate.remote(self._heldout, self.cfg.actors.max_tokens))
-        correct = [bool(r["correct"]) for r in results]
-        versions = [r.get("weight_version", -1) for r in results]
-        record = {
-            "version": version,
-            "accuracy": sum(correct) / max(len(correct), 1),
-            "reward_mean": sum(r["reward"] for r in results) / max(len(results), 1),
-            "prompts": len(results),
-            "weight_version_min": min(versions, default=-1),
-            "weight_version_max": max(versions, default=-1),
-            "eval_s": time.monotonic() - start,
-        }
-        writer = MetricsWriter(self.run_dir, "eval")
-        writer.write(record)
-        writer.close()
-        return record
+        model = self.run_dir / "final_model"
+        try:
+            return ray.get(self.evaluator[0].evaluate_exported.remote(self.final_version, str(model)),
+                           timeout=timeout_s)
+        except Exception as err:  # the job's result stands without its last evaluation
+            self._event(f"final evaluation failed ({type(err).__name__})", detail=str(err))
+            return None
+
+    def _stop_evaluator(self) -> None:
+        import ray
+
+        if self.evaluator is None:
+            return
+        handle, ref = self.evaluator
+        self.evaluator = None
+        try:
+            handle.stop.remote()
+            ray.wait([ref], timeout=STOP_GRACE_S)
+        finally:
+            self._kill([handle])
 
     def kill_role(self, role: str) -> int:
         """Fault injection for tests and drills: SIGKILL one role's process; returns its PID."""

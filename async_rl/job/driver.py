@@ -4,9 +4,11 @@ Reads top to bottom:
 1. prepare the run folder (config, model, data) — cached;
 2. SFT warm start on the synthetic SFT split when ``learner.sft_epochs > 0`` (once per run);
 3. Ray (private and loopback-bound, or the cluster at ``--ray-address``) and the controller;
-4. the controller starts buffer → learner group → actors;
+4. the controller starts buffer → learner group → actors → evaluator;
 5. until the learner group finishes or a stop arrives (Ctrl-C, ``async-rl stop``, STOP
-   file): supervise, serve the control endpoint, schedule held-out evaluations, refresh the view;
+   file): supervise, serve the control endpoint, refresh the view (the evaluator scores
+   held-out problems at exact versions on its own, ``job/eval_role.py``); the final policy's
+   evaluation;
 6. stop in order (learners checkpoint → actors → buffer flushes), shut Ray down.
 """
 
@@ -110,21 +112,21 @@ def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> dic
     from async_rl.job.display import LiveView, snapshot
 
     deadline = time.monotonic() + cfg.run.max_minutes * 60 if cfg.run.max_minutes else None
-    evaluator = Evaluations(cfg, controller)
     status: dict[str, Any] = {}
     with LiveView(console, mode=cfg.logging.console) as view:
         while True:
             status = ray.get(controller.supervise.remote())
             control.serve_pending(lambda req: _handle(req, controller, ray, run_dir), timeout_ms=int(TICK_S * 1000))
             snap = snapshot(run_dir, status)
-            evaluator.maybe_schedule(snap["version"])
             view.update(snap)
             if status.get("finished") or status.get("failure") or stop_requested(run_dir):
                 break
             if deadline is not None and time.monotonic() > deadline:
                 console.print(f"run.max_minutes={cfg.run.max_minutes:g} reached")
                 break
-    evaluator.wait()
+    if status.get("finished") and not status.get("failure"):
+        console.print("held-out evaluation of the final policy")
+        ray.get(controller.final_evaluation.remote())
     return status
 
 
@@ -140,30 +142,6 @@ def _handle(request: dict[str, Any], controller, ray, run_dir: Path) -> Any:
         raise ValueError(f"count={count!r}: expected a non-negative integer ({'>= 1 ' if verb == 'scale_learners' else ''}for {verb})")
     method = controller.scale_actors if verb == "scale_actors" else controller.scale_learners
     return ray.get(method.remote(count))
-
-
-class Evaluations:
-    """Held-out evaluation at version 0 and every ``learner.eval_every`` versions."""
-
-    def __init__(self, cfg: Config, controller):
-        self.every = cfg.learner.eval_every
-        self.controller = controller
-        self.done: set[int] = set()
-        self.pending = []
-
-    def maybe_schedule(self, version: int) -> None:
-        if not self.every:
-            return
-        target = version - version % self.every
-        if target not in self.done:
-            self.done.add(target)
-            self.pending.append(self.controller.evaluate.remote(target))
-
-    def wait(self) -> None:
-        import ray
-
-        if self.pending:
-            ray.wait(self.pending, num_returns=len(self.pending), timeout=120)
 
 
 def _install_interrupt(run_dir: Path):

@@ -32,8 +32,29 @@ class ActorRole:
     def run(self) -> dict[str, Any]:
         return self.worker.run()
 
-    def evaluate(self, prompts: list[dict], max_tokens: int) -> list[dict]:
-        return self.worker.evaluate(prompts, max_tokens)
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class EvaluatorRole:
+    """Held-out evaluation at exact versions (threaded: ``run`` blocks while the others are served)."""
+
+    def __init__(self, payload: dict[str, Any]):
+        from async_rl.job.eval_role import EvaluatorWorker
+
+        self.worker = EvaluatorWorker(payload)
+
+    def run(self) -> dict[str, Any]:
+        return self.worker.run()
+
+    def evaluate_exported(self, version: int, model_dir: str) -> dict[str, Any] | None:
+        return self.worker.evaluate_exported(version, model_dir)
+
+    def evaluated(self) -> list[int]:
+        return self.worker.evaluated()
 
     def stop(self) -> None:
         self.worker.stop()

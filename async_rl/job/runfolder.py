@@ -2,6 +2,7 @@
 
     RUN_DIR/config.yaml            resolved config
     RUN_DIR/run.json               addresses and PIDs for the operating commands (status, scale, stop)
+    RUN_DIR/launches               how many times a job started in this folder (first start, resumes)
     RUN_DIR/metrics/ROLE.jsonl     one JSON object per line, per role (learner, actor-0, eval …)
     RUN_DIR/tensorboard/           TensorBoard events (learner)
     RUN_DIR/checkpoints/           learner checkpoints
@@ -21,6 +22,7 @@ from typing import Any
 
 RUN_JSON = "run.json"
 STOP_FILE = "STOP"
+LAUNCHES_FILE = "launches"
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -45,6 +47,17 @@ def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     current.update(fields, updated_at=time.time())
     write_json_atomic(path, current)
     return current
+
+
+def next_launch(run_dir: Path) -> int:
+    """Count one more job start in ``run_dir``; returns its number (0 for the first start).
+
+    Random streams are keyed on it, so a resumed job does not replay the samples of the start
+    it resumes from."""
+    path = Path(run_dir) / LAUNCHES_FILE
+    launch = int(path.read_text()) if path.is_file() else 0
+    path.write_text(str(launch + 1))
+    return launch
 
 
 def _stop_path(run_dir: Path, role: str | None) -> Path:

@@ -34,7 +34,8 @@ class ScriptedEngine:
     async def generate(self, ids, *, n, **overrides):
         self.calls.append((ids[0], n, *overrides.values()))
         await asyncio.sleep(0.01 * (3 - ids[0]))  # finish out of submission order
-        return [SimpleNamespace(token_ids=list(range(len(t))), text=t, finish_reason="stop")
+        return [SimpleNamespace(token_ids=list(range(len(t))), text=t, finish_reason="stop",
+                                versions=[ids[0]] * len(t))
                 for t in self.texts[ids[0]][:n]]
 
 
@@ -67,6 +68,8 @@ def test_each_problem_gets_n_scored_samples_in_problem_order():
     assert [r.problem_id for r in results] == ["b:0", "b:1", "b:2"]
     assert [r.c for r in results] == [2, 1, 0]
     assert [s.tokens for s in results[1].samples] == [1, 1, 1]
+    assert [s.weight_versions for s in results[1].samples] == [(1, 1)] * 3
+    assert len({s.digest for s in results[0].samples}) == 1  # same tokens, same digest
     assert sorted(engine.calls) == [(0, 3, 0.6), (1, 3, 0.6), (2, 3, 0.6)]
     assert finished == ["b:2", "b:1", "b:0"]  # progress as problems finish, not in order
     assert rewards.kinds.count("code") == 3 and rewards.kinds.count("math") == 6

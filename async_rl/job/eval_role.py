@@ -1,0 +1,109 @@
+"""The job's evaluator: held-out greedy accuracy at exact policy versions.
+
+It subscribes to the learner's weights like an actor, but loads only the versions due for
+evaluation (0, every ``learner.eval_every``-th, the last) and evaluates each on an engine of its
+own while its subscriber thread is held, so no other version loads meanwhile (see
+``evaluation/versions.py``). Each evaluation appends one record to ``metrics/eval.jsonl`` naming
+its version and writes the full result document to ``eval/vNNNNNN.json``.
+
+The learner exits right after its last publish, which may never reach the subscriber; the
+controller then hands over the exported policy (``final_model``) with ``evaluate_exported``.
+
+Threads: ``run`` blocks a Ray thread until ``stop``; weights arrive on the subscriber's thread;
+``evaluate_exported`` and ``evaluated`` on others. One lock serialises load + evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from async_rl.config import Config
+from async_rl.evaluation.versions import EVAL_DIR, VersionEvaluator, accuracy, is_due
+from async_rl.job.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class EvaluatorWorker:
+    def __init__(self, payload: dict[str, Any]):
+        self.cfg = cfg = Config.model_validate(payload["config"])
+        self.run_dir = Path(payload["run_dir"])
+        self.weights_address = payload["weights_address"]
+        # A resumed job's engine starts from the SFT policy, not from the learner's version: its
+        # first evaluation waits for the learner's weights.
+        self.evaluate_start = not payload.get("resume", False)
+        source = cfg.data.heldout
+        heldout = self.run_dir / "data" / "heldout.parquet" if source == "synthetic" else Path(source)
+        self.evaluator = VersionEvaluator.start(Path(payload["model_dir"]), heldout, cfg, version=0,
+                                                work_dir=self.run_dir / "actors" / "evaluator")
+        self.metrics = MetricsWriter(self.run_dir, "eval")
+        self.records: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._subscriber = None
+
+    def run(self) -> dict[str, Any]:
+        from async_rl.weights.subscriber import WeightSubscriber
+
+        try:
+            if self.evaluate_start:
+                with self._lock:
+                    self._evaluate("start")
+            self._subscriber = WeightSubscriber(self.weights_address, self._on_weights, self.cfg.weights).start()
+            self._stop.wait()
+        finally:
+            if self._subscriber is not None:
+                self._subscriber.close()
+            self.evaluator.close()
+            self.metrics.close()
+        return {"evaluated": sorted(self.records)}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def evaluated(self) -> list[int]:
+        return sorted(self.records)
+
+    def evaluate_exported(self, version: int, model_dir: str) -> dict[str, Any] | None:
+        """Evaluate the policy exported at ``version`` unless that version was evaluated already."""
+        from safetensors.torch import load_file
+
+        with self._lock:
+            if version not in self.records:
+                tensors = {}
+                for path in sorted(Path(model_dir).glob("*.safetensors")):
+                    tensors.update(load_file(path))
+                self.evaluator.load(version, list(tensors.items()))
+                self._evaluate("exported")
+            return self.records.get(version)
+
+    def _on_weights(self, version: int, named_tensors) -> None:
+        """The subscriber's callback: evaluate a due version; the thread is held until done."""
+        every, final = self.cfg.learner.eval_every, self.cfg.learner.max_steps
+        if version in self.records or not is_due(version, every=every, final=final):
+            return
+        with self._lock:
+            if version not in self.records:  # the exported policy may have been evaluated meanwhile
+                self.evaluator.load(version, named_tensors)
+                self._evaluate("publisher")
+
+    def _evaluate(self, source: str) -> None:
+        import time
+
+        document = self.evaluator.evaluate()
+        version = document["policy_version"]
+        out = self.run_dir / EVAL_DIR / f"v{version:06d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document, indent=1))
+        record = {
+            "version": version, "accuracy": accuracy(document), "prompts": document["benchmarks"][0]["problems"],
+            "no_answer": document["benchmarks"][0]["no_answer_fraction"], "weights_from": source,
+            "eval_s": document["elapsed_s"], "result": str(out.relative_to(self.run_dir)), "time": time.time(),
+        }
+        self.records[version] = record
+        self.metrics.write(record)
+        log.info("held-out v%d: %.3f (%s)", version, record["accuracy"], source)
