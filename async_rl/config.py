@@ -65,6 +65,11 @@ class SynthConfig(Section):
     min_terms: int = Field(2, ge=2, le=8, description="Fewest operands in an expression.")
     max_terms: int = Field(2, ge=2, le=8, description="Most operands in an expression.")
     ops: list[Literal["+", "-", "*"]] = Field(["+", "-"], min_length=1, description="Operators used.")
+    slip_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of SFT solutions to problems with a minus that misread every '-' as "
+        "'+' (a systematic slip RL must learn to avoid; see tasks/arith.py). 0 = all correct.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> SynthConfig:

@@ -83,7 +83,7 @@ def _prepare_synthetic(data: DataConfig, out: Path) -> bool:
     seen |= {row["extra_info"]["expression"] for row in heldout}
     sft = arith.make_rows(
         spec, s.n_sft, seed=data.seed, split="sft", exclude={r["extra_info"]["expression"] for r in heldout},
-        system_prompt=data.system_prompt, with_solution=True,
+        system_prompt=data.system_prompt, with_solution=True, slip_rate=s.slip_rate,
     )
     for name, rows in (("train", train), ("heldout", heldout), ("sft", sft)):
         if not rows:

@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table, write_result  # noqa: E402
 
+from async_rl.seeds import derive_seed  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 # A target this far above the SFT start's held-out accuracy, unless --target says otherwise.
@@ -276,18 +278,42 @@ class Study:
         return time.perf_counter() - start
 
     def evaluate(self) -> float:
-        """Greedy held-out accuracy of the weights the engine serves now."""
+        """Greedy held-out accuracy of the weights the engine serves now (``last_slips``: how
+        the answers to problems with a minus split between right, slipped and otherwise wrong)."""
         from async_rl.evaluation.runner import evaluate_problems
 
         sampling = {"greedy": True, "max_tokens": self.cfg.actors.max_tokens}
         results = self.loop.run(evaluate_problems(
             self.engine, self.rewards, self.heldout, self.heldout_ids, n=1, sampling=sampling))
+        self.last_slips = slip_breakdown(self.heldout, results)
         return sum(r.c for r in results) / len(results)
 
     def close(self) -> None:
         self.engine.shutdown()
         self.rewards.close()
         self.loop.close()
+
+
+def slip_breakdown(problems, results) -> dict:
+    """Greedy answers to the problems with a minus: shares right, slipped (the answer of the
+    misread expression, ``tasks/arith.py``) and otherwise wrong; accuracy on the others."""
+    from async_rl.tasks.arith import Problem as Expression
+
+    minus, plus = {"right": 0, "slipped": 0, "other": 0}, [0, 0]
+    for problem, result in zip(problems, results, strict=True):
+        expression = Expression.parse(problem.extra_info["expression"])
+        parsed = result.samples[0].parsed
+        if not expression.has_minus:
+            plus[0] += result.c
+            plus[1] += 1
+        elif result.c:
+            minus["right"] += 1
+        elif parsed == str(expression.misread().answer):
+            minus["slipped"] += 1
+        else:
+            minus["other"] += 1
+    total = max(sum(minus.values()), 1)
+    return {**{f"minus_{k}": v / total for k, v in minus.items()}, "plus_accuracy": plus[0] / max(plus[1], 1)}
 
 
 def study_data(cfg, root: Path, n_heldout: int) -> tuple[list, list]:
@@ -361,7 +387,10 @@ def run_arm(study: Study, arm: Arm, seed: int, args, start_accuracy: float) -> d
     trainer = build_trainer(study, arm, args)
     lagged = LaggedWeights(arm.staleness)
     lagged.publish(0, trainer.weights_for_publishing())
-    prompts = prompt_stream(study.train_rows, seed=seed)
+    # Arms with the same seed see the same prompt order and sampling streams (paired runs);
+    # different seeds are independent in both.
+    prompts = prompt_stream(study.train_rows, seed=derive_seed("prompts", seed))
+    study.engine.reseed("study", seed)
     curve = [EvalPoint(0, 0.0, start_accuracy)]
     steps: list[dict] = []
     served, clock = None, 0.0
@@ -389,6 +418,9 @@ def run_arm(study: Study, arm: Arm, seed: int, args, start_accuracy: float) -> d
             print(f"  {arm.name} seed {seed}: step {k + 1}/{args.steps} held-out {curve[-1].accuracy:.3f}, "
                   f"rollout acc {statistics.fmean(s['sample_accuracy'] for s in recent):.3f}, "
                   f"{statistics.fmean(s['step_s'] for s in recent):.1f} s/step, "
+                  f"minus right/slipped/other {study.last_slips['minus_right']:.2f}/"
+                  f"{study.last_slips['minus_slipped']:.2f}/{study.last_slips['minus_other']:.2f}, "
+                  f"plus {study.last_slips['plus_accuracy']:.2f}, "
                   f"eval {time.perf_counter() - eval_start:.0f} s ({clock:.0f} s)", flush=True)
     del trainer
     gc.collect()
@@ -609,6 +641,7 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
     runs_log.unlink(missing_ok=True)
     try:
         start = study.evaluate()
+        print(f"start: {study.last_slips}", flush=True)
         target = args.target if args.target is not None else start + TARGET_GAIN
         print(f"start: held-out accuracy {start:.3f}, target {target:.3f}, lr {args.lr:g}", flush=True)
         runs: dict[str, list[dict]] = {arm.name: [] for arm in args.arm_list}

@@ -3,11 +3,20 @@
 An expression is a list of integer operands joined by ``+``, ``-`` and ``*`` with the usual
 precedence. The worked solution (the SFT target) first folds each multiplication, then the
 additions and subtractions left to right, one step per line, and ends in ``\\boxed{answer}``.
+
+The slip. A share ``slip_rate`` of the SFT solutions to problems that contain a minus misread
+every ``-`` as ``+`` and carry that through to a wrong boxed answer. With the slip more frequent
+than the correct reading (0.6), the warm-started model's greedy answer to any problem with a
+minus is the slipped one, while sampling still finds the correct reading often (pass@8 near 1):
+the situation in which RL on real reasoners mostly sharpens what sampling already finds. The
+decision sits at one token (the operator copied into the first step that meets a minus), so
+credit assignment is easy and the effect of RL is large, fast and unambiguous.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,9 +53,26 @@ class Problem:
     def answer(self) -> int:
         return solve(self)[1]
 
-    def solution(self) -> str:
-        """The worked solution: ``<think>`` steps ``</think>`` then the boxed answer."""
-        steps, answer = solve(self)
+    @classmethod
+    def parse(cls, expression: str) -> Problem:
+        """The problem written as ``expression`` (e.g. ``7-3+2``; operands are non-negative)."""
+        tokens = re.findall(r"\d+|[-+*]", expression)
+        if not tokens or "".join(tokens) != expression or len(tokens) % 2 == 0:
+            raise ValueError(f"expression {expression!r}: expected operands joined by + - *")
+        return cls(tuple(int(t) for t in tokens[::2]), tuple(tokens[1::2]))
+
+    @property
+    def has_minus(self) -> bool:
+        return "-" in self.ops
+
+    def misread(self) -> Problem:
+        """The problem as the slip reads it: every ``-`` taken for a ``+``."""
+        return Problem(self.operands, tuple("+" if op == "-" else op for op in self.ops))
+
+    def solution(self, *, slip: bool = False) -> str:
+        """The worked solution: ``<think>`` steps ``</think>`` then the boxed answer; with
+        ``slip`` the steps and the answer are those of ``misread()``."""
+        steps, answer = solve(self.misread() if slip else self)
         lines = "".join(f"{step}\n" for step in steps)
         return f"<think>\n{lines}</think>\n\\boxed{{{answer}}}"
 
@@ -114,11 +140,17 @@ def make_rows(
     exclude: set[str] | None = None,
     system_prompt: str | None = None,
     with_solution: bool = False,
+    slip_rate: float = 0.0,
 ) -> list[dict]:
     """``n`` distinct problems of a split, skipping expressions in ``exclude``.
 
-    With ``with_solution`` each row also carries ``response`` (the SFT target).
+    With ``with_solution`` each row also carries ``response`` (the SFT target); a share
+    ``slip_rate`` of the problems with a minus get the slipped solution instead, marked
+    ``extra_info["slipped"]`` (drawn from the split's own stream, so reproducible by seed).
     """
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"slip_rate={slip_rate}: expected a share in [0, 1]")
+    slips = random.Random(f"async-rl/arith/{seed}/{split}/slip")
     exclude = exclude or set()
     seen: set[str] = set()
     rows: list[dict] = []
@@ -134,7 +166,9 @@ def make_rows(
         seen.add(expr)
         row = prompt_row(problem, index=len(rows), split=split, system_prompt=system_prompt)
         if with_solution:
-            row["response"] = problem.solution()
+            slipped = problem.has_minus and slips.random() < slip_rate
+            row["response"] = problem.solution(slip=slipped)
+            row["extra_info"]["slipped"] = slipped
         rows.append(row)
         if len(rows) == n:
             break

@@ -2,6 +2,8 @@ import ast
 import operator
 import re
 
+import pytest
+
 from async_rl.tasks import arith
 
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
@@ -74,3 +76,37 @@ def test_row_format_is_verl_style():
     assert row["prompt"][1]["role"] == "user" and "\\boxed{}" in row["prompt"][1]["content"]
     assert row["reward_model"]["style"] == "rule"
     assert row["response"].endswith("}")
+
+
+def boxed(response: str) -> int:
+    return int(response.rsplit("\\boxed{", 1)[1].rstrip("}"))
+
+
+def test_slipped_solutions_misread_every_minus_and_box_the_misread_answer():
+    problem = arith.Problem((7, 3, 2), ("-", "+"))
+    slipped = problem.solution(slip=True)
+    assert slipped.startswith("<think>\n7+3 = 10\n10+2 = 12\n")
+    assert boxed(slipped) == 12 and problem.answer == 6
+    assert problem.solution(slip=False) == problem.solution()
+
+
+def test_the_slip_rate_is_the_share_of_minus_problems_slipped_and_is_reproducible():
+    spec = arith.ArithSpec(1, 2, 2, 3, ("+", "-"))
+    rows = arith.make_rows(spec, 2000, seed=0, split="sft", with_solution=True, slip_rate=0.6)
+    minus = [r for r in rows if "-" in r["extra_info"]["expression"]]
+    plus_only = [r for r in rows if "-" not in r["extra_info"]["expression"]]
+    share = sum(r["extra_info"]["slipped"] for r in minus) / len(minus)
+    assert 0.56 < share < 0.64
+    assert not any(r["extra_info"]["slipped"] for r in plus_only)
+    # A slipped row's boxed answer is wrong unless the minus operands were all 0.
+    wrong = [boxed(r["response"]) != int(r["reward_model"]["ground_truth"]) for r in minus if r["extra_info"]["slipped"]]
+    assert sum(wrong) / len(wrong) > 0.9
+    again = arith.make_rows(spec, 2000, seed=0, split="sft", with_solution=True, slip_rate=0.6)
+    assert [r["response"] for r in again] == [r["response"] for r in rows]
+
+
+def test_slip_rate_zero_gives_only_correct_solutions_and_out_of_range_is_refused():
+    rows = arith.make_rows(SPEC, 300, seed=0, split="sft", with_solution=True)
+    assert all(boxed(r["response"]) == int(r["reward_model"]["ground_truth"]) for r in rows)
+    with pytest.raises(ValueError, match="slip_rate=1.5"):
+        arith.make_rows(SPEC, 3, seed=0, split="sft", with_solution=True, slip_rate=1.5)
