@@ -144,6 +144,9 @@ class Actor:
             "staleness_gate_waits": s.gate_waits,
             "buffer_pending": self._writer.pending if self._writer else 0,
             "rows_acked": self._writer.stats.rows_acked if self._writer else 0,
+            "buffer_batches_refused": self._writer.stats.batches_refused if self._writer else 0,
+            "buffer_last_refusal": self._writer.stats.last_refusal if self._writer else None,
+            "buffer_stalled_s": round(self._writer.stalled_s, 1) if self._writer else 0.0,
         }
 
     # ------------------------------------------------------------------ the loop (actor's loop)

@@ -4,7 +4,9 @@ A group is forgotten only after the buffer acknowledged its batch (the ack comes
 are durable). A lost ack or a restarted buffer makes the writer re-send the same batch; the
 buffer drops rows whose ``traj_id`` it already holds, so nothing is stored twice. A refusal by
 the buffer's rate limiter is retried inside ``BufferClient.insert``; while it lasts the
-writer's queue fills and the actor stops taking new prompts (backpressure).
+writer's queue fills and the actor stops taking new prompts (backpressure). A batch the buffer
+refuses for good (an error reply: oversized, breaks the contract) is dropped, counted and
+logged, and the writer keeps draining; ``stalled_s`` says how long it has made no progress.
 
 All buffer calls run on one dedicated thread, because a ZeroMQ socket must stay on one thread.
 """
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -33,6 +35,10 @@ class WriterStats:
     rows_acked: int = 0
     rows_duplicate: int = 0
     retries: int = 0
+    batches_refused: int = 0  # refused for good by the buffer, dropped
+    rows_refused: int = 0
+    last_refusal: str | None = None
+    progress_at: float = field(default_factory=time.monotonic)  # last ack, refusal or idle queue
 
 
 class BufferWriter:
@@ -49,6 +55,7 @@ class BufferWriter:
         self._client = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._inserting = False
 
     def start(self) -> BufferWriter:
         """Start draining on the running loop."""
@@ -62,6 +69,12 @@ class BufferWriter:
     @property
     def pending(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def stalled_s(self) -> float:
+        """Seconds without an ack or a refusal while batches wait (0 when none waits)."""
+        busy = self._inserting or self._queue.qsize()
+        return time.monotonic() - self.stats.progress_at if busy else 0.0
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued batch is acknowledged; False if ``timeout_s`` passed."""
@@ -83,14 +96,18 @@ class BufferWriter:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._queue.empty():
+                self.stats.progress_at = time.monotonic()  # idle is not stalled
             batch = await self._queue.get()
+            self._inserting = True
             try:
                 await loop.run_in_executor(self._thread, self._insert_until_acked, batch)
             finally:
+                self._inserting = False
                 self._queue.task_done()
 
     def _insert_until_acked(self, batch: pa.RecordBatch) -> None:
-        from buffer.client import BufferClient
+        from buffer.client import BufferClient, BufferRequestError
 
         while not self._closing:
             if self._client is None:
@@ -103,11 +120,25 @@ class BufferWriter:
                 self.stats.retries += 1
                 time.sleep(RETRY_BACKOFF_S)
                 continue
+            except BufferRequestError as err:
+                if err.retry:  # still rate limited: keep the batch, keep pushing back
+                    self.stats.retries += 1
+                    continue
+                self._refused(batch, str(err))
+                return
+            self.stats.progress_at = time.monotonic()
             self.stats.batches_acked += 1
             self.stats.rows_acked += int(ack["accepted"])
             self.stats.rows_duplicate += int(ack["duplicates"])
             return
         log.warning("writer closing: %d rows were never acknowledged", batch.num_rows)
+
+    def _refused(self, batch: pa.RecordBatch, why: str) -> None:
+        log.error("buffer refused a batch of %d rows (dropped): %s", batch.num_rows, why)
+        self.stats.batches_refused += 1
+        self.stats.rows_refused += batch.num_rows
+        self.stats.last_refusal = why
+        self.stats.progress_at = time.monotonic()
 
     def _close_client(self) -> None:
         if self._client is not None:

@@ -24,7 +24,12 @@ RATE_LIMIT_BACKOFF_S = 0.05  # pause between retries of an insert the rate limit
 
 
 class BufferRequestError(RuntimeError):
-    """The service answered with an error (bad request); the message is the server's."""
+    """The service answered with an error (bad request); the message is the server's.
+    ``retry``: the refusal is temporary (the rate limiter), the same request may succeed later."""
+
+    def __init__(self, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class BufferClient:
@@ -61,7 +66,7 @@ class BufferClient:
             if header["ok"]:
                 return {k: header[k] for k in ("accepted", "duplicates", "fsynced")}
             if not header.get("retry") or time.monotonic() > deadline:
-                raise BufferRequestError(header["error"])
+                raise BufferRequestError(header["error"], retry=bool(header.get("retry")))
             time.sleep(RATE_LIMIT_BACKOFF_S)
 
     def sample(self, n_groups: int, *, timeout_s: float = 0.0, peek: bool = False) -> pa.Table | None:

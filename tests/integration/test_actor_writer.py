@@ -73,6 +73,30 @@ def test_writer_blocks_producers_while_batches_are_unacknowledged(tmp_path):
         third = loop.submit(writer.put(group("c")))
         time.sleep(1.0)
         assert not third.done()  # backpressure: the producer waits
+        assert writer.stalled_s >= 1.0  # and the stall shows in the actor's status
     finally:
         loop.run(writer.close())
         loop.close()
+
+
+def test_writer_drops_a_refused_batch_reports_it_and_keeps_draining(tmp_path):
+    service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1, max_message_bytes=64 << 10))
+    loop = BackgroundLoop()
+    writer = loop.run(_started(BufferWriter(service.address, max_pending=2, insert_timeout_s=5.0)))
+    try:
+        oversized = build_batch(
+            traj_id=["big:0"], group_id=["big"], prompt_tokens=[[1]], response_tokens=[[3] * 40_000],
+            behavior_logprobs=[[-0.1] * 40_000], token_versions=[[0] * 40_000], reward=[1.0],
+        )
+        loop.run(writer.put(oversized))
+        loop.run(writer.put(group("after")))
+        assert loop.run(writer.flush(60))
+        assert (writer.stats.batches_refused, writer.stats.rows_refused) == (1, 1)
+        assert "exceeds max_message_bytes" in writer.stats.last_refusal
+        assert writer.stats.rows_acked == 4 and writer.stalled_s == 0.0
+        with BufferClient(service.address) as client:
+            assert client.stats()["rows"] == 4
+    finally:
+        loop.run(writer.close())
+        loop.close()
+        service.stop()
