@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 import zmq
 
@@ -95,7 +96,7 @@ class WeightSubscriber:
             "delivered": 0, "delivered_shm": 0, "bytes_received": 0, "rejected_corrupt": 0,
             "rejected_truncated": 0, "rejected_old": 0, "rejected_malformed": 0,
             "dropped_stalled": 0, "dropped_aborted": 0, "dropped_unmapped": 0,
-            "duplicate_chunks": 0, "callback_errors": 0, "shm_fallbacks": 0,
+            "duplicate_chunks": 0, "callback_errors": 0, "shm_fallbacks": 0, "message_errors": 0,
         }
 
     @property
@@ -142,16 +143,33 @@ class WeightSubscriber:
 
     # ------------------------------------------------------------------ subscriber thread
 
+    @property
+    def alive(self) -> bool:
+        """The receiving thread runs (a bad message never stops it; only ``close`` does)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._tick(time.monotonic())
                 if self._sock.poll(POLL_MS, zmq.POLLIN):
-                    self._receive_one()
+                    self._receive_guarded()
         except Exception:
             log.exception("weight subscriber thread failed; no further weights will load")
         finally:
             self._sock.close(linger=0)
+
+    def _receive_guarded(self) -> None:
+        """One message; whatever it does wrong costs that message (and its transfer), never
+        the thread: later versions must still load."""
+        try:
+            self._receive_one()
+        except Exception:
+            self.stats["message_errors"] += 1
+            log.exception("dropped a weight message that could not be handled")
+            self._discard_rest()
+            if self._transfer is not None:
+                self._drop("rejected_malformed", "a message of this transfer could not be handled")
 
     def _tick(self, now: float) -> None:
         transfer = self._transfer
@@ -243,7 +261,12 @@ class WeightSubscriber:
         arena = self._arena
         if arena is None or arena.layout != header.layout:
             self._arena = None  # free the old buffer before allocating the new one
-            buffer = torch.empty(max(header.total_bytes, 1), dtype=torch.uint8)
+            if header.total_bytes > psutil.virtual_memory().total:  # overcommit would say yes
+                raise wire.WireError(f"v{header.version}: {header.total_bytes} bytes exceed this host's memory")
+            try:
+                buffer = torch.empty(max(header.total_bytes, 1), dtype=torch.uint8)
+            except (RuntimeError, MemoryError) as exc:  # a header announcing more than we have
+                raise wire.WireError(f"v{header.version}: cannot hold {header.total_bytes} bytes ({exc})") from None
             arena = self._arena = _Arena(buffer, header.layout)
         return arena
 
@@ -256,6 +279,9 @@ class WeightSubscriber:
         if transfer is None or meta.get("xfer") != transfer.header.xfer:
             return  # a leftover of a dropped transfer; _discard_rest eats the payload
         index = meta.get("i")
+        if type(index) is not int:  # 1.0 == 1 would pass the set test, then slice with a float
+            self.stats["rejected_malformed"] += 1
+            return
         if index not in transfer.missing:
             self.stats["duplicate_chunks"] += 1
             return

@@ -204,3 +204,31 @@ def test_publisher_restarted_mid_transfer_is_survived():
     assert got.versions == [2]
     assert sub.stats["dropped_stalled"] + sub.stats["dropped_aborted"] >= 1
     assert_bit_exact(got.calls[0][1], make_tensors(2, 1 << 20))
+
+
+def test_decodable_but_wrong_messages_are_dropped_and_later_versions_still_load(scripted):
+    sub, got = subscribe(scripted.address)
+    try:
+        scripted.wait_hello()
+        tensors = make_tensors(1, 64 << 10)
+        header, snap = scripted.header(1, tensors)
+        scripted.sock.send_multipart([scripted.peer, *wire.pack(wire.HEADER, wire.header_body(header))])
+        for index in (1.0, [1], "1", None, 2**64 - 1):  # chunk indexes of the wrong type or range
+            meta = wire.pack(wire.CHUNK, {"xfer": header.xfer, "i": index})
+            scripted.sock.send_multipart([scripted.peer, *meta, bytes(snap.chunk(1))])
+        assert wait_until(lambda: sub.stats["rejected_malformed"] == 4, WAIT_S)
+        assert wait_until(lambda: sub.stats["duplicate_chunks"] == 1, WAIT_S)  # 2**64-1: not one we miss
+        total, chunk = (1 << 40) - wire.ALIGN, wire.MAX_CHUNK_BYTES  # a well-formed 1 TiB announcement
+        spec = wire.TensorSpec("w", "uint8", (total,), 0, total, "uint8")
+        huge = wire.Header(pub=1, xfer=99, version=2, tensors=(spec,), total_bytes=total, chunk_bytes=chunk,
+                           checksums=(0,) * wire.n_chunks(total, chunk), send=None, base=-1,
+                           layout=wire.layout_id([spec]))
+        scripted.sock.send_multipart([scripted.peer, *wire.pack(wire.HEADER, wire.header_body(huge))])
+        assert wait_until(lambda: sub.stats["rejected_malformed"] == 5, WAIT_S)
+        assert sub.alive
+        scripted.transfer(3, tensors)
+        assert sub.wait_for(3, WAIT_S)
+    finally:
+        sub.close()
+    assert got.versions == [3]
+    assert_bit_exact(got.calls[0][1], tensors)
