@@ -94,6 +94,15 @@ def subscribe(address: str, **overrides) -> tuple[WeightSubscriber, Recorder]:
     return WeightSubscriber(address, got, cfg).start(), got
 
 
+def then_a_good_transfer_loads(scripted, sub, got, version: int, tensors) -> None:
+    """After whatever went before, a good transfer of ``version`` loads, and only it."""
+    scripted.transfer(version, tensors)
+    assert sub.wait_for(version, WAIT_S)
+    sub.close()
+    assert got.versions == [version]
+    assert_bit_exact(got.calls[0][1], tensors)
+
+
 def test_corrupted_chunk_is_rejected_and_a_good_transfer_still_loads(scripted):
     sub, got = subscribe(scripted.address)
     try:
@@ -105,12 +114,9 @@ def test_corrupted_chunk_is_rejected_and_a_good_transfer_still_loads(scripted):
 
         scripted.transfer(1, tensors, tamper=flip_a_bit)
         assert wait_until(lambda: sub.stats["rejected_corrupt"] == 1, WAIT_S)
-        scripted.transfer(2, tensors)
-        assert sub.wait_for(2, WAIT_S)
+        then_a_good_transfer_loads(scripted, sub, got, 2, tensors)
     finally:
         sub.close()
-    assert got.versions == [2]
-    assert_bit_exact(got.calls[0][1], tensors)
 
 
 def test_truncated_chunk_and_unfinished_transfer_are_rejected(scripted):
@@ -122,12 +128,9 @@ def test_truncated_chunk_and_unfinished_transfer_are_rejected(scripted):
         assert wait_until(lambda: sub.stats["rejected_truncated"] == 1, WAIT_S)
         scripted.transfer(2, tensors, chunks=range(4))  # then the publisher goes quiet
         assert wait_until(lambda: sub.stats["dropped_stalled"] == 1, WAIT_S)
-        scripted.transfer(3, tensors)
-        assert sub.wait_for(3, WAIT_S)
+        then_a_good_transfer_loads(scripted, sub, got, 3, tensors)
     finally:
         sub.close()
-    assert got.versions == [3]
-    assert_bit_exact(got.calls[0][1], tensors)
 
 
 def test_older_and_duplicate_versions_are_ignored(scripted):
@@ -226,9 +229,6 @@ def test_decodable_but_wrong_messages_are_dropped_and_later_versions_still_load(
         scripted.sock.send_multipart([scripted.peer, *wire.pack(wire.HEADER, wire.header_body(huge))])
         assert wait_until(lambda: sub.stats["rejected_malformed"] == 5, WAIT_S)
         assert sub.alive
-        scripted.transfer(3, tensors)
-        assert sub.wait_for(3, WAIT_S)
+        then_a_good_transfer_loads(scripted, sub, got, 3, tensors)
     finally:
         sub.close()
-    assert got.versions == [3]
-    assert_bit_exact(got.calls[0][1], tensors)
