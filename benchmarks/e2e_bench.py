@@ -29,23 +29,28 @@ BIN = Path(sys.executable).with_name("async-rl")
 SHARED = ("model", "data", "sft_model")
 
 
-def run_mode(root: Path, mode: str, budget_min: float, quick: bool) -> dict:
-    run_dir = root / mode
+def run_mode(root: Path, mode: str, budget_min: float, quick: bool, overrides: Sequence[str] = (),
+             name: str | None = None) -> dict:
+    """One ``async-rl train`` in ``mode`` from the shared start, for ``budget_min`` minutes (0: until
+    ``learner.max_steps``, which ``overrides`` then set); its folder is ``root / (name or mode)``."""
+    name = name or mode
+    run_dir = root / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    for name in SHARED:  # the same model, data and SFT start for both modes
-        if (root / "shared" / name).exists():
-            shutil.copytree(root / "shared" / name, run_dir / name)
+    for shared in SHARED:  # the same model, data and SFT start for every run
+        if (root / "shared" / shared).exists():
+            shutil.copytree(root / "shared" / shared, run_dir / shared)
     args = [f"run.dir={run_dir}", f"algorithm.mode={mode}", f"run.max_minutes={budget_min}",
             "learner.max_steps=0", "learner.checkpoint_every=0", "logging.console=plain",
             "logging.tensorboard=false"]
     if quick:
         args += ["learner.sft_epochs=0", "buffer.filter_zero_advantage=false", "learner.eval_every=0",
                  "actors.max_tokens=16"]
-    with open(root / f"{mode}.log", "w") as log:
-        code = subprocess.run([str(BIN), "train", *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    with open(root / f"{name}.log", "w") as log:
+        code = subprocess.run([str(BIN), "train", *args, *overrides], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=REPO).returncode
     if code != 0:
-        raise SystemExit(f"{mode} run failed with exit code {code}; see {root / f'{mode}.log'}")
+        raise SystemExit(f"{name} run failed with exit code {code}; see {root / f'{name}.log'}")
     return summarize(run_dir, mode, budget_min)
 
 

@@ -186,7 +186,10 @@ def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     rows = buffer_rows(run_dir)
     version = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert rows > 0 and version >= 4
-    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", resume=True)
+    # The resumed job also evaluates (every version, 8 problems): at exact versions, the last one
+    # included even though the learner exits right after publishing it.
+    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", "learner.eval_every=1",
+                        "learner.eval_prompts=8", resume=True)
     try:
         assert resumed.wait(timeout=600) == 0
     finally:
@@ -198,4 +201,11 @@ def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     assert served[-1].endswith(f"({rows} rows stored)")
     after = [r["version"] for r in metrics(run_dir, "learner")]
     assert after[-1] == version + 2
+    evals = metrics(run_dir, "eval")
+    evaluated = [e["version"] for e in evals]
+    assert evaluated == sorted(set(evaluated)) and evaluated[-1] == version + 2
+    assert all(version <= v <= version + 2 for v in evaluated)
+    for record in evals:
+        document = json.loads((run_dir / record["result"]).read_text())
+        assert document["policy_version"] == record["version"] and record["prompts"] == 8
     assert int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1]) == version + 2

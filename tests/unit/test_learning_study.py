@@ -167,3 +167,19 @@ def test_collect_groups_replaces_zero_advantage_groups_when_filtering(study, mon
     kept, _ = asyncio.run(study.collect_groups(FakeEngine(), FakeRewards(), iter(rows), groups=3, n=2,
                                                informative_only=False))
     assert [k[0].prompt_id for k in kept] == ["p0", "p1", "p2"]
+
+
+def test_slip_breakdown_splits_minus_answers_into_right_slipped_and_other(study):
+    from types import SimpleNamespace
+
+    from async_rl.evaluation.metrics import ProblemResult, SampleResult
+
+    def case(expression: str, parsed: str, correct: bool):
+        problem = SimpleNamespace(extra_info={"expression": expression})
+        return problem, ProblemResult("p", "?", [SampleResult(3, "stop", "x", parsed, correct)])
+
+    cases = [case("7-3", "4", True), case("7-3", "10", False), case("7-3", "5", False),
+             case("7-3+2", "12", False), case("2+2", "4", True), case("2+5", "8", False)]
+    problems, results = zip(*cases, strict=True)
+    shares = study.slip_breakdown(problems, results)
+    assert shares == {"minus_right": 0.25, "minus_slipped": 0.5, "minus_other": 0.25, "plus_accuracy": 0.5}

@@ -1,0 +1,65 @@
+"""Pure logic of benchmarks/staleness_study.py and benchmarks/default_run.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def staleness():
+    return load("staleness_study")
+
+
+@pytest.fixture(scope="module")
+def default_run():
+    return load("default_run")
+
+
+def run(cap: int, seed: int, curve: list[float], staleness_mean: float = 1.0) -> dict:
+    return {"cap": cap, "seed": seed, "curve": [{"version": 10 * i, "accuracy": a} for i, a in enumerate(curve)],
+            "staleness_mean": staleness_mean, "learner_busy": 0.8, "wall_s": 100.0}
+
+
+def test_a_cap_summary_is_mean_and_sd_over_its_seeds(staleness):
+    summary = staleness.summarize_cap(4, [run(4, 0, [0.3, 0.6]), run(4, 1, [0.3, 0.7]), run(4, 2, [0.2, 0.8])])
+    assert summary["cap"] == 4 and summary["seeds"] == 3
+    assert summary["final"] == pytest.approx(0.7) and summary["final_sd"] == pytest.approx(0.1)
+    assert summary["gain"] == pytest.approx((0.3 + 0.4 + 0.6) / 3)
+
+
+def test_staleness_study_flags_name_the_bad_value(staleness):
+    with pytest.raises(SystemExit, match=r"--caps='1,-2'"):
+        staleness.parse_args(["--caps", "1,-2"])
+    with pytest.raises(SystemExit, match="--steps=0: must be >= 1"):
+        staleness.parse_args(["--steps", "0"])
+    quick = staleness.parse_args(["--quick"])
+    assert quick.cap_list == [0, 1] and quick.seeds == 1 and quick.steps == 4
+
+
+def test_default_run_reads_a_finished_run_folder(default_run, tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "config.yaml").write_text("run:\n  seed: 2\n")
+    lines = [{"version": 0, "accuracy": 0.3}, {"version": 10, "accuracy": 0.55}, {"version": 20, "accuracy": 0.61}]
+    (tmp_path / "metrics" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = default_run.run_summary(tmp_path, 123.0)
+    assert summary["seed"] == 2 and summary["start"] == 0.3 and summary["final"] == 0.61
+    assert summary["gain"] == pytest.approx(0.31) and summary["wall_s"] == 123.0
+    (tmp_path / "metrics" / "eval.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no held-out evaluations"):
+        default_run.run_summary(tmp_path)
