@@ -4,6 +4,7 @@ job's own clients work. And the control endpoint answers hostile requests and ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -49,10 +50,10 @@ def test_the_buffer_with_keys_serves_the_job_and_never_answers_others(tmp_path, 
         assert handle.stop() == 0
 
 
-@pytest.fixture
-def control():
-    """A ControlServer without keys served on a thread; yields (address, the requests its
-    handler saw)."""
+@contextlib.contextmanager
+def control_on_a_thread():
+    """A ControlServer without keys served on a thread whose handler echoes the verb; yields
+    (address, the requests the handler saw)."""
     server = ControlServer("127.0.0.1")
     seen, done = [], threading.Event()
 
@@ -66,10 +67,18 @@ def control():
 
     thread = threading.Thread(target=serve)
     thread.start()
-    yield server.address, seen
-    done.set()
-    thread.join()
-    server.close()
+    try:
+        yield server.address, seen
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+
+
+@pytest.fixture
+def control():
+    with control_on_a_thread() as served:
+        yield served
 
 
 def test_control_with_keys_stops_only_for_the_job(keys):
