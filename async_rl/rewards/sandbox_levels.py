@@ -7,9 +7,11 @@ Strongest first:
    seccomp, a private PID namespace, rlimits.
 2. ``bwrap`` — user/PID/net/IPC/UTS namespaces, only /usr (and the lib/bin links) mounted
    read-only, the run's directory as the only writable place, no /etc, no /home, no /tmp.
-3. ``unshare`` (root only) — net/PID/IPC/mount namespaces, then the sandbox user with no
-   capabilities and rlimits. Weaker: the whole filesystem is visible, and world-writable
-   directories (/tmp, /dev/shm) stay writable.
+3. ``unshare`` (root only) — net/PID/IPC/mount namespaces and an allowlisted root like
+   bwrap's (a tmpfs with only the system directories read-only, the run's directory as
+   /sandbox, /dev/null, /dev/zero and /dev/urandom), entered with chroot; then the sandbox
+   user with no capabilities and rlimits. Weaker than bwrap: no user namespace, and the
+   setup runs as root.
 4. ``rlimits`` — a fresh session, a scrubbed environment, rlimits, the sandbox user when
    root. Weakest: no network isolation, and the program can signal processes of its user.
    Never chosen by ``auto``: it runs only when ``reward.code_isolation: rlimits`` names it.
@@ -109,13 +111,44 @@ def command(level: str, workdir: Path, base: Path, ident: Identity) -> list[str]
     if level == "unshare":
         return [
             "unshare", "--net", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
-            "setpriv", f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-            python, "-I", "harness.py",
+            "/bin/sh", "-c", UNSHARE_ROOT_SCRIPT, "sh", str(workdir), str(ident.uid), str(ident.gid),
+            python, *BWRAP_SYSTEM_DIRS,
         ]  # fmt: skip
     if level == "rlimits":
         return [python, "-I", "harness.py"]
     raise ValueError(f"reward.code_isolation={level!r}: must be one of {LEVELS}")
+
+
+# Builds the unshare level's root inside its new mount namespace (as root, before the program
+# drops privileges): nothing of the host is visible but the system directories, read-only.
+# Arguments: workdir uid gid python system-dir...
+UNSHARE_ROOT_SCRIPT = r"""
+set -e
+work=$1 uid=$2 gid=$3 python=$4
+shift 4
+root=$work/.root
+mkdir -m 700 "$root"
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$root"
+for dir in "$@"; do
+  if [ -L "$dir" ]; then
+    ln -s "$(readlink "$dir")" "$root$dir"
+  elif [ -d "$dir" ]; then
+    mkdir -p "$root$dir"
+    mount --bind "$dir" "$root$dir"
+    mount -o remount,bind,ro,nosuid,nodev "$root$dir"
+  fi
+done
+mkdir "$root/sandbox" "$root/proc" "$root/dev"
+mount --bind "$work" "$root/sandbox"
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+for node in null zero urandom random; do
+  touch "$root/dev/$node"
+  mount --bind "/dev/$node" "$root/dev/$node"
+done
+mount -o remount,ro,nosuid,nodev "$root"
+exec /usr/sbin/chroot "$root" /usr/bin/env --chdir=/sandbox /usr/bin/setpriv --reuid="$uid" --regid="$gid" \
+  --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs "$python" -I harness.py
+"""
 
 
 def _hidden(base: Path) -> list[str]:
@@ -141,7 +174,7 @@ def _bwrap_mounts(workdir: Path) -> list[str]:
 def launch_env(level: str, workdir: Path, ident: Identity) -> dict[str, str]:
     """The scrubbed environment, with HOME where the program's writable directory is
     (firejail mounts the run's directory over the user's home)."""
-    home = str(workdir)
+    home = "/sandbox" if level == "unshare" else str(workdir)
     if level == "firejail":
         home = pwd.getpwuid(ident.uid if ident.switches else os.geteuid()).pw_dir
     return {**SCRUBBED_ENV, "HOME": home, "TMPDIR": home}  # /tmp is hidden or shared
@@ -174,7 +207,8 @@ def report(level: str, failures: dict[str, str]) -> None:
         "code sandbox: WEAK ISOLATION (%s) — untrusted programs are %s. Install firejail or "
         "bubblewrap (scripts/install.sh does, as root). Unavailable: %s",
         level,
-        "in net/PID namespaces but see the whole filesystem"
+        "in net/PID namespaces with only the system directories visible, but set up as root "
+        "without a user namespace"
         if level == "unshare"
         else "limited by rlimits only, WITH network access",
         skipped or "none",

@@ -142,6 +142,31 @@ def test_the_namespaced_levels_have_no_network(cfg, level):
     )
 
 
+@pytest.mark.parametrize("level", ["bwrap", "unshare"])
+def test_the_namespaced_levels_neither_read_nor_write_the_hosts_files(cfg, level, tmp_path):
+    probe = f"asyncrl-probe-{level}-{tmp_path.name}"
+    program = (
+        "seen = []\n"
+        f"for path in [{str(PROJECT / 'pyproject.toml')!r}, '/etc/passwd']:\n"
+        "    try:\n        open(path).read(1)\n        seen.append(path)\n"
+        "    except OSError:\n        pass\n"
+        "for folder in ['/tmp', '/dev/shm', '/var/tmp']:\n"
+        f"    try:\n        open(folder + '/{probe}', 'w').write('x')\n"
+        "    except OSError:\n        pass\n"
+        "print(seen or 'hidden')"
+    )
+    host = [Path(folder, probe) for folder in ("/tmp", "/dev/shm", "/var/tmp")]
+    try:
+        record = score(fenced(program), stdin_cases([("", "hidden\n")]), {},
+                       cfg.model_copy(update={"code_isolation": level}))
+        written = [str(path) for path in host if path.exists()]  # a private /tmp leaves nothing
+    finally:
+        for path in host:
+            path.unlink(missing_ok=True)
+    assert record.info["isolation"] == level
+    assert record.score == 1.0 and written == [], (record.info, written)
+
+
 def test_a_pebble_pool_keeps_serving_after_hostile_programs(cfg):
     hostile = [
         "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
