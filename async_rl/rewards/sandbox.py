@@ -18,6 +18,7 @@ and reaps every one of them before returning.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import selectors
@@ -33,6 +34,8 @@ import psutil
 
 from async_rl.rewards import sandbox_levels as levels
 from async_rl.rewards.sandbox_levels import Identity, SandboxUnavailable
+
+log = logging.getLogger(__name__)
 
 START_SLACK_S = 1.0  # firejail starts in ~60 ms idle; leave room for a loaded machine
 EXIT_GRACE_S = 0.5  # after the harness says done, time for the jail to exit on its own
@@ -315,6 +318,7 @@ class Choice:
 
 
 _CHOSEN: dict[tuple[str, str], Choice] = {}
+_REFUSED: dict[tuple[str, str], tuple[str, float]] = {}  # why no level works, and since when
 PROBE_SOURCE = "print(sum(map(int, input().split())))"
 # A probe that times out is retried with more time: on a loaded machine a sandbox start can
 # take seconds, and a slow start must not lock a worker into a weaker level.
@@ -332,6 +336,9 @@ def select_isolation(
     chosen = _CHOSEN.get(key)
     if chosen and (chosen.strongest or time.monotonic() - chosen.at < REPROBE_STRONGER_S):
         return chosen.level, chosen.ident
+    refused = _REFUSED.get(key)
+    if refused and time.monotonic() - refused[1] < REPROBE_STRONGER_S:
+        raise SandboxUnavailable(refused[0])  # every program refused fast, probed again later
     ident = levels.sandbox_identity(user)
     sweep_stale_workdirs()
     failures: dict[str, str] = {}
@@ -344,7 +351,11 @@ def select_isolation(
             _CHOSEN[key] = Choice(level, ident, time.monotonic(), strongest=level == order[0])
             return level, ident
         failures[level] = why
-    raise SandboxUnavailable(_no_sandbox_message(preference, failures))
+    message = _no_sandbox_message(preference, failures)
+    if key not in _REFUSED:
+        log.error("code sandbox: %s", message)
+    _REFUSED[key] = (message, time.monotonic())
+    raise SandboxUnavailable(message)
 
 
 def _no_sandbox_message(preference: str, failures: dict[str, str]) -> str:

@@ -31,6 +31,7 @@ def scripted(monkeypatch):
     monkeypatch.setattr(sandbox_levels.shutil, "which", lambda tool, **kw: f"/usr/bin/{tool}")
     monkeypatch.setattr(sandbox_levels.os, "geteuid", lambda: 0)
     monkeypatch.setattr(sandbox, "_CHOSEN", {})
+    monkeypatch.setattr(sandbox, "_REFUSED", {})
     return answers, calls
 
 
@@ -86,3 +87,19 @@ def test_a_worker_on_a_weaker_level_probes_the_stronger_one_again_later(scripted
     now[0] += 10 * sandbox.REPROBE_STRONGER_S
     assert sandbox.select_isolation("auto", "nobody")[0] == "firejail"
     assert [level for level, _ in calls] == ["firejail", "bwrap", "firejail"]
+
+
+def test_a_refusal_is_remembered_so_every_program_is_refused_fast_until_the_reprobe(scripted, monkeypatch):
+    answers, calls = scripted
+    for level in sandbox_levels.ISOLATING:
+        answers[level] = ["runtime_error: no namespaces"] * 2
+    now = [1000.0]
+    monkeypatch.setattr(sandbox.time, "monotonic", lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(SandboxUnavailable, match="no isolating sandbox works here"):
+            sandbox.select_isolation("auto", "nobody")
+    assert len(calls) == 3  # one probe per level, then the remembered refusal
+    now[0] += sandbox.REPROBE_STRONGER_S
+    with pytest.raises(SandboxUnavailable):
+        sandbox.select_isolation("auto", "nobody")
+    assert len(calls) == 6
