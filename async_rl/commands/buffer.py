@@ -22,7 +22,10 @@ app = typer.Typer(
 console = Console()
 
 RunArg = typer.Argument(None, help="Run folder (or its buffer/ folder). Default: runs/tiny.")
-ConnectOpt = typer.Option(None, "--connect", help="Address of a live buffer service.")
+ConnectOpt = typer.Option(
+    None, "--connect",
+    help="Address of a live buffer service (the job's CURVE keys, if any, come from RUN/run.json).",
+)
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of tables.")
 DEFAULT_RUN = Path("runs/tiny")
 TEXT_CHARS = 80  # characters of decoded prompt/response shown per table cell
@@ -36,7 +39,8 @@ class _Source:
         if connect:
             from buffer.client import BufferClient
 
-            self.client, self.store = BufferClient(connect, timeout_s=30.0), None
+            keys = _job_keys(run or DEFAULT_RUN)
+            self.client, self.store = BufferClient(connect, timeout_s=30.0, curve_keys_dir=keys), None
         else:
             from buffer.store import ReplayStore
 
@@ -57,6 +61,17 @@ class _Source:
         from buffer import inspection
 
         return inspection.inspect_rows(self.store, n, random=random, **filters)
+
+
+def _job_keys(path: Path) -> str | None:
+    """The CURVE keys folder the job in run folder ``path`` (or its buffer/) was started with."""
+    from async_rl.job.runfolder import read_run_json
+
+    run_dir = path.parent if path.name == "buffer" else path
+    try:
+        return read_run_json(run_dir).get("curve_keys_dir")
+    except FileNotFoundError:
+        return None
 
 
 def _find_buffer_dir(path: Path) -> tuple[Path, Path]:

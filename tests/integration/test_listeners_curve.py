@@ -165,3 +165,22 @@ def test_the_stop_command_uses_the_keys_named_in_run_json(tmp_path, keys):
         assert "stop requested" in result["r"].output and seen == ["stop"]
     finally:
         server.close()
+
+
+def test_the_buffer_cli_reads_a_keyed_live_buffer_with_the_keys_named_in_run_json(tmp_path, keys):
+    from typer.testing import CliRunner
+
+    from async_rl.commands.buffer import app as buffer_cli
+    from async_rl.job.runfolder import update_run_json
+
+    job, _ = keys
+    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1), curve_keys_dir=job)
+    try:
+        with BufferClient(handle.address, curve_keys_dir=job) as client:
+            client.insert(synthetic_batch(groups=["a"]))
+        update_run_json(tmp_path, curve_keys_dir=job)
+        live = CliRunner().invoke(buffer_cli, ["stats", str(tmp_path), "--connect", handle.address, "--json"])
+        assert live.exit_code == 0, live.output
+        assert json.loads(live.output)["rows"] == 4
+    finally:
+        handle.stop()
