@@ -48,6 +48,13 @@ MAX_PROCESSES = 512
 MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file a test writes grows past this
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BWRAP_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+# The top-level entries a firejailed program may see (an allowlist: the rest is blacklisted):
+# the system, and the homes (firejail mounts the run's folder over the sandbox user's home
+# and hides the others); /proc, /dev and /sys are firejail's own private views.
+FIREJAIL_VISIBLE = frozenset(
+    {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev", "sys", "home", "root",
+     "run"}
+)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -152,9 +159,13 @@ exec /usr/sbin/chroot "$root" /usr/bin/env --chdir=/sandbox /usr/bin/setpriv --r
 
 
 def _hidden(base: Path) -> list[str]:
-    """What a firejailed program must not even read: shared scratch (other users' and
-    other programs' files, the run directories) and this project (configs, run folders)."""
-    return sorted({str(base), "/tmp", "/var/tmp", "/dev/shm", str(PROJECT_ROOT)})
+    """What a firejailed program must not even read: everything at the top of the filesystem
+    but FIREJAIL_VISIBLE (run folders with their ground truth, data, mounts, sockets), shared
+    scratch (other programs' files) and this project."""
+    outside = {str(path) for path in Path("/").iterdir() if path.name not in FIREJAIL_VISIBLE}
+    # /run stays (firejail keeps its own state in /run/firejail); its sockets do not.
+    outside |= {str(path) for path in Path("/run").glob("*") if path.name != "firejail"}
+    return sorted(outside | {str(base), "/tmp", "/var/tmp", "/dev/shm", str(PROJECT_ROOT)})
 
 
 def _bwrap_mounts(workdir: Path) -> list[str]:

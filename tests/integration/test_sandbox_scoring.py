@@ -4,6 +4,7 @@ the weaker isolation levels, and a real pebble pool that keeps serving."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,12 +143,27 @@ def test_the_namespaced_levels_have_no_network(cfg, level):
     )
 
 
-@pytest.mark.parametrize("level", ["bwrap", "unshare"])
-def test_the_namespaced_levels_neither_read_nor_write_the_hosts_files(cfg, level, tmp_path):
+def _world_readable_file_outside_the_system() -> str:
+    """A file any user may read that is not a system file (like a run folder's ground truth)."""
+    for top in (str(PROJECT.parent), "/opt", "/srv", "/var"):  # beside the project first
+        for folder, dirs, names in os.walk(top):
+            dirs[:] = [d for d in dirs if Path(folder, d) != PROJECT]
+            for name in names:
+                path = Path(folder, name)
+                if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o004:
+                    return str(path)
+    pytest.skip("no world-readable file outside the system directories here")
+
+
+@pytest.mark.parametrize("level", ["firejail", "bwrap", "unshare"])
+def test_the_isolating_levels_neither_read_nor_write_the_hosts_files(cfg, level, tmp_path):
     probe = f"asyncrl-probe-{level}-{tmp_path.name}"
+    hidden = [str(PROJECT / "pyproject.toml"), _world_readable_file_outside_the_system()]
+    if level != "firejail":  # firejail shows the system's /etc; the other two no /etc at all
+        hidden.append("/etc/passwd")
     program = (
         "seen = []\n"
-        f"for path in [{str(PROJECT / 'pyproject.toml')!r}, '/etc/passwd']:\n"
+        f"for path in {hidden!r}:\n"
         "    try:\n        open(path).read(1)\n        seen.append(path)\n"
         "    except OSError:\n        pass\n"
         "for folder in ['/tmp', '/dev/shm', '/var/tmp']:\n"
