@@ -76,5 +76,7 @@ class ActorWorker:
             "weight_version": m["weight_version"], "weight_update_s": m["update_latency_s"],
             "reward_mean": m["reward_mean"], "groups_in_flight": m["groups_in_flight"],
             "rows_acked": m["rows_acked"], "reward_failures": m["reward_failures"],
-            "staleness_gate_waits": m["staleness_gate_waits"], "time": time.time(),
+            "staleness_gate_waits": m["staleness_gate_waits"],
+            "buffer_batches_refused": m["buffer_batches_refused"], "buffer_stalled_s": m["buffer_stalled_s"],
+            "time": time.time(),
         })

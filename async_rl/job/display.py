@@ -34,6 +34,8 @@ def snapshot(run_dir: Path, status: dict[str, Any] | None = None) -> dict[str, A
         "tokens_per_s": sum(a.get("tokens_per_s") or 0 for a in actors.values()) or None,
         "weight_update_s": max((a.get("weight_update_s") or 0 for a in actors.values()), default=None),
         "actor_versions": {k: a.get("weight_version") for k, a in actors.items()},
+        "buffer_batches_refused": sum(a.get("buffer_batches_refused") or 0 for a in actors.values()),
+        "buffer_stalled_s": max((a.get("buffer_stalled_s") or 0 for a in actors.values()), default=0),
     }
     if status:
         out.update(
@@ -69,6 +71,8 @@ def render(snap: dict[str, Any], elapsed_s: float):
         ("staleness mean / max", f"{_fmt(snap['staleness_mean'], '.2f')} / {_fmt(snap['staleness_max'], '.0f')}"),
         ("buffer rows / groups", f"{_fmt(buffer.get('rows'))} / {_fmt(buffer.get('groups'))}"),
         ("actors alive", _fmt(snap.get("actors_alive"))),
+        ("actor buffer writes", f"{_fmt(snap.get('buffer_batches_refused'))} refused, "
+                                f"stalled {_fmt(snap.get('buffer_stalled_s'), '.0f')} s"),
         ("last weight sync", f"publish {_fmt(snap['publish_s'], '.3f')} s, apply {_fmt(snap['weight_update_s'], '.3f')} s"),
     ]
     for name, value in rows:

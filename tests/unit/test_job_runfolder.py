@@ -26,7 +26,8 @@ def fill_metrics(run_dir):
                        "step_s": 1.5, "busy_fraction": 0.8, "publish_s": 0.01, "loss": float("nan")})
     learner.close()
     actor = MetricsWriter(run_dir, "actor-0")
-    actor.write({"tokens_per_s": 900.0, "weight_version": 5, "weight_update_s": 0.05})
+    actor.write({"tokens_per_s": 900.0, "weight_version": 5, "weight_update_s": 0.05,
+                 "buffer_batches_refused": 2, "buffer_stalled_s": 42.0})
     actor.close()
     evals = MetricsWriter(run_dir, "eval")
     evals.write({"version": 0, "accuracy": 0.2})
@@ -49,6 +50,7 @@ def test_snapshot_and_plain_line_show_the_latest_figures(tmp_path):
     assert snap["version"] == 5
     assert snap["heldout_accuracy"] == 0.6 and snap["first_heldout_accuracy"] == 0.2
     assert snap["tokens_per_s"] == 900.0 and snap["actors_alive"] == 2
+    assert (snap["buffer_batches_refused"], snap["buffer_stalled_s"]) == (2, 42.0)
     line = plain_line(snap, 90.0)
     assert line.startswith("[  1.5 min] v5 reward=0.500 heldout=0.600")
 
