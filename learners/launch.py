@@ -70,14 +70,15 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
-def rendezvous_file(master_addr: str) -> str:
-    """A fresh rendezvous file for a group whose ranks all run on this machine, else "".
+def rendezvous_file(master_addr: str, *, same_machine: bool = False) -> str:
+    """A fresh rendezvous file for a group whose ranks all run on this machine (a loopback
+    master, or ``same_machine``: a private local Ray, whatever address the job binds), else "".
 
     The ranks then meet through a file store instead of torch's TCP store, which listens on
-    every interface. Each group gets its own file: a file left by a killed group must never be
-    joined by the next one.
+    every interface without authentication. Each group gets its own file: a file left by a
+    killed group must never be joined by the next one.
     """
-    if not is_loopback(master_addr):
+    if not (same_machine or is_loopback(master_addr)):
         return ""
     return os.path.join(tempfile.gettempdir(), f"async-rl-rendezvous-{uuid.uuid4().hex}")
 

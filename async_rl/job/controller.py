@@ -61,7 +61,7 @@ class Controller:
         self.learner_group = None  # the learner ranks' placement group
         self.evaluator: tuple[Any, Any] | None = None  # (handle, run ref) of the held-out evaluator
         self.final_version: int | None = None
-        self.rendezvous = ""  # the learner group's rendezvous file ("" off loopback)
+        self.rendezvous = ""  # the learner group's rendezvous file ("" when ranks span machines)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ start
@@ -117,7 +117,8 @@ class Controller:
             ) from None
         master_port = free_port(self.cfg.cluster.bind_host)
         remove_rendezvous(self.rendezvous)  # the previous group's, if it was killed
-        self.rendezvous = rendezvous_file(self.cfg.cluster.bind_host)
+        same_machine = self.cfg.cluster.ray_address is None  # a private Ray runs every rank here
+        self.rendezvous = rendezvous_file(self.cfg.cluster.bind_host, same_machine=same_machine)
         payload = {
             "config": cfg.model_dump(mode="json"),
             "run_dir": str(self.run_dir),
@@ -127,7 +128,8 @@ class Controller:
             "resume": True,
         }
         resources = placement.learner_resources(cfg.learner)
-        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if self.cfg.cluster.bind_host.startswith("127.") else {}
+        local = same_machine or self.cfg.cluster.bind_host.startswith("127.")
+        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if local else {}  # else gloo listens on the host's address
         self.learners, self.learner_refs = [], []
         for rank in range(ranks):
             handle = ray.remote(LearnerRank).options(

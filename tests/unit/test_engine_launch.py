@@ -40,10 +40,11 @@ def test_each_rank_gets_its_own_distributed_env(tmp_path):
     assert {s["GLOO_SOCKET_IFNAME"] for s in seen} == {"lo"}
 
 
-def test_only_a_loopback_group_meets_through_a_fresh_file():
+def test_only_a_group_on_one_machine_meets_through_a_fresh_file():
     first, second = rendezvous_file("127.0.0.1"), rendezvous_file("127.0.0.1")
     assert first != second and os.path.isabs(first)
     assert rendezvous_file("10.0.0.5") == ""
+    assert os.path.isabs(rendezvous_file("10.0.0.5", same_machine=True))  # a private local Ray
 
 
 def test_a_failing_rank_fails_the_launch_and_stops_its_peers():
