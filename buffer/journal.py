@@ -12,9 +12,14 @@ A torn last line (a crash mid-write) is ignored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from buffer.schema import MAX_POLICY_VERSION
+
+log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "state.jsonl"
 COMPACT_EVERY = 20_000  # lines appended before the journal is rewritten as one snapshot
@@ -32,7 +37,7 @@ class BufferState:
     def apply(self, entry: dict) -> None:
         op = entry["op"]
         if op == "version":
-            self.learner_version = entry["v"]
+            self.learner_version = _version(entry["v"], self.learner_version)
         elif op == "sample":
             self.samples += len(entry["g"])
             for g in entry["g"]:
@@ -52,9 +57,18 @@ class BufferState:
         self.evicted = {g: s for g, s in self.evicted.items() if g in stored_groups}
 
 
+def _version(value, previous: int) -> int:
+    """A journaled learner version, or ``previous`` for one outside the bound (written before
+    the service checked it) that would break staleness arithmetic forever."""
+    valid = type(value) is int and 0 <= value <= MAX_POLICY_VERSION
+    if not valid:
+        log.warning("buffer journal: learner version %r ignored (outside [0, %d])", value, MAX_POLICY_VERSION)
+    return value if valid else previous
+
+
 def _decode_snapshot(entry: dict) -> dict:
     return {
-        "learner_version": entry["learner_version"],
+        "learner_version": _version(entry["learner_version"], 0),
         "samples": entry["samples"],
         "times_sampled": {int(k): v for k, v in entry["times_sampled"].items()},
         "evicted": {int(k): v for k, v in entry["evicted"].items()},

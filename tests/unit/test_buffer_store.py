@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from async_rl.config import BufferConfig
+from buffer import inspection
 from buffer.schema import TRAJECTORY_SCHEMA, SchemaError
 from buffer.segments import SegmentWriter, segment_path
 from buffer.store import RateLimited, ReplayStore
@@ -461,3 +462,15 @@ def test_read_only_recovery_skips_a_bad_batch_and_changes_no_file(tmp_path):
     assert store.index.n_rows == 4
     assert (tmp_path / "seg-000001.arrows").read_bytes() == before
     assert not (tmp_path / "quarantine").exists()
+
+
+def test_an_absurd_learner_version_in_an_old_journal_is_ignored_and_stats_work(tmp_path):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"], version=3))
+    store.set_learner_version(4)
+    store.close()
+    with open(tmp_path / "state.jsonl", "a") as journal:  # what a service before the bound wrote
+        journal.write(json.dumps({"op": "version", "v": 2**64 - 1}) + "\n")
+    reopened = _store(tmp_path)
+    assert reopened.learner_version == 4
+    assert inspection.stats(reopened)["staleness"] == {"1": 4}
