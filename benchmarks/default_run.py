@@ -1,7 +1,7 @@
 """The embedded default (`make train`) over independent seeds: held-out accuracy at exact versions.
 
     python benchmarks/default_run.py [--seeds 3] [--root runs/default_run]   # runs `async-rl train`
-    python benchmarks/default_run.py --collect runs/tiny-s0 runs/tiny-s1 …   # tabulates finished runs
+    python benchmarks/default_run.py --collect runs/tiny-s0 runs/tiny-s1 … [--wall-s 638 …]   # finished runs
 
 Each run is `async-rl train` with tiny.yaml and `run.seed=SEED` from a clean run folder (its own
 SFT warm start, prompt order and sampling). Reported per seed: the SFT start, each evaluated
@@ -98,11 +98,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, 4 steps, no SFT (plumbing only)")
     parser.add_argument("--collect", type=Path, nargs="+", help="tabulate these finished run folders instead")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "default_run")
+    parser.add_argument("--wall-s", type=float, nargs="+", help="with --collect: each run's measured wall-clock")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"default_run: --seeds={args.seeds}: must be >= 1")
     if args.collect:
-        runs = [run_summary(path) for path in args.collect]
+        walls = args.wall_s or [None] * len(args.collect)
+        if len(walls) != len(args.collect):
+            raise SystemExit(f"default_run: --wall-s gives {len(walls)} values for {len(args.collect)} runs")
+        runs = [run_summary(path, wall) for path, wall in zip(args.collect, walls, strict=True)]
     else:
         runs = []
         for seed in range(1 if args.quick else args.seeds):
