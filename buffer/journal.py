@@ -4,7 +4,8 @@ Segments are immutable; what changes after an insert is kept here: the learner v
 buffer last served, how often each group was sampled, which groups were evicted and why,
 and the rate limiter's sample count. Each change is one line written with ``os.write``
 before the reply goes out, so it survives a crash of the buffer process (the page cache
-outlives it); it is fsynced with the segments' fsync policy. On open the journal is
+outlives it); it is fsynced with the segments' fsync policy (under ``fsync: batch`` before
+the reply, so a sample count also survives a power loss). On open the journal is
 replayed and rewritten as a single snapshot line (write-to-temp, fsync, rename).
 A torn last line (a crash mid-write) is ignored.
 """
@@ -110,6 +111,11 @@ class Journal:
     @property
     def needs_compaction(self) -> bool:
         return self._lines >= COMPACT_EVERY
+
+    def dup_fd(self) -> int:
+        """A duplicate descriptor, for an fsync on another thread (see ReplayStore.sync_fds)."""
+        self._dirty = False  # whoever holds the duplicate fsyncs what was written so far
+        return os.dup(self._fd)
 
     def fsync(self) -> None:
         if self._dirty:

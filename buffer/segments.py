@@ -1,4 +1,4 @@
-"""Append-only Arrow IPC segment files: writing, fsync, recovery of a torn tail, quarantine.
+"""Append-only Arrow IPC segment files: writing, fsync, checksums, recovery, quarantine.
 
 A segment is a plain Arrow IPC *stream* file (``seg-000001.arrows``): one schema message, then
 one encapsulated record-batch message per acknowledged insert, and the end-of-stream marker
@@ -6,9 +6,20 @@ once the segment is closed. It opens with ``pyarrow.ipc.open_stream`` and with D
 Arrow reader. A segment is never reopened for writing: after a restart the store starts a
 new one, so a torn tail only ever sits at the end of a file that nobody appends to.
 
+Every batch message carries the xxh3-64 of its body in its custom metadata
+(``xxh3_64: "xxh3:<16 hex>"``), and the schema message says so (``CHECKSUM_FLAG``); a scan
+verifies it, so a flipped bit is a bad batch rather than a wrong reward. Segments written
+before checksums existed have no flag and are read without the check.
+
+A failed append (a short write, then ENOSPC) is cut back to the last good offset and fsynced
+before the error is raised, so nothing appended later sits behind garbage.
+
 A complete message that is not a valid batch (crafted offsets, a row that breaks the
-contract) is skipped by the scan; :func:`quarantine_messages` moves its bytes to
-``quarantine/`` and rewrites the segment without it, so one bad batch never stops a restart.
+contract, a checksum mismatch) is skipped by the scan; an unreadable message header in a
+checksummed segment is skipped up to the next message whose checksum verifies.
+:func:`quarantine_messages` moves such bytes to ``quarantine/`` and rewrites the segment
+without them, so one bad batch never stops a restart. A segment whose schema is unreadable
+or not the trajectory schema is not a torn tail: it is moved whole to ``quarantine/``.
 """
 
 from __future__ import annotations
@@ -20,11 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import xxhash
 
 SEGMENT_GLOB = "seg-*.arrows"
 QUARANTINE_DIR = "quarantine"
 END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _SEGMENT_RE = re.compile(r"seg-(\d+)\.arrows$")
+CHECKSUM_KEY = "xxh3_64"  # custom metadata of each batch message
+CHECKSUM_FLAG = {b"async_rl.batch_checksum": b"xxh3_64"}  # schema metadata: batches carry one
+_CHECKSUM_TAG = b"xxh3:"  # the value is this tag and 16 hex digits, patched in after hashing
+_DIGITS = 16
+_CONTINUATION = b"\xff\xff\xff\xff"  # starts every IPC message: where a resync may resume
 
 
 def segment_path(directory: Path, seg_id: int) -> Path:
@@ -42,24 +59,58 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
 
 
 class SegmentWriter:
-    """Appends record batches to one new segment file and fsyncs on request."""
+    """Appends checksummed record batches to one new segment file and fsyncs on request.
+
+    ``broken`` is set when a failed append could not be cut back: the file must not be
+    appended to again (the store rolls to a new segment).
+    """
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.size = 0
-        self._write(schema.serialize())
+        self.broken = False
+        self._write(schema.with_metadata(CHECKSUM_FLAG).serialize())
         self.fsync()
         _fsync_dir(path.parent)  # the new file's name must survive a crash too
 
     def append(self, batch: pa.RecordBatch) -> tuple[int, int]:
-        """Write one batch; returns ``(byte offset, byte length)`` of its message."""
+        """Write one batch; returns ``(byte offset, byte length)`` of its message.
+
+        On a write error the file is truncated back to where the batch started and fsynced
+        before the error propagates, so the next append follows the last good batch.
+        """
+        header, body = checksummed_message(batch)
         offset = self.size
-        self._write(batch.serialize())
+        try:
+            self._write(header)
+            self._write(body)
+        except OSError:
+            self._cut_back(offset)
+            raise
         return offset, self.size - offset
+
+    def _cut_back(self, offset: int) -> None:
+        try:
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            os.fsync(self._fd)
+            self.size = offset
+        except OSError:
+            self.broken = True
+
+    def dup_fd(self) -> int:
+        """A duplicate descriptor, for an fsync on another thread that may outlive this one."""
+        return os.dup(self._fd)
 
     def fsync(self) -> None:
         os.fsync(self._fd)
+
+    def abandon(self) -> None:
+        """Close without the end-of-stream marker (a broken file: recovery cuts its tail)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def close(self) -> None:
         """Write the end-of-stream marker so the file is a complete IPC stream."""
@@ -76,6 +127,37 @@ class SegmentWriter:
             written = os.write(self._fd, view)
             view = view[written:]
             self.size += written
+
+
+def checksummed_message(batch: pa.RecordBatch) -> tuple[bytearray, pa.Buffer]:
+    """One IPC record-batch message as ``(header, body)``: the header's custom metadata holds
+    the xxh3-64 of the body. Serialized once; the digest is patched into a fixed-width
+    placeholder, so the flatbuffer stays valid."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch, custom_metadata={CHECKSUM_KEY: (_CHECKSUM_TAG + b"0" * _DIGITS).decode()})
+    stream = sink.getvalue()
+    source = pa.BufferReader(stream)
+    pa.ipc.read_message(source)  # the schema message
+    start = source.tell()
+    message = pa.ipc.read_message(source)
+    body_at = message.body.address - stream.address
+    header = bytearray(stream[start:body_at].to_pybytes())
+    at = header.index(_CHECKSUM_TAG) + len(_CHECKSUM_TAG)
+    header[at : at + _DIGITS] = xxhash.xxh3_64_hexdigest(message.body).encode()
+    return header, message.body
+
+
+def _checksum_error(message: pa.ipc.Message) -> str | None:
+    """Why a message's body does not match its checksum, or None when it does."""
+    metadata = message.metadata.to_pybytes()
+    at = metadata.find(_CHECKSUM_TAG)
+    if at < 0:
+        return "checksum missing"
+    stored = metadata[at + len(_CHECKSUM_TAG) : at + len(_CHECKSUM_TAG) + _DIGITS]
+    if stored != xxhash.xxh3_64_hexdigest(message.body).encode():
+        return "checksum mismatch: the batch's bytes changed after it was written"
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -107,6 +189,7 @@ class SegmentScan:
     good_bytes: int = 0
     file_bytes: int = 0
     error: str | None = None
+    unexpected: bool = False  # schema unreadable or not ours: quarantine whole, never truncate
     mapping: mmap.mmap | None = None  # what the batches point into; see release_pages()
 
     @property
@@ -118,8 +201,10 @@ def scan_segment(path: Path, schema: pa.Schema) -> SegmentScan:
     """Read every complete batch of a segment through a memory map (zero-copy: the batches'
     buffers point into ``scan.mapping``, which stays open as long as they are referenced).
 
-    A batch that is cut short or garbled ends the scan; ``good_bytes`` is the offset just
-    after the last complete message, so truncating to it leaves a valid stream.
+    A batch that is cut short or garbled with no verified batch after it ends the scan;
+    ``good_bytes`` is the offset just after the last complete message, so truncating to it
+    leaves a valid stream. A schema that cannot be read (past a torn creation) or is not
+    ``schema`` marks the scan ``unexpected``: nothing in it is a torn tail.
     """
     scan = SegmentScan(path=path, file_bytes=path.stat().st_size)
     if scan.file_bytes == 0:
@@ -128,16 +213,20 @@ def scan_segment(path: Path, schema: pa.Schema) -> SegmentScan:
     with open(path, "rb") as handle:
         scan.mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     source = pa.BufferReader(pa.py_buffer(scan.mapping))
-    reader = pa.ipc.MessageReader.open_stream(source)
     try:
-        file_schema = pa.ipc.read_schema(reader.read_next_message())
-        if not file_schema.equals(schema):
-            scan.error = "schema differs from the trajectory schema"
-            return scan
-        scan.good_bytes = scan.schema_bytes = source.tell()
-        _read_batches(reader, source, schema, scan)
-    except (pa.ArrowInvalid, OSError, StopIteration) as err:
-        scan.error = scan.error or f"{type(err).__name__}: {err}"
+        file_schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+    except (pa.ArrowInvalid, OSError) as err:
+        scan.error = f"schema unreadable: {type(err).__name__}: {err}"
+        # A crash while the file was created leaves at most a partial schema and no batch.
+        scan.unexpected = scan.file_bytes > len(schema.with_metadata(CHECKSUM_FLAG).serialize())
+        return scan
+    if not file_schema.equals(schema):
+        scan.error = f"schema differs from the trajectory schema: {file_schema.names}"
+        scan.unexpected = True
+        return scan
+    scan.good_bytes = scan.schema_bytes = source.tell()
+    checksummed = (file_schema.metadata or {}).items() >= CHECKSUM_FLAG.items()
+    _read_batches(source, schema, scan, checksummed)
     release_pages(scan.mapping)  # the scan touched every page; rows are read back on demand
     return scan
 
@@ -153,23 +242,54 @@ def release_pages(mapping: mmap.mmap | None) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _read_batches(reader, source, schema: pa.Schema, scan: SegmentScan) -> None:
+def _read_batches(source, schema: pa.Schema, scan: SegmentScan, checksummed: bool) -> None:
+    reader = pa.ipc.MessageReader.open_stream(source)
     while True:
+        start = scan.good_bytes
         try:
             message = reader.read_next_message()
         except StopIteration:
             scan.good_bytes = source.tell()  # end-of-stream marker, or a clean end of file
             return
-        start, end = scan.good_bytes, source.tell()
+        except (pa.ArrowInvalid, OSError) as err:
+            resume = _next_verified_message(scan.mapping, start, schema) if checksummed else None
+            if resume is None:  # a torn tail: good_bytes stays where the message began
+                scan.error = f"{type(err).__name__}: {err}"
+                return
+            scan.bad.append(BadMessage(start, resume, f"unreadable message header: {err}"))
+            scan.good_bytes = resume
+            source.seek(resume)
+            reader = pa.ipc.MessageReader.open_stream(source)
+            continue
+        end = source.tell()
         scan.good_bytes = end
         try:
             batch = pa.ipc.read_record_batch(message, schema)
             batch.validate(full=True)  # offsets and UTF-8: nothing downstream re-checks them
+            problem = _checksum_error(message) if checksummed else None
         except (pa.ArrowInvalid, pa.ArrowException) as err:
-            scan.bad.append(BadMessage(start, end, f"{type(err).__name__}: {err}"))
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            scan.bad.append(BadMessage(start, end, problem))
             continue
         scan.batches.append(batch)
         scan.spans.append((start, end))
+
+
+def _next_verified_message(data: mmap.mmap, after: int, schema: pa.Schema) -> int | None:
+    """Offset of the first message past ``after`` that is a record batch whose checksum
+    verifies (framing found again after a garbled header), or None."""
+    whole = pa.py_buffer(data)
+    at = data.find(_CONTINUATION, after + 1)
+    while at >= 0:
+        try:
+            message = pa.ipc.read_message(pa.BufferReader(whole.slice(at)))
+            if message.type == "record batch" and _checksum_error(message) is None:
+                return at
+        except (pa.ArrowInvalid, OSError, EOFError):  # not a message start, or end of stream
+            pass
+        at = data.find(_CONTINUATION, at + 1)
+    return None
 
 
 def truncate_segment(path: Path, good_bytes: int) -> None:
@@ -199,6 +319,21 @@ def quarantine_messages(scan: SegmentScan) -> list[Path]:
     os.replace(tmp, scan.path)
     _fsync_dir(scan.path.parent)
     return written
+
+
+def quarantine_segment(path: Path) -> Path:
+    """Move a whole segment into ``quarantine/`` (renamed, fsynced: no byte is lost)."""
+    folder = path.parent / QUARANTINE_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / path.name
+    copy = 0
+    while target.exists():
+        copy += 1
+        target = folder / f"{path.name}.{copy}"
+    os.replace(path, target)
+    _fsync_dir(folder)
+    _fsync_dir(path.parent)
+    return target
 
 
 def _write_durably(path: Path, parts: list) -> None:

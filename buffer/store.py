@@ -5,7 +5,16 @@ Life of a batch: ``insert`` validates it against the trajectory schema, drops ro
 segment, fsyncs under the ``fsync`` policy, indexes the rows and only then returns the ack.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
-before it is returned so a restart never hands a group out more often than allowed.
+(and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
+loss, never hands a group out more often than allowed.
+
+Durability, per ``fsync`` policy: ``batch`` acknowledges an insert or returns a sample only
+after an fsync that covers it; ``interval`` acknowledges at once and fsyncs every
+``fsync_interval_s`` (a power loss may lose that long of acknowledged rows and samples; a
+crash of the process alone loses nothing, the page cache outlives it); ``never`` leaves it to
+the OS. Callers that share fsyncs between requests (the service's group commit) pass
+``sync=False`` and reply once an fsync that started after the call has finished; see
+:meth:`ReplayStore.sync_fds`.
 A group that can never be sampled again is retired with a reason; a closed segment whose
 groups are all retired is deleted.
 
@@ -47,6 +56,7 @@ from buffer.segments import (
     SegmentWriter,
     list_segments,
     quarantine_messages,
+    quarantine_segment,
     release_pages,
     scan_segment,
     segment_path,
@@ -60,6 +70,11 @@ RELEASE_PAGES_S = 10.0  # how often sampled rows' mapped pages are dropped from 
 
 class RateLimited(RuntimeError):
     """An insert refused by the rate limiter; the message says why. Retry later."""
+
+
+class AppendFailed(RuntimeError):
+    """Writing a batch to its segment failed (a full disk, an I/O error). Nothing of the batch
+    is stored and the segment was cut back to its last good batch; retry later."""
 
 
 @dataclass
@@ -104,9 +119,9 @@ class ReplayStore:
         self.state = read_journal(self.dir)
         self.retired = RetiredGroups(self.dir, writable=not read_only)
         self._recover_segments()
-        # The next segment gets a new number, also past segments that _restore_state deletes
-        # now: batch_segment keeps their (retired) batches, so a number must never come back.
-        self._writer_id = max(self.segments, default=0)
+        # The next segment gets a new number (_recover_segments keeps the highest seen), also
+        # past segments that _restore_state deletes now: batch_segment keeps their (retired)
+        # batches, and quarantined ones keep their name, so a number must never come back.
         self._restore_state()
         # The ratio is enforced from the moment the store opens, like a fresh Reverb table.
         self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
@@ -117,7 +132,11 @@ class ReplayStore:
 
     def _recover_segments(self) -> None:
         for seg_id, path in list_segments(self.dir):
+            self._writer_id = max(self._writer_id, seg_id)  # never reused, even if set aside
             scan = self._scan_checked(path)
+            if scan.unexpected:
+                self._set_aside(scan)
+                continue
             if scan.torn_bytes or scan.error:
                 self._report_torn(seg_id, scan)
             self.segments[seg_id] = Segment(path=path, bytes=scan.good_bytes, mapping=scan.mapping)
@@ -144,6 +163,15 @@ class ReplayStore:
         self.recovery.append(report)
         log.warning("buffer recovery: unreadable batches set aside: %s", report)
         return scan if self.read_only else scan_segment(path, TRAJECTORY_SCHEMA)
+
+    def _set_aside(self, scan: SegmentScan) -> None:
+        """A segment that is intact but not ours (another schema) or whose schema is garbled
+        holds rows that may have been acknowledged: moved whole, never truncated."""
+        moved = None if self.read_only else quarantine_segment(scan.path)
+        report = {"segment": scan.path.name, "segment_quarantined": True, "error": scan.error,
+                  "moved_to": str(moved) if moved else None}
+        self.recovery.append(report)
+        log.error("buffer recovery: segment set aside unread: %s", report)
 
     def _report_torn(self, seg_id: int, scan) -> None:
         report = {
@@ -187,18 +215,19 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, data: pa.RecordBatch | pa.Table) -> Ack:
+    def insert(self, data: pa.RecordBatch | pa.Table, *, sync: bool = True) -> Ack:
         """Store a batch durably (under the fsync policy) and return what was accepted.
 
-        Raises ``SchemaError`` for a batch that breaks the contract and ``RateLimited`` when
-        the actors are too far ahead of the learner (nothing is stored then).
+        Raises ``SchemaError`` for a batch that breaks the contract, ``RateLimited`` when the
+        actors are too far ahead of the learner and ``AppendFailed`` when the disk refused
+        the write (nothing is stored then). ``sync=False``: the caller fsyncs (group commit).
         """
         self._require_writable()
         batch = validate_batch(data)
         fresh, hashes = self._fresh_rows(batch)
         duplicates = batch.num_rows - len(fresh)
-        if not len(fresh):
-            return Ack(0, duplicates, self._maybe_fsync(force=False))
+        if not len(fresh):  # the first copy may still wait for its fsync: so does this ack
+            return Ack(0, duplicates, self._maybe_fsync(force=sync and self.cfg.fsync == "batch"))
         refusal = self.limiter.insert_refusal()
         if refusal:
             raise RateLimited(refusal)
@@ -207,9 +236,8 @@ class ReplayStore:
         # Everything the index needs is computed before the first byte is written: a batch
         # that cannot be indexed must never reach a segment (recovery would replay it).
         facts = _row_facts(batch, hashes[fresh], np.arange(batch.num_rows))
-        seg_id = self._active_writer()
-        self._writer.append(batch)
-        fsynced = self._maybe_fsync(force=self.cfg.fsync == "batch")
+        seg_id = self._append(batch)
+        fsynced = self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
         self.segments[seg_id].bytes = self._writer.size
         completed_before = self.index.completed_groups
         self._index_batch(batch, seg_id, facts)
@@ -228,6 +256,22 @@ class ReplayStore:
             groups = hash_ids(batch.column("group_id").take(pa.array(fresh)).to_pylist())
             fresh = fresh[~self.retired.contains(groups)]
         return fresh, hashes
+
+    def _append(self, batch: pa.RecordBatch) -> int:
+        """Write a batch to the active segment; returns the segment id."""
+        seg_id = self._active_writer()
+        try:
+            self._writer.append(batch)
+        except OSError as err:
+            if self._writer.broken:  # could not cut the failed bytes off: never append there
+                self._writer.abandon()
+                self._writer = None
+            log.error("buffer: append to %s failed: %s", segment_path(self.dir, seg_id).name, err)
+            raise AppendFailed(
+                f"append to {segment_path(self.dir, seg_id).name} failed ({err}); "
+                "nothing of this batch is stored, retry"
+            ) from err
+        return seg_id
 
     def _active_writer(self) -> int:
         if self._writer is not None and self._writer.size >= self.cfg.segment_bytes:
@@ -263,6 +307,18 @@ class ReplayStore:
         self.journal.fsync()
         self._last_fsync = time.monotonic()
         return True
+
+    def sync_fds(self) -> list[int]:
+        """Duplicates of the descriptors an fsync must cover now (active segment, journal),
+        for a group commit on another thread; the caller fsyncs and closes them. Everything
+        written before this call is durable once they are fsynced."""
+        if self.read_only:
+            return []
+        self._last_fsync = time.monotonic()
+        fds = [self.journal.dup_fd()]
+        if self._writer is not None:
+            fds.append(self._writer.dup_fd())
+        return fds
 
     def tick(self) -> None:
         """Periodic work for the service loop: the interval fsync, releasing mapped pages."""
@@ -305,7 +361,7 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ sample
 
-    def set_learner_version(self, version: int, *, restart: bool = False) -> None:
+    def set_learner_version(self, version: int, *, restart: bool = False, sync: bool = True) -> None:
         """Record the learner's policy version (journaled) and evict what became too stale.
 
         The version only moves up, so no request can make retired rows' peers look fresh;
@@ -321,17 +377,19 @@ class ReplayStore:
             )
         self._record({"op": "version", "v": int(version)})
         self._evict_stale()
-        self._maybe_fsync(force=self.cfg.fsync == "batch")
+        self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
 
     @property
     def learner_version(self) -> int:
         return self.state.learner_version
 
-    def sample(self, n_groups: int, *, peek: bool = False) -> tuple[pa.Table | None, str | None]:
+    def sample(self, n_groups: int, *, peek: bool = False,
+               sync: bool = True) -> tuple[pa.Table | None, str | None]:
         """Up to ``n_groups`` whole groups as one table, or ``(None, reason)`` if refused.
 
         ``peek`` looks without counting the sample (inspection): no times-sampled update, no
-        rate limiting, nothing journaled, no eviction.
+        rate limiting, nothing journaled, no eviction. Under ``fsync: batch`` the journaled
+        count is fsynced before the table is returned (``sync=False``: the caller does it).
         """
         if not peek:
             self._require_writable()
@@ -349,6 +407,7 @@ class ReplayStore:
         table = self._read_groups(picked, counts)  # before counting: that may delete segments
         if not peek:
             self._count_sample(picked)
+            self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
         return table, None
 
     def sampleable_groups(self) -> int:

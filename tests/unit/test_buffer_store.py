@@ -321,21 +321,41 @@ def test_a_torn_segment_tail_is_truncated_and_reported(tmp_path):
     assert _groups(store.sample(2)[0]) == ["a", "b"]
 
 
-def test_a_garbled_batch_header_keeps_the_batches_before_it(tmp_path):
+def _garbled_header(tmp_path, names, *, garble: int) -> tuple[list[int], bytes]:
+    """Store one batch per name, then overwrite the header of batch ``garble`` (not the
+    first) with junk; returns where each batch ends and the garbled file."""
     store = _store(tmp_path)
-    store.insert(synthetic_batch(groups=["a"]))
-    second = store.segments[1].bytes  # where the next batch's message starts
-    store.insert(synthetic_batch(groups=["b"]))
+    ends = []
+    for name in names:
+        store.insert(synthetic_batch(groups=[name]))
+        ends.append(store.segments[1].bytes)
     store.close()
     segment = tmp_path / "seg-000001.arrows"
     data = bytearray(segment.read_bytes())
-    data[second : second + 64] = b"\x7f" * 64
+    data[ends[garble - 1] : ends[garble - 1] + 64] = b"\x7f" * 64
     segment.write_bytes(bytes(data))
+    return ends, bytes(data)
+
+
+def test_a_garbled_batch_header_keeps_the_batches_before_it(tmp_path):
+    (second, _), _ = _garbled_header(tmp_path, ["a", "b"], garble=1)
     store = _store(tmp_path)
     assert store.recovery[0]["batches_kept"] == 1
     assert store.recovery[0]["bytes_kept"] == second
     assert _groups(store.sample(1)[0]) == ["a"]
     assert store.sample(1)[0] is None
+
+
+def test_a_garbled_header_mid_segment_loses_only_its_own_batch(tmp_path):
+    (second, third, _), data = _garbled_header(tmp_path, ["a", "b", "c"], garble=1)
+    store = _store(tmp_path)
+    report = store.recovery[0]
+    assert report["batches_quarantined"] == 1 and "unreadable message header" in report["errors"][0]
+    quarantined = tmp_path / "quarantine" / f"seg-000001.arrows@{second}.msg"
+    assert quarantined.read_bytes() == data[second:third]
+    assert _groups(store.sample(2)[0]) == ["a", "c"]
+    store.close()
+    assert _store(tmp_path).recovery == []  # rewritten without it
 
 
 def test_read_only_open_changes_no_file(tmp_path):

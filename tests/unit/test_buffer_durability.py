@@ -1,0 +1,138 @@
+"""What an acknowledgement promises survives a failed write, a foreign segment, flipped bits and
+a power loss between a sample and its journal line (issue #19's audit)."""
+
+import errno
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from async_rl.config import BufferConfig
+from buffer.schema import TRAJECTORY_SCHEMA
+from buffer.store import ReplayStore
+from buffer.testing import synthetic_batch
+
+ONE, THOUSAND = np.float32(1.0).tobytes(), np.float32(1000.0).tobytes()
+
+
+def _store(path, **cfg):
+    cfg.setdefault("min_size_to_sample", 1)
+    return ReplayStore(path, BufferConfig(**cfg))
+
+
+def _groups(table):
+    return list(dict.fromkeys(table.column("group_id").to_pylist()))
+
+
+def _fail_segment_writes(monkeypatch, store, *, short_bytes: int):
+    """The next write to the active segment stores ``short_bytes`` and the one after fails
+    with ENOSPC (a disk filling up mid-batch); every other write goes through."""
+    real_write, fd, calls = os.write, store._writer._fd, []
+
+    def write(target, data):
+        if target != fd:
+            return real_write(target, data)
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(target, bytes(memoryview(data)[:short_bytes]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_failed_partial_append_loses_no_acknowledged_row_written_after_it(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"]))
+    size = store.segments[1].bytes
+    with monkeypatch.context() as patch:
+        _fail_segment_writes(patch, store, short_bytes=100)
+        with pytest.raises(Exception, match="No space left on device"):
+            store.insert(synthetic_batch(groups=["b"]))
+    assert (tmp_path / "seg-000001.arrows").stat().st_size == size  # cut back to the last batch
+    for name in ["c", "d", "e"]:
+        assert store.insert(synthetic_batch(groups=[name])).accepted == 4
+    assert store.insert(synthetic_batch(groups=["b"])).accepted == 4  # the writer's retry
+    del store  # a crash: no end-of-stream marker
+    reopened = _store(tmp_path)
+    assert reopened.recovery == []
+    assert reopened.index.n_rows == 20
+    assert _groups(reopened.sample(5)[0]) == ["a", "c", "d", "e", "b"]
+
+
+def _foreign_segment(path, rows: int) -> bytes:
+    """An intact Arrow stream whose schema is not the trajectory schema (another version)."""
+    table = pa.table({"traj_id": [f"t{i}" for i in range(rows)], "reward": [1.0] * rows})
+    with pa.ipc.new_stream(str(path), table.schema) as writer:
+        writer.write_table(table)
+    return path.read_bytes()
+
+
+def test_a_segment_with_another_schema_is_set_aside_whole_never_truncated(tmp_path):
+    data = _foreign_segment(tmp_path / "seg-000001.arrows", rows=12)
+    store = _store(tmp_path)
+    report = store.recovery[0]
+    assert report["segment"] == "seg-000001.arrows" and report["segment_quarantined"]
+    assert "schema differs" in report["error"]
+    assert (tmp_path / "quarantine" / "seg-000001.arrows").read_bytes() == data
+    store.insert(synthetic_batch(groups=["a"]))
+    assert (tmp_path / "seg-000002.arrows").exists()  # the set-aside number is not reused
+    store.close()
+    assert _store(tmp_path).index.n_rows == 4
+
+
+def test_read_only_recovery_leaves_a_foreign_segment_where_it_is(tmp_path):
+    data = _foreign_segment(tmp_path / "seg-000001.arrows", rows=3)
+    store = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    assert store.recovery[0]["segment_quarantined"] and store.recovery[0]["moved_to"] is None
+    assert (tmp_path / "seg-000001.arrows").read_bytes() == data
+
+
+def test_a_reward_flipped_on_disk_fails_its_checksum_and_only_that_batch_is_set_aside(tmp_path):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"], rewards=[1, 0, 1, 0]))
+    store.insert(synthetic_batch(groups=["b"], rewards=[0, 1, 0, 1]))
+    store.close()
+    segment = tmp_path / "seg-000001.arrows"
+    data = bytearray(segment.read_bytes())
+    at = data.index(ONE + bytes(4) + ONE)  # a's reward column
+    data[at : at + 4] = THOUSAND
+    segment.write_bytes(bytes(data))
+    store = _store(tmp_path)
+    report = store.recovery[0]
+    assert report["batches_quarantined"] == 1
+    assert any("checksum mismatch" in e for e in report["errors"])
+    assert store.index.n_rows == 4
+    table = store.sample(1)[0]
+    assert _groups(table) == ["b"] and max(table.column("reward").to_pylist()) == 1.0
+
+
+def test_a_segment_written_before_checksums_still_opens(tmp_path):
+    rows = synthetic_batch(groups=["a"])
+    with pa.ipc.new_stream(str(tmp_path / "seg-000001.arrows"), TRAJECTORY_SCHEMA) as writer:
+        writer.write_batch(rows)
+    store = _store(tmp_path)
+    assert store.recovery == [] and _groups(store.sample(1)[0]) == ["a"]
+
+
+def _record_fsyncs(monkeypatch) -> dict:
+    """File name -> size at its last fsync (what a power loss would keep)."""
+    real_fsync, durable = os.fsync, {}
+
+    def fsync(fd):
+        real_fsync(fd)
+        durable[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))] = os.fstat(fd).st_size
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return durable
+
+
+def test_a_sample_is_fsynced_in_the_journal_before_it_is_returned(tmp_path, monkeypatch):
+    store = _store(tmp_path, fsync="batch")
+    store.insert(synthetic_batch(groups=["a"]))
+    store.insert(synthetic_batch(groups=["b"]))
+    durable = _record_fsyncs(monkeypatch)
+    assert _groups(store.sample(1)[0]) == ["a"]
+    journal = tmp_path / "state.jsonl"
+    assert durable.get("state.jsonl") == journal.stat().st_size  # the sample line included
+    assert journal.read_text().splitlines()[-1].startswith('{"op":"sample"')
