@@ -4,7 +4,11 @@
 
 Actors send ``insert`` requests from DEALER sockets and may keep several in flight (a push
 stream with an acknowledgement per batch: an ack means the rows are durable under the fsync
-policy); the learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
+policy). Under ``fsync: batch`` replies that promise durability (insert acks, samples, the
+learner version) wait for a group commit (``buffer/commit.py``): one fsync, running on its own
+thread while the loop keeps appending, covers every request written before it started. A
+failed append is answered with a retryable error; a failed fsync stops the service, which
+then recovers from disk on restart. The learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
 ``head``. Only the learner may set the learner version: the request must carry the secret of
 ``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
 job's CURVE keys (required off loopback) every byte is encrypted and only clients holding the
@@ -16,7 +20,7 @@ Bad requests (unknown verb, bad header, wrong schema, oversized) get an error re
 loop keeps serving. On start the bound address is written to ``DIR/service.json``.
 
 Shutdown order: SIGTERM/SIGINT sets a flag → the loop answers parked samples with a refusal
-→ the store closes (active segment gets its end-of-stream marker, journal fsynced) → the
+→ replies waiting for a group commit get it → the fsync thread stops → the store closes (active segment gets its end-of-stream marker, journal fsynced) → the
 socket closes → ``service.json`` is removed.
 """
 
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -40,8 +45,9 @@ import zmq
 from async_rl.config import BufferConfig
 from async_rl.weights.keys import secure_server
 from buffer import inspection
+from buffer.commit import GroupCommit
 from buffer.schema import MAX_POLICY_VERSION, SchemaError
-from buffer.store import RateLimited, ReplayStore
+from buffer.store import AppendFailed, RateLimited, ReplayStore
 from buffer.wire import (
     VERBS,
     float_arg,
@@ -71,6 +77,17 @@ class ParkedSample:
 
 
 @dataclass
+class DurableReply:
+    """A reply held back until group-commit round ``round`` has fsynced what it promises."""
+
+    round: int
+    identity: bytes
+    header: dict
+    payload: list | None
+    fields: dict
+
+
+@dataclass
 class BufferService:
     store: ReplayStore
     cfg: BufferConfig
@@ -79,6 +96,8 @@ class BufferService:
     parked: list[ParkedSample] = field(default_factory=list)
     stopping: bool = False
     parent_pid: int | None = None  # stop when this process is gone (no orphaned services)
+    waiting: list[DurableReply] = field(default_factory=list)
+    failed: bool = False  # an fsync failed: stop, and let a restart recover from disk
 
     def bind(self, host: str, port: int) -> str:
         self.ctx = zmq.Context()  # its own: the CURVE authenticator covers only this socket
@@ -93,15 +112,19 @@ class BufferService:
         else:
             self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.commit = GroupCommit() if self.cfg.fsync == "batch" else None
         return self.address
 
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        if self.commit is not None:
+            poller.register(self.commit.wake_fd, zmq.POLLIN)
         while not self.stopping:
             if poller.poll(POLL_MS):
                 self._receive_all()
             self._serve_parked()
+            self._group_commit()
             self.store.tick()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("parent process %d is gone: stopping", self.parent_pid)
@@ -109,6 +132,47 @@ class BufferService:
         for parked in self.parked:
             self._reply(parked.identity, parked.header, ok=False, error="shutting down")
         self.parked.clear()
+        while self.waiting and not self.failed:
+            select.select([self.commit.wake_fd], [], [], POLL_MS / 1000)
+            self._group_commit()
+
+    def _group_commit(self) -> None:
+        """Send the replies whose round has fsynced; start the next round if one is needed."""
+        if self.commit is None:
+            return
+        self.commit.poll()
+        if self.commit.error is not None:
+            self._fsync_failed(self.commit.error)
+            return
+        done = self.commit.completed
+        held = []
+        for reply in self.waiting:
+            if reply.round <= done:
+                self._reply(reply.identity, reply.header, reply.payload, **reply.fields)
+            else:
+                held.append(reply)
+        self.waiting = held
+        if held and not self.commit.busy:
+            self.commit.start(self.store.sync_fds())
+
+    def _fsync_failed(self, error: OSError) -> None:
+        log.critical("fsync failed (%s): nothing more is acknowledged; stopping so that a "
+                     "restart recovers from what is on disk", error)
+        for reply in self.waiting:
+            self._reply(reply.identity, reply.header, ok=False, retry=True,
+                        error=f"AppendFailed: fsync failed ({error}); the buffer restarts, retry")
+        self.waiting.clear()
+        self.failed = self.stopping = True
+
+    def _reply_durable(self, identity: bytes, request: dict, payload: list | None = None,
+                       **fields) -> None:
+        """Reply once what the request wrote is fsynced (at once unless ``fsync: batch``)."""
+        if self.commit is None:
+            self._reply(identity, request, payload, **fields)
+            return
+        if "fsynced" in fields:
+            fields["fsynced"] = True  # the reply waits for the round that covers the rows
+        self.waiting.append(DurableReply(self.commit.next_round, identity, request, payload, fields))
 
     def _receive_all(self) -> None:
         while True:
@@ -133,9 +197,10 @@ class BufferService:
             if verb not in VERBS:
                 raise ValueError(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
             getattr(self, f"_on_{verb}")(identity, header, frames[1:])
-        except (ValueError, SchemaError, RateLimited, TypeError, KeyError, PermissionError) as err:
+        except (ValueError, SchemaError, RateLimited, AppendFailed, TypeError, KeyError,
+                PermissionError) as err:
             self._reply(identity, header, ok=False, error=f"{type(err).__name__}: {err}",
-                        retry=isinstance(err, RateLimited))
+                        retry=isinstance(err, RateLimited | AppendFailed))
         except Exception as err:  # a bug must not take ingest down: answer, log, keep serving
             log.exception("request %r failed", header.get("verb"))
             self._reply(identity, header, ok=False, error=f"internal error: {type(err).__name__}: {err}")
@@ -146,8 +211,8 @@ class BufferService:
     def _on_insert(self, identity, header, payload) -> None:
         if len(payload) != 1:
             raise ValueError("insert needs exactly one Arrow IPC payload frame")
-        ack = self.store.insert(ipc_to_table(payload[0].buffer))
-        self._reply(identity, header, **ack.as_dict())
+        ack = self.store.insert(ipc_to_table(payload[0].buffer), sync=False)
+        self._reply_durable(identity, header, **ack.as_dict())
 
     def _on_sample(self, identity, header, payload) -> None:
         timeout_s = float_arg(header, "timeout_s", 0.0, lo=0.0, hi=MAX_SAMPLE_WAIT_S)
@@ -162,9 +227,11 @@ class BufferService:
     def _try_sample(self, parked: ParkedSample, *, final: bool) -> bool:
         """Serve a sample if possible (or refuse it when ``final``); True when answered."""
         n_groups = parked.header["n_groups"]  # checked by _on_sample
-        table, reason = self.store.sample(n_groups, peek=bool(parked.header.get("peek")))
+        peek = bool(parked.header.get("peek"))
+        table, reason = self.store.sample(n_groups, peek=peek, sync=False)
         if table is not None:
-            self._reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
+            reply = self._reply if peek else self._reply_durable  # a sample's count is journaled
+            reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
             return True
         if final:
             self._reply(parked.identity, parked.header, refused=reason)
@@ -186,8 +253,8 @@ class BufferService:
         if not isinstance(token, str) or not hmac.compare_digest(token, self.learner_token):
             raise PermissionError(f"set_learner_version: only the learner (it holds {LEARNER_TOKEN_FILE})")
         version = int_arg(header, "version", None, lo=0, hi=MAX_POLICY_VERSION)
-        self.store.set_learner_version(version, restart=header.get("restart") is True)
-        self._reply(identity, header, learner_version=self.store.learner_version)
+        self.store.set_learner_version(version, restart=header.get("restart") is True, sync=False)
+        self._reply_durable(identity, header, learner_version=self.store.learner_version)
 
     def _on_head(self, identity, header, payload) -> None:
         n = min(int_arg(header, "n", 10, lo=0, hi=1 << 62), MAX_HEAD_ROWS)
@@ -203,7 +270,14 @@ class BufferService:
         self.socket.send_multipart([identity, pack_header(header), *(payload or [])], copy=False)
 
     def close(self) -> None:
-        self.store.close()
+        if self.commit is not None:
+            self.commit.close()
+        try:
+            self.store.close()
+        except OSError as err:
+            if not self.failed:
+                raise
+            log.error("closing the store after a failed fsync: %s", err)
         self.socket.close()
         if self.auth is not None:
             self.auth.stop()
@@ -262,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         service.close()
         (directory / SERVICE_FILE).unlink(missing_ok=True)
+    if service.failed:
+        sys.exit(1)
 
 
 def _parse_args(argv):
