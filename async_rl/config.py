@@ -183,9 +183,16 @@ class BufferConfig(Section):
     capacity_bytes: int = Field(8 << 30, gt=0, description="Most bytes on disk; oldest evicted first.")
     segment_bytes: int = Field(64 << 20, gt=0, description="An Arrow IPC segment rolls past this size.")
     fsync: Literal["batch", "interval", "never"] = Field(
-        "batch", description="When appended batches are fsynced before being acknowledged."
+        "batch",
+        description="batch = an insert ack (and a sample reply) is sent only after an fsync that "
+        "covers it; concurrent requests share fsyncs (group commit). interval = acknowledge at "
+        "once and fsync every fsync_interval_s: a power loss may lose up to that long of "
+        "acknowledged rows and sample counts (a crash of the buffer process alone loses nothing). "
+        "never = leave it to the OS.",
     )
-    fsync_interval_s: float = Field(1.0, gt=0, description="Interval for fsync: interval.")
+    fsync_interval_s: float = Field(
+        1.0, gt=0, description="fsync: interval — how often, so the most a power loss may lose."
+    )
     sampler: Literal["fifo", "freshest", "uniform", "prioritized"] = Field(
         "fifo",
         description="Which groups a sample returns first: fifo = oldest stored first (a queue), "

@@ -133,10 +133,13 @@ def checksummed_message(batch: pa.RecordBatch) -> tuple[bytearray, pa.Buffer]:
     """One IPC record-batch message as ``(header, body)``: the header's custom metadata holds
     the xxh3-64 of the body. Serialized once; the digest is patched into a fixed-width
     placeholder, so the flatbuffer stays valid."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch, custom_metadata={CHECKSUM_KEY: (_CHECKSUM_TAG + b"0" * _DIGITS).decode()})
-    stream = sink.getvalue()
+    placeholder = {CHECKSUM_KEY: (_CHECKSUM_TAG + b"0" * _DIGITS).decode()}
+    size = pa.MockOutputStream()  # sized first: one allocation, no regrowth copies
+    with pa.ipc.new_stream(size, batch.schema) as writer:
+        writer.write_batch(batch, custom_metadata=placeholder)
+    stream = pa.allocate_buffer(size.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(stream), batch.schema) as writer:
+        writer.write_batch(batch, custom_metadata=placeholder)
     source = pa.BufferReader(stream)
     pa.ipc.read_message(source)  # the schema message
     start = source.tell()
