@@ -1,6 +1,7 @@
 """Group commit in the buffer service over loopback ZeroMQ: concurrent writers share fsyncs,
 and every acknowledgement (insert or sample) comes after an fsync that covered it."""
 
+import errno
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from async_rl.config import BufferConfig
-from buffer.client import BufferClient
+from buffer.client import BufferClient, BufferRequestError
 from buffer.service import BufferService
 from buffer.store import ReplayStore
 from buffer.testing import synthetic_batch
@@ -97,3 +98,25 @@ def test_a_sample_is_answered_after_its_journal_line_is_fsynced(service, durable
         journal = tmp_path / "state.jsonl"
         assert sizes["state.jsonl"] == journal.stat().st_size
         assert journal.read_text().splitlines()[-1].startswith('{"op":"sample"')
+
+
+def test_a_failed_append_reaches_the_writer_as_retryable_and_its_retry_is_stored(service, monkeypatch):
+    real_write, failures = os.write, []
+
+    def write(fd, data):  # the disk fills up in the middle of one batch
+        if failures or not os.readlink(f"/proc/self/fd/{fd}").endswith(".arrows"):
+            return real_write(fd, data)
+        failures.append(len(data))
+        real_write(fd, bytes(memoryview(data)[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with BufferClient(service.address) as client:
+        client.insert(synthetic_batch(groups=["a"]))
+        monkeypatch.setattr(os, "write", write)
+        with pytest.raises(BufferRequestError, match="No space left on device") as refused:
+            client.insert(synthetic_batch(groups=["b"]), retry_for_s=0)
+        assert refused.value.retry and failures
+        assert client.insert(synthetic_batch(groups=["b"]))["accepted"] == 4
+        assert client.insert(synthetic_batch(groups=["c"]))["accepted"] == 4
+    reopened = ReplayStore(service.store.dir, service.cfg, read_only=True)  # as after a crash
+    assert reopened.recovery == [] and reopened.index.n_rows == 12
