@@ -289,11 +289,17 @@ class ReplayStore:
         writer.close()
         self._writer = None
         scan = scan_segment(writer.path, TRAJECTORY_SCHEMA)
-        self.segments[seg_id].mapping = scan.mapping
         ids = np.flatnonzero(self.batch_segment.view == seg_id)
-        for batch_id, batch in zip(ids.tolist(), scan.batches, strict=True):
-            if self.batches[batch_id] is not None:
-                self.batches[batch_id] = batch
+        if scan.bad or scan.error or len(scan.batches) != len(ids):
+            # The file no longer reads back as written (a checksum failed): keep serving the
+            # rows from memory; the next recovery quarantines what is bad.
+            log.error("buffer: %s does not read back as written: %s", writer.path.name,
+                      [bad.error for bad in scan.bad] or scan.error)
+        else:
+            self.segments[seg_id].mapping = scan.mapping
+            for batch_id, batch in zip(ids.tolist(), scan.batches, strict=True):
+                if self.batches[batch_id] is not None:
+                    self.batches[batch_id] = batch
         self._delete_dead_segments()
 
     def _maybe_fsync(self, *, force: bool) -> bool:

@@ -136,3 +136,16 @@ def test_a_sample_is_fsynced_in_the_journal_before_it_is_returned(tmp_path, monk
     journal = tmp_path / "state.jsonl"
     assert durable.get("state.jsonl") == journal.stat().st_size  # the sample line included
     assert journal.read_text().splitlines()[-1].startswith('{"op":"sample"')
+
+
+def test_a_segment_corrupted_before_it_rolls_keeps_serving_its_rows_from_memory(tmp_path):
+    store = _store(tmp_path, segment_bytes=1)  # every insert rolls the previous segment
+    store.insert(synthetic_batch(groups=["a"], rewards=[1, 0, 1, 0]))
+    segment = tmp_path / "seg-000001.arrows"
+    data = bytearray(segment.read_bytes())
+    at = data.index(ONE + bytes(4) + ONE)
+    data[at : at + 4] = THOUSAND
+    segment.write_bytes(bytes(data))  # flipped on disk while still the active segment
+    store.insert(synthetic_batch(groups=["b"]))
+    table = store.sample(2)[0]
+    assert _groups(table) == ["a", "b"] and max(table.column("reward").to_pylist()) == 1.0
