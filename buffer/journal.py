@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from buffer.schema import MAX_POLICY_VERSION
+from buffer.segments import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,5 @@ class Journal:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)  # else a power loss may bring back the old file, and lose
+        # the lines appended to the new one since (acknowledged sample counts)

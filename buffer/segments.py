@@ -72,7 +72,7 @@ class SegmentWriter:
         self.broken = False
         self._write(schema.with_metadata(CHECKSUM_FLAG).serialize())
         self.fsync()
-        _fsync_dir(path.parent)  # the new file's name must survive a crash too
+        fsync_dir(path.parent)  # the new file's name must survive a crash too
 
     def append(self, batch: pa.RecordBatch) -> tuple[int, int]:
         """Write one batch; returns ``(byte offset, byte length)`` of its message.
@@ -163,7 +163,7 @@ def _checksum_error(message: pa.ipc.Message) -> str | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -320,7 +320,7 @@ def quarantine_messages(scan: SegmentScan) -> list[Path]:
     tmp = scan.path.with_name(scan.path.name + ".rewrite")
     _write_durably(tmp, kept)
     os.replace(tmp, scan.path)
-    _fsync_dir(scan.path.parent)
+    fsync_dir(scan.path.parent)
     return written
 
 
@@ -334,8 +334,8 @@ def quarantine_segment(path: Path) -> Path:
         copy += 1
         target = folder / f"{path.name}.{copy}"
     os.replace(path, target)
-    _fsync_dir(folder)
-    _fsync_dir(path.parent)
+    fsync_dir(folder)
+    fsync_dir(path.parent)
     return target
 
 

@@ -149,3 +149,18 @@ def test_a_segment_corrupted_before_it_rolls_keeps_serving_its_rows_from_memory(
     store.insert(synthetic_batch(groups=["b"]))
     table = store.sample(2)[0]
     assert _groups(table) == ["a", "b"] and max(table.column("reward").to_pylist()) == 1.0
+
+
+def test_a_compacted_journal_is_renamed_durably_before_lines_go_to_it(tmp_path, monkeypatch):
+    import buffer.journal
+
+    monkeypatch.setattr(buffer.journal, "COMPACT_EVERY", 2)
+    store = _store(tmp_path, fsync="batch")
+    store.insert(synthetic_batch(groups=["a"]))
+    store.insert(synthetic_batch(groups=["b"]))
+    store.set_learner_version(1)
+    durable = _record_fsyncs(monkeypatch)
+    store.sample(1)  # the second line since the last snapshot: compaction at the next insert
+    durable.clear()
+    store.insert(synthetic_batch(groups=["c"]))
+    assert tmp_path.name in durable  # the folder, after the snapshot's rename
