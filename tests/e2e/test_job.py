@@ -192,6 +192,7 @@ def test_scale_learners_to_two_ranks_while_the_actor_keeps_running(job):
 
 def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     run_dir, proc = job
+    wait_for("a checkpoint at version 4", lambda: checkpointed_version(run_dir) >= 4)  # when alone
     stopped = cli("stop", str(run_dir))
     assert stopped.returncode == 0, stopped.stderr
     assert proc.wait(timeout=300) == 0
