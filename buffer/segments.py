@@ -107,10 +107,15 @@ class SegmentWriter:
         os.fsync(self._fd)
 
     def abandon(self) -> None:
-        """Close without the end-of-stream marker (a broken file: recovery cuts its tail)."""
+        """Fsync (the batches before the failed one may still wait for their ack), then close
+        without the end-of-stream marker: recovery cuts the failed bytes off. An fsync error
+        propagates: the caller must then acknowledge nothing more."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Write the end-of-stream marker so the file is a complete IPC stream."""

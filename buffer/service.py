@@ -201,6 +201,10 @@ class BufferService:
                 PermissionError) as err:
             self._reply(identity, header, ok=False, error=f"{type(err).__name__}: {err}",
                         retry=isinstance(err, RateLimited | AppendFailed))
+        except OSError as err:  # an fsync failed: the disk's state is unknown
+            self._reply(identity, header, ok=False, retry=True, error=f"OSError: {err}")
+            if self.commit is not None:
+                self._fsync_failed(err)
         except Exception as err:  # a bug must not take ingest down: answer, log, keep serving
             log.exception("request %r failed", header.get("verb"))
             self._reply(identity, header, ok=False, error=f"internal error: {type(err).__name__}: {err}")

@@ -264,8 +264,8 @@ class ReplayStore:
             self._writer.append(batch)
         except OSError as err:
             if self._writer.broken:  # could not cut the failed bytes off: never append there
-                self._writer.abandon()
-                self._writer = None
+                writer, self._writer = self._writer, None
+                writer.abandon()  # an OSError here is an fsync failure, not an AppendFailed
             log.error("buffer: append to %s failed: %s", segment_path(self.dir, seg_id).name, err)
             raise AppendFailed(
                 f"append to {segment_path(self.dir, seg_id).name} failed ({err}); "

@@ -164,3 +164,20 @@ def test_a_compacted_journal_is_renamed_durably_before_lines_go_to_it(tmp_path, 
     durable.clear()
     store.insert(synthetic_batch(groups=["c"]))
     assert tmp_path.name in durable  # the folder, after the snapshot's rename
+
+
+def test_an_append_that_cannot_be_cut_back_rolls_to_a_new_segment(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"]))
+    with monkeypatch.context() as patch:
+        _fail_segment_writes(patch, store, short_bytes=100)
+        patch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+        with pytest.raises(Exception, match="No space left on device"):
+            store.insert(synthetic_batch(groups=["b"]))
+    store.insert(synthetic_batch(groups=["c"]))
+    assert (tmp_path / "seg-000002.arrows").exists()
+    del store
+    reopened = _store(tmp_path)
+    assert [r["segment"] for r in reopened.recovery] == ["seg-000001.arrows"]
+    assert reopened.recovery[0]["truncated"] and reopened.recovery[0]["batches_kept"] == 1
+    assert _groups(reopened.sample(2)[0]) == ["a", "c"]
