@@ -40,9 +40,10 @@ def run_mode(root: Path, mode: str, budget_min: float, quick: bool, overrides: S
     for shared in SHARED:  # the same model, data and SFT start for every run
         if (root / "shared" / shared).exists():
             shutil.copytree(root / "shared" / shared, run_dir / shared)
-    args = [f"run.dir={run_dir}", f"algorithm.mode={mode}", f"run.max_minutes={budget_min}",
-            "learner.max_steps=0", "learner.checkpoint_every=0", "logging.console=plain",
-            "logging.tensorboard=false"]
+    args = [f"run.dir={run_dir}", f"algorithm.mode={mode}", "learner.max_steps=0",
+            "learner.checkpoint_every=0", "logging.console=plain", "logging.tensorboard=false"]
+    if budget_min > 0:
+        args.append(f"run.max_minutes={budget_min}")
     if quick:
         args += ["learner.sft_epochs=0", "buffer.filter_zero_advantage=false", "learner.eval_every=0",
                  "actors.max_tokens=16"]
