@@ -211,7 +211,8 @@ class VllmEngine:
         self._staging_dir = staging_dir
         sweep_stale_staging(staging_dir)
         self._reference_names = checkpoint_names(self.model_dir)
-        self._seeds = SeedWindows(derive_seed("sampling", actors.seed)) if actors.seed is not None else None
+        self._seeds: SeedWindows | None = None
+        self.reseed()
         self._update_lock = asyncio.Lock()
         self._temporary_dirs: list[Path] = []
         self._loop = asyncio.get_running_loop()

@@ -13,7 +13,6 @@ seed for 4 learner steps without SFT (plumbing only: the random model learns not
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, write_result  # noqa: E402
+from _common import mean_sd, print_table, write_result  # noqa: E402
 from e2e_bench import records  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,10 +52,9 @@ def run_summary(run_dir: Path, wall_s: float | None = None) -> dict:
             "final": curve[-1]["accuracy"], "gain": curve[-1]["accuracy"] - curve[0]["accuracy"], "wall_s": wall_s}
 
 
-def mean_sd(values: Sequence[float]) -> str:
-    values = list(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+def mean_sd_text(values: Sequence[float]) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:.3f} ± {sd:.3f}"
 
 
 def report(runs: Sequence[dict]) -> None:
@@ -64,8 +62,8 @@ def report(runs: Sequence[dict]) -> None:
     rows = [[r["seed"], *[f"{p['accuracy']:.3f}" for p in r["curve"]], f"{r['gain']:+.3f}",
              f"{r['wall_s']:.0f}" if r["wall_s"] else "—"] for r in runs]
     if all([p["version"] for p in r["curve"]] == versions for r in runs):
-        rows.append(["mean ± sd", *[mean_sd([r["curve"][i]["accuracy"] for r in runs]) for i in range(len(versions))],
-                     mean_sd([r["gain"] for r in runs]), ""])
+        rows.append(["mean ± sd", *[mean_sd_text([r["curve"][i]["accuracy"] for r in runs]) for i in range(len(versions))],
+                     mean_sd_text([r["gain"] for r in runs]), ""])
     print_table("held-out greedy accuracy at exact versions, tiny.yaml (`make train`), one row per run.seed",
                 ["seed", *[f"v{v}" for v in versions], "gain", "wall s"], rows)
 

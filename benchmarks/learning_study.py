@@ -53,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import mean_sd as mean_std  # noqa: E402
 from _common import print_table, write_result  # noqa: E402
 
 from async_rl.seeds import derive_seed  # noqa: E402
@@ -141,11 +142,6 @@ def first_reaching(points: Sequence[tuple[float, float]], target: float) -> floa
             return x
     return None
 
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = list(values)
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def mean_curve(curves: Sequence[Sequence[EvalPoint]]) -> list[dict]:

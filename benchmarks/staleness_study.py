@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, write_result  # noqa: E402
+from _common import mean_sd, print_table, write_result  # noqa: E402
 from e2e_bench import records, run_mode, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +44,6 @@ def run_cap(root: Path, cap: int, seed: int, args) -> dict:
     learner = records(root / name, "learner")
     return {**summary, "cap": cap, "seed": seed, "curve": curve, "wall_s": time.monotonic() - started,
             "staleness_max": max((r["staleness_max"] for r in learner), default=None)}
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    values = list(values)
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize_cap(cap: int, runs: Sequence[dict]) -> dict:

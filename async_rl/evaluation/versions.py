@@ -14,6 +14,7 @@ scoring an exported policy offline with ``reproduce_args`` gives the same answer
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,6 @@ class VersionEvaluator:
     def evaluate(self) -> dict:
         """The result document of the version the engine serves, ``policy_version`` naming it;
         raises ``MixedVersionError`` if any response saw another version."""
-        import time
-
         version, start = self.engine.version, time.monotonic()
         results = self.loop.run(evaluate_problems(
             self.engine, self.rewards, self.benchmark.problems, self.plan.prompts[0], n=self.settings.n))
