@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,18 +112,31 @@ class TokenLogprobModel(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
         coefficients: CoefficientFn | None = None,
+        on_proximal: Callable[[Tensor], CoefficientFn | None] | None = None,
     ) -> tuple[Tensor, ...]:
         """input_ids, position_ids: [1, L] (positions restart at 0 per packed sequence);
         gather_index: [N] positions whose next token is scored; targets: [N] those tokens.
         Returns logp [N] (and entropy [N] when asked), in fp32. With ``coefficients`` (a
         token-local loss's, see :func:`learners.logprobs.fused_token_objective`) returns
         (surrogate, logp, entropy): the loss gradients are formed inside this forward, where
-        ZeRO-3 has the LM head gathered, and backward only hands them out."""
+        ZeRO-3 has the LM head gathered, and backward only hands them out.
+
+        ``on_proximal`` receives the logprobs [N] of these weights exactly as a separate no-grad
+        pass computes them (same hidden states, same :func:`token_logprobs` call) and returns
+        the ``coefficients`` to use (None: return logp/entropy): while the policy has not moved,
+        the training forward doubles as the proximal pass."""
         out = self.causal_lm.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
         )
         hidden = out.last_hidden_state[0].index_select(0, gather_index)
         weight = self.causal_lm.get_output_embeddings().weight
+        if on_proximal is not None:
+            with torch.no_grad():
+                proximal, _ = token_logprobs(
+                    hidden.detach(), weight.detach(), targets,
+                    chunk_tokens=self.chunk_tokens, temperature=temperature, with_entropy=False,
+                )
+            coefficients = on_proximal(proximal)
         if coefficients is not None:
             return fused_token_objective(
                 hidden, weight, targets, coefficients,

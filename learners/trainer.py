@@ -10,7 +10,12 @@ Order inside ``train_step``: rows past ``max_staleness`` (and, with the overlong
 truncated ones) are dropped; advantages are computed per group; the groups are split into
 ``mini_batches`` optimizer mini-batches; in decoupled mode the proximal logprobs of every row
 are recomputed ONCE with the weights at the start of the batch; then per mini-batch each
-micro-batch runs forward → objective → backward, and one ``engine.step()`` follows. A
+micro-batch runs forward → objective → backward, and one ``engine.step()`` follows. The first
+mini-batch trains on the weights the proximal logprobs are taken from, so its own training
+forward yields them (the same hidden states and logprob call as a separate no-grad pass; AReaL
+skips that pass too): only later mini-batches need the extra forward, and with one mini-batch per
+step (and no M2PO, whose mask needs the whole mini-batch first) none runs. Metrics stay tensors
+until the end of the step and reach the host in one transfer. A
 non-finite loss poisons the gradient with NaN so the engine refuses the update on every rank
 (weights, optimizer state and LR schedule untouched); the skip is counted. With
 ``learner.fused_logprobs`` and a token-local objective (all but GSPO) the forward also forms the
@@ -34,6 +39,7 @@ from torch import Tensor
 from async_rl.config import AlgorithmConfig
 from learners.advantages import group_advantages, overlong_keep, overlong_penalty, sft_rows
 from learners.engine import LearnerEngine
+from learners.logprobs import CoefficientFn
 from learners.objectives import LossInputs, build_objective, chunk_coefficients, token_local
 from learners.offpolicy import behavior_weights, clip_centre
 from learners.packing import (
@@ -43,6 +49,7 @@ from learners.packing import (
     input_length,
     plan_micro_batches,
 )
+from learners.profiling import PhaseTimer
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class RolloutBatch:
     @classmethod
     def from_arrow(cls, table: pa.Table | pa.RecordBatch) -> RolloutBatch:
         def lists(name: str, dtype) -> list[np.ndarray]:
-            return [np.asarray(v, dtype=dtype) for v in table.column(name).to_pylist()]
+            return list_column(table.column(name), dtype)
 
         groups: dict[str, int] = {}
         group_index = [groups.setdefault(g, len(groups)) for g in table.column("group_id").to_pylist()]
@@ -115,6 +122,8 @@ class Trainer:
         max_tokens: int | None = None,
         stop_token_ids: Sequence[int] = (),
         policy_version: int = 0,
+        proximal_from_forward: bool = True,
+        timer: PhaseTimer | None = None,
     ):
         self.engine = engine
         self.algorithm = algorithm
@@ -128,6 +137,11 @@ class Trainer:
         self.stop_token_ids = list(stop_token_ids)
         self.policy_version = policy_version
         self.skipped_steps = 0
+        # The first mini-batch's forward doubles as its proximal pass (exact; see the module doc).
+        self.proximal_from_forward = (
+            proximal_from_forward and algorithm.off_policy.mode == "decoupled" and algorithm.off_policy.m2po_tau is None
+        )
+        self.timer = timer or PhaseTimer()
 
     # ------------------------------------------------------------------ the step
 
@@ -135,21 +149,27 @@ class Trainer:
         """Train on one sampled batch. Returns metrics: ``loss``, ``grad_norm``, ``lr`` and the
         counters are global; the objective's metrics are this rank's row-weighted means."""
         version = self.policy_version if learner_version is None else learner_version
-        batch = RolloutBatch.from_arrow(table)
-        keep = self.kept_rows(batch, version)
-        state = self.row_state(batch, version)
-        minis = split_groups(np.flatnonzero(keep), batch.group_index, self.mini_batches)
-        plans = [self.plan(batch, rows) for rows in minis]
-        self.fill_clip_centre(batch, state, plans)
-        metrics: dict[str, float] = {}
+        with self.timer.phase("decode"):
+            batch = RolloutBatch.from_arrow(table)
+        with self.timer.phase("packing"):
+            keep = self.kept_rows(batch, version)
+            state = self.row_state(batch, version)
+            minis = split_groups(np.flatnonzero(keep), batch.group_index, self.mini_batches)
+            plans = [self.plan(batch, rows) for rows in minis]
+        from_forward = 1 if self.proximal_from_forward else 0
+        with self.timer.phase("proximal"):
+            self.fill_clip_centre(batch, state, plans[from_forward:])
+        totals: dict[str, Tensor] = {}
         applied = 0
-        for rows, plan in zip(minis, plans, strict=True):
-            result = self.optimize(batch, state, rows, plan)
+        for i, (rows, plan) in enumerate(zip(minis, plans, strict=True)):
+            result = self.optimize(batch, state, rows, plan, proximal_in_forward=i < from_forward)
             applied += int(result.pop("applied"))
-            accumulate(metrics, result, weight=1.0 / len(minis))
+            accumulate(totals, result, weight=1.0 / len(minis))
         if applied:
             self.policy_version = version + 1
-        metrics.update(self.step_counters(batch, keep, applied, len(minis)))
+        with self.timer.phase("metrics"):
+            metrics = to_host(totals)
+            metrics.update(self.step_counters(batch, keep, applied, len(minis)))
         return metrics
 
     def kept_rows(self, batch: RolloutBatch, version: int) -> np.ndarray:
@@ -188,16 +208,16 @@ class Trainer:
 
     @torch.no_grad()
     def fill_clip_centre(self, batch: RolloutBatch, state: RowState, plans: list[list[list[int]]]) -> None:
-        """Per row: clip centre (proximal logprobs once per batch, or behaviour), behaviour
-        weight and gradient mask; the weights are formed over each mini-batch's rows at once."""
+        """Per row of the given mini-batches: clip centre (proximal logprobs once per batch, or
+        behaviour), behaviour weight and gradient mask; the weights are formed over each
+        mini-batch's rows at once."""
         decoupled = self.algorithm.off_policy.mode == "decoupled"
         prox: dict[int, np.ndarray] = {}
         for plan in plans if decoupled else []:
             for rows in plan:  # filler micro-batches run too: ZeRO-3 gathers are collective
                 mb = self.micro_batch(batch, rows)
                 logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
-                for b, row in enumerate(rows):
-                    prox[row] = logp[mb.row == b].float().cpu().numpy()
+                prox.update(per_row(mb, logp))
         for plan in plans:
             rows = [r for mb_rows in plan for r in mb_rows]
             if rows:
@@ -225,8 +245,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ optimize
 
-    def optimize(self, batch: RolloutBatch, state: RowState, rows: np.ndarray, plan) -> dict[str, float]:
-        """All micro-batches of one mini-batch, then one optimizer step."""
+    def optimize(
+        self, batch: RolloutBatch, state: RowState, rows: np.ndarray, plan, *, proximal_in_forward: bool = False
+    ) -> dict[str, Tensor | float]:
+        """All micro-batches of one mini-batch, then one optimizer step. Metrics stay on the
+        device (no host sync per micro-batch); ``applied``, ``grad_norm`` and ``lr`` are floats."""
         lengths = np.asarray([len(batch.responses[r]) for r in rows], dtype=np.float64)
         totals = {
             "global_tokens": torch.tensor(lengths.sum()),
@@ -234,47 +257,69 @@ class Trainer:
             "global_sft_tokens": torch.tensor(lengths[state.sft[rows]].sum()),
         }
         world = self.engine.dist.world_size
-        sums = torch.zeros(2, dtype=torch.float64)  # loss, non-finite micro-batches
-        extra: dict[str, float] = {}
+        sums = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # loss, non-finite micro-batches
+        extra: dict[str, Tensor] = {}
         local_rows = max(1, sum(len(r) for r in plan))
         for mb_rows in plan:
-            mb = self.micro_batch(batch, mb_rows)
-            loss, metrics = self.micro_loss(batch, state, mb, totals)
-            finite = bool(torch.isfinite(loss))
-            sums[0] += float(loss.detach()) if finite else 0.0
-            sums[1] += 0.0 if finite else 1.0
-            # NaN gradients make the engine refuse the update on every rank (the norm is global).
-            self.engine.backward((loss if finite else loss * float("nan")) * world)
-            accumulate(extra, {k: float(v) for k, v in metrics.items()}, weight=len(mb_rows) / local_rows)
-        result = self.engine.step()
-        sums = self.engine.all_reduce(sums, "sum")
+            with self.timer.phase("forward_backward"):
+                mb = self.micro_batch(batch, mb_rows)
+                loss, metrics = self.micro_loss(batch, state, mb, totals, proximal_in_forward=proximal_in_forward)
+                finite = torch.isfinite(loss.detach())
+                sums[0] += torch.where(finite, loss.detach(), 0.0).double()
+                sums[1] += (~finite).double()
+                # NaN gradients make the engine refuse the update on every rank (the norm is global).
+                self.engine.backward(loss * torch.where(finite, 1.0, float("nan")) * world)
+                accumulate(extra, metrics, weight=len(mb_rows) / local_rows)
+        with self.timer.phase("optimizer"):
+            result = self.engine.step()
+            sums = self.engine.all_reduce(sums, "sum")
         if not result.applied:
             self.skipped_steps += 1
-        out = {k: v for k, v in extra.items()}
+        out: dict[str, Tensor | float] = dict(extra)
         out.update(
-            loss=float(sums[0]), nonfinite_micro_batches=float(sums[1]), grad_norm=result.grad_norm,
+            loss=sums[0], nonfinite_micro_batches=sums[1], grad_norm=result.grad_norm,
             lr=result.lr, applied=float(result.applied),
         )
         return out
 
-    def micro_loss(self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals) -> tuple[Tensor, dict]:
+    def micro_loss(
+        self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals, *, proximal_in_forward: bool = False
+    ) -> tuple[Tensor, dict]:
         if not mb.rows:  # a filler micro-batch: same collectives, zero gradient
             logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
             return logp.sum() * 0.0, {}
+        if proximal_in_forward:
+            return self.micro_loss_with_proximal(batch, state, mb, totals)
         inputs = self.loss_inputs(state, mb, totals)
-        if self.fused:
-            return self.fused_micro_loss(mb, inputs)
-        logp, entropy = self.engine.forward(*self.forward_args(mb), self.temperature, True)
-        return self.objective(replace(inputs, logp=mb.scatter(logp), entropy=mb.scatter(entropy)))
+        coefficients = chunk_coefficients(self.objective, inputs, mb.row, mb.col) if self.fused else None
+        outputs = self.engine.forward(*self.forward_args(mb), self.temperature, True, coefficients=coefficients)
+        return self.finish_loss(mb, inputs, outputs)
 
-    def fused_micro_loss(self, mb: MicroBatch, inputs: LossInputs) -> tuple[Tensor, dict]:
-        """One pass that also forms the loss gradient chunk by chunk (token-local objectives,
-        :func:`learners.logprobs.fused_token_objective`); the loss value and the metrics come
-        from the objective on the finished logprobs, exactly as on the unfused path."""
-        coefficients = chunk_coefficients(self.objective, inputs, mb.row, mb.col)
-        surrogate, logp, entropy = self.engine.forward(
-            *self.forward_args(mb), self.temperature, True, coefficients=coefficients
-        )
+    def micro_loss_with_proximal(
+        self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals
+    ) -> tuple[Tensor, dict]:
+        """The training forward of a micro-batch whose weights are the proximal ones: the model
+        hands over the proximal logprobs before the loss needs them, and this micro-batch's clip
+        centre, behaviour weights and loss inputs are formed from them right there."""
+        made: list[LossInputs] = []
+
+        def on_proximal(proximal: Tensor) -> CoefficientFn | None:
+            self.fill_weights(batch, state, mb.rows, per_row(mb, proximal))
+            made.append(self.loss_inputs(state, mb, totals))
+            return chunk_coefficients(self.objective, made[0], mb.row, mb.col) if self.fused else None
+
+        outputs = self.engine.forward(*self.forward_args(mb), self.temperature, True, on_proximal=on_proximal)
+        return self.finish_loss(mb, made[0], outputs)
+
+    def finish_loss(self, mb: MicroBatch, inputs: LossInputs, outputs: tuple[Tensor, ...]) -> tuple[Tensor, dict]:
+        """The objective on a forward's logprobs. On the fused path (token-local objectives,
+        :func:`learners.logprobs.fused_token_objective`) the forward already formed the loss
+        gradient chunk by chunk; the loss value and the metrics still come from the objective on
+        the finished logprobs, exactly as on the unfused path."""
+        if not self.fused:
+            logp, entropy = outputs
+            return self.objective(replace(inputs, logp=mb.scatter(logp), entropy=mb.scatter(entropy)))
+        surrogate, logp, entropy = outputs
         with torch.no_grad():
             loss, metrics = self.objective(replace(inputs, logp=mb.scatter(logp), entropy=mb.scatter(entropy)))
         return loss + (surrogate - surrogate.detach()), metrics
@@ -334,10 +379,42 @@ def split_groups(rows: np.ndarray, group_index: np.ndarray, parts: int) -> list[
     return out
 
 
-def accumulate(into: dict[str, float], new: dict[str, float], weight: float = 1.0) -> None:
-    """Running metrics: ``/max`` keys keep the maximum, everything else sums (weighted)."""
+def accumulate(into: dict, new: dict, weight: float = 1.0) -> None:
+    """Running metrics (floats or 0-d tensors, never synced here): ``/max`` keys keep the
+    maximum, everything else sums (weighted)."""
     for key, value in new.items():
+        if isinstance(value, Tensor):
+            value = value.detach().to(torch.float64)
         if key.endswith("/max"):
-            into[key] = max(into.get(key, value), value)
+            old = into.get(key, value)
+            into[key] = torch.maximum(old, value) if isinstance(value, Tensor) else max(old, value)
         else:
             into[key] = into.get(key, 0.0) + weight * value
+
+
+def to_host(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Every metric as a float, the tensors in one device-to-host transfer."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if keys:
+        values = torch.stack([metrics[k].detach().to(torch.float64).reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in metrics}
+
+
+def per_row(mb: MicroBatch, logp: Tensor) -> dict[int, np.ndarray]:
+    """A micro-batch's flat per-token logprobs [N] → {batch row: its response's logprobs}."""
+    values = logp.float().cpu().numpy()
+    row = mb.row.cpu().numpy()
+    return {r: values[row == b] for b, r in enumerate(mb.rows)}
+
+
+def list_column(column: pa.ChunkedArray | pa.Array, dtype) -> list[np.ndarray]:
+    """An Arrow list column → one numpy array per row (views of one flat buffer, no Python lists)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return []
+    offsets = array.offsets.to_numpy()
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(dtype)  # a writable copy
+    start = offsets[0]
+    return np.split(values, offsets[1:-1] - start)
