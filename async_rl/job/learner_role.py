@@ -35,8 +35,10 @@ def learner_main(payload: dict[str, Any]) -> dict[str, Any]:
     """Rank entry point (``learners.launch`` / a Ray actor): ``payload`` is plain JSON."""
     import torch
 
-    torch.set_num_threads(int(payload.get("threads", 1)))
+    from async_rl.job.placement import learner_threads
+
     cfg = Config.model_validate(payload["config"])
+    torch.set_num_threads(int(payload.get("threads") or learner_threads(cfg.learner)))
     loop = LearnerLoop(cfg, Path(payload["run_dir"]), Path(payload["model_dir"]), payload)
     try:
         return loop.run()
@@ -48,6 +50,7 @@ class LearnerLoop:
     def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, payload: dict[str, Any]):
         from learners import checkpoint
         from learners.engine import LearnerEngine
+        from learners.profiling import PhaseTimer
         from learners.trainer import Trainer
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -55,6 +58,7 @@ class LearnerLoop:
         self.rank = self.engine.dist.rank
         state = checkpoint.resume(self.engine, run_dir / "checkpoints") if payload.get("resume", True) else None
         self.version = state.version if state else 0
+        self.timer = PhaseTimer()  # host-side only: adds no device sync (learners/profiling.py)
         self.trainer = Trainer(
             self.engine,
             cfg.algorithm,
@@ -65,6 +69,7 @@ class LearnerLoop:
             max_tokens=cfg.actors.max_tokens,
             stop_token_ids=payload.get("stop_token_ids", ()),
             policy_version=self.version,
+            timer=self.timer,
         )
         self.client = self.publisher = self.metrics = None
         if self.rank == 0:
@@ -100,14 +105,17 @@ class LearnerLoop:
             metrics = self.trainer.train_step(table)
             self.version = self.trainer.policy_version
             if self.version % self.cfg.weights.publish_every == 0:
-                self.publish()
+                with self.timer.phase("publish"):
+                    self.publish()
             if self.cfg.learner.checkpoint_every and self.version % self.cfg.learner.checkpoint_every == 0:
-                self.save()
+                with self.timer.phase("checkpoint"):
+                    self.save()
             step_s = time.monotonic() - start
             self.busy_s += step_s
             steps += 1
+            phases = self.timer.take()
             if self.rank == 0:
-                self.log_step(table, metrics, trained_at=trained_at, step_s=step_s, wait_s=waited)
+                self.log_step(table, {**metrics, **phases}, trained_at=trained_at, step_s=step_s, wait_s=waited)
         self.save()
         self.export()
         return {"version": self.version, "steps": steps}
@@ -120,14 +128,18 @@ class LearnerLoop:
         if self.rank == 0:
             if self.should_stop():
                 return self.broadcast_bytes(None, STOP)
-            table = self.client.sample(self.cfg.learner.groups_per_step, timeout_s=SAMPLE_POLL_S)
+            with self.timer.phase("sample_wait"):
+                table = self.client.sample(self.cfg.learner.groups_per_step, timeout_s=SAMPLE_POLL_S)
             if table is None or table.num_rows == 0:
                 return self.broadcast_bytes(None, IDLE)
-        data = None if table is None else _to_ipc(table)
-        received = self.broadcast_bytes(data, None)
-        if received in (STOP, IDLE):
-            return received
-        return table if self.rank == 0 else pa.ipc.open_stream(received).read_all()
+        with self.timer.phase("broadcast"):
+            if self.engine.dist.world_size == 1:
+                return table
+            data = None if table is None else _to_ipc(table)
+            received = self.broadcast_bytes(data, None)
+            if received in (STOP, IDLE):
+                return received
+            return table if self.rank == 0 else pa.ipc.open_stream(received).read_all()
 
     def broadcast_bytes(self, data: bytes | None, code: int | None):
         """Length-prefixed raw bytes from rank 0 (no pickle); a negative/zero length is a code."""

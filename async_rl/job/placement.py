@@ -48,6 +48,11 @@ def role_env(extra: dict[str, str] | None = None) -> dict:
     return {"env_vars": env}
 
 
+def learner_threads(cfg: LearnerConfig) -> int:
+    """Torch threads of a learner rank: its core budget, the CPUs it reserves (at least one)."""
+    return max(1, int(cfg.cpus))
+
+
 def local_cpus(cluster: ClusterConfig, actors: ActorsConfig, learner: LearnerConfig, *, max_actors: int) -> int:
     """Logical CPUs for a private Ray: enough for every role, at least the machine's cores."""
     needed = learner.cpus * learner.ranks + actors.cpus * max_actors
