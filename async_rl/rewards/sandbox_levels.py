@@ -3,8 +3,8 @@
 Strongest first:
 
 1. ``firejail`` — no network, the run's directory as a private home, a read-only view of
-   the system with /tmp, /var/tmp, /dev/shm and this project hidden, no capabilities,
-   seccomp, a private PID namespace, rlimits.
+   the system with /tmp, /var/tmp, /dev/shm and this project hidden, a private /etc holding
+   only the dynamic loader's cache, no capabilities, seccomp, a private PID namespace, rlimits.
 2. ``bwrap`` — user/PID/net/IPC/UTS namespaces, only /usr (and the lib/bin links) mounted
    read-only, the run's directory as the only writable place, no /etc, no /home, no /tmp.
 3. ``unshare`` (root only) — net/PID/IPC/mount namespaces and an allowlisted root like
@@ -51,6 +51,9 @@ BWRAP_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 # The top-level entries a firejailed program may see (an allowlist: the rest is blacklisted):
 # the system, and the homes (firejail mounts the run's folder over the sandbox user's home
 # and hides the others); /proc, /dev and /sys are firejail's own private views.
+# What a firejailed program sees of /etc (a private copy): the loader's cache, nothing else — no
+# host names, users, mounts or service configs.
+FIREJAIL_ETC = ("ld.so.cache",)
 FIREJAIL_VISIBLE = frozenset(
     {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev", "sys", "home", "root",
      "run"}
@@ -107,7 +110,7 @@ def command(level: str, workdir: Path, base: Path, ident: Identity) -> list[str]
         return [
             "firejail", "--quiet", "--noprofile", "--net=none", f"--private={workdir}",
             "--private-cwd", *[f"--blacklist={path}" for path in _hidden(base)],
-            "--private-dev", "--read-only=/",
+            "--private-dev", f"--private-etc={','.join(FIREJAIL_ETC)}", "--read-only=/",
             "--caps.drop=all", "--seccomp", "--nonewprivs", "--noroot", "--nosound",
             "--no3d", "--nodvd", "--notv", "--nou2f", "--novideo",
             f"--rlimit-nproc={MAX_PROCESSES}", f"--rlimit-fsize={MAX_FILE_BYTES}",

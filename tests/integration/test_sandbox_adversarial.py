@@ -191,6 +191,12 @@ def test_reading_etc_shadow_fails(cfg):
     assert "shadow" in record.info["first_error"] or "Permission" in record.info["first_error"]
 
 
+def test_etc_holds_only_the_loader_cache(cfg):
+    program = "import os\nprint(' '.join(sorted(os.listdir('/etc'))))"
+    record = check(program, cfg, stdin_cases([("", "ld.so.cache\n")]))
+    assert record.score == 1.0, record.info
+
+
 def test_the_expected_outputs_are_not_visible_to_the_program(cfg):
     program = """
 import glob, os
