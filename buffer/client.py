@@ -96,6 +96,10 @@ class BufferClient:
                    "data_source": data_source, "min_staleness": min_staleness}
         return ipc_to_table(self._call(request)[1][0])
 
+    def durable_groups(self, group_ids: list[str]) -> list[bool]:
+        """Per group id: is that whole group durable in the buffer (stored or retired)?"""
+        return self._call({"verb": "durable_groups", "group_ids": list(group_ids)})[0]["durable"]
+
     def ping(self) -> dict:
         return self._call({"verb": "ping"})[0]
 

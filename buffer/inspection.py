@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from buffer import cursor
 from buffer.index import Status
 from buffer.schema import TRAJECTORY_SCHEMA
 from buffer.store import ReplayStore
@@ -128,7 +129,20 @@ def stats(store: ReplayStore) -> dict:
         "groups_sampled_total": store.state.samples,
         "rate_limiter": {"inserted": store.limiter.inserted, "sampled": store.limiter.sampled},
         "recovery": store.recovery,
+        "prompts": prompt_progress(store),
     }
+
+
+def prompt_progress(store: ReplayStore) -> dict | None:
+    """Prompts done / in flight / pending of the current epoch (``buffer/cursor.py``), or None
+    when no job handed prompts out through a cursor in this folder."""
+    try:
+        record = cursor.read_record(store.dir)
+    except ValueError as err:
+        return {"error": str(err)}
+    if record is None:
+        return None
+    return cursor.progress(record, lambda ids: store.holds_groups(ids).tolist())
 
 
 def _summary(values: np.ndarray) -> dict:

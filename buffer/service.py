@@ -9,7 +9,8 @@ learner version) wait for a group commit (``buffer/commit.py``): one fsync, runn
 thread while the loop keeps appending, covers every request written before it started. A
 failed append is answered with a retryable error; a failed fsync stops the service, which
 then recovers from disk on restart. The learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
-``head``. Only the learner may set the learner version: the request must carry the secret of
+``head``; the controller asks ``durable_groups`` (which of these group ids are durable here)
+to reconcile the prompt cursor (``buffer/cursor.py``). Only the learner may set the learner version: the request must carry the secret of
 ``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
 job's CURVE keys (required off loopback) every byte is encrypted and only clients holding the
 job's client key are admitted.
@@ -67,6 +68,8 @@ MAX_HEAD_ROWS = 10_000  # bounds a `head` reply
 MAX_SAMPLE_WAIT_S = 3600.0  # a parked sample is answered within an hour, whatever it asked for
 MAX_PARKED_SAMPLES = 1024  # far above learner ranks x requests in flight; bounds memory and work
 MAX_SAMPLE_GROUPS = 1 << 20  # more groups than a buffer of capacity_rows=1e6 could ever hold
+MAX_GROUP_QUERY = 1 << 16  # group ids per durable_groups request (the cursor's in-flight keys)
+MAX_GROUP_ID_CHARS = 1024
 
 
 @dataclass
@@ -259,6 +262,14 @@ class BufferService:
         version = int_arg(header, "version", None, lo=0, hi=MAX_POLICY_VERSION)
         self.store.set_learner_version(version, restart=header.get("restart") is True, sync=False)
         self._reply_durable(identity, header, learner_version=self.store.learner_version)
+
+    def _on_durable_groups(self, identity, header, payload) -> None:
+        ids = header.get("group_ids")
+        if (not isinstance(ids, list) or len(ids) > MAX_GROUP_QUERY
+                or not all(isinstance(g, str) and len(g) <= MAX_GROUP_ID_CHARS for g in ids)):
+            raise ValueError(f"group_ids: expected a list of at most {MAX_GROUP_QUERY} strings of at most "
+                             f"{MAX_GROUP_ID_CHARS} characters")
+        self._reply(identity, header, durable=self.store.holds_groups(ids).tolist())
 
     def _on_head(self, identity, header, payload) -> None:
         n = min(int_arg(header, "n", 10, lo=0, hi=1 << 62), MAX_HEAD_ROWS)

@@ -416,6 +416,17 @@ class ReplayStore:
             self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
         return table, None
 
+    def holds_groups(self, group_ids: list[str]) -> np.ndarray:
+        """Per group id: is the whole group durable here (stored complete, or retired after it
+        was stored)?"""
+        hashes = hash_ids(group_ids)
+        idx = self.index
+        gids = np.array([idx.group_of_hash.get(h, -1) for h in hashes.tolist()], dtype=np.int64)
+        known = gids >= 0
+        complete = np.zeros(len(gids), dtype=bool)
+        complete[known] = idx.group_count.view[gids[known]] >= idx.group_size.view[gids[known]]
+        return complete | self.retired.contains(hashes)
+
     def sampleable_groups(self) -> int:
         """How many groups a sample could return right now."""
         return int(len(self._candidates()))

@@ -12,7 +12,7 @@ import math
 import msgpack
 import pyarrow as pa
 
-VERBS = ("insert", "sample", "stats", "set_learner_version", "head", "ping")
+VERBS = ("insert", "sample", "stats", "set_learner_version", "head", "ping", "durable_groups")
 
 
 def pack_header(header: dict) -> bytes:

@@ -74,6 +74,7 @@ def print_stats(console: Console, s: dict) -> None:
          "-" if length["mean"] is None
          else f"{length['mean']:.1f} / {length['p50']:.0f} / {length['p90']:.0f} / {length['max']:.0f}"),
         ("groups sampled (total)", s["groups_sampled_total"]),
+        *_prompt_rows(s.get("prompts")),
     ]:
         overview.add_row(key, str(value))
     console.print(overview)
@@ -86,6 +87,21 @@ def print_stats(console: Console, s: dict) -> None:
         console.print(_counts_table(title, counts))
     for report in s["recovery"]:
         console.print(f"[yellow]recovered {report['segment']}: {report}[/yellow]")
+
+
+def _prompt_rows(p: dict | None) -> list[tuple[str, str]]:
+    """The data cursor's lines: done / in flight / pending of the current epoch."""
+    if p is None:
+        return []
+    if "error" in p:
+        return [("prompts", f"cursor unreadable: {p['error']}")]
+    rows = [(f"prompts of epoch {p['epoch']} ({p['prompts']})",
+             f"{p['done']} done / {p['in_flight']} in flight / {p['pending']} pending")]
+    if p["skipped"]:
+        rows.append(("prompts skipped (too long)", str(p["skipped"])))
+    if p["in_flight_earlier_epochs"]:
+        rows.append(("prompts in flight from earlier epochs", str(p["in_flight_earlier_epochs"])))
+    return rows
 
 
 def _pm(summary: dict) -> str:

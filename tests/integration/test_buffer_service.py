@@ -284,3 +284,14 @@ def test_parked_samples_are_capped_and_the_excess_is_refused(tmp_path, monkeypat
     finally:
         raw.close(linger=0)
         handle.stop()
+
+
+def test_durable_groups_says_which_groups_are_stored_and_refuses_a_bad_list_in_one_line(service):
+    with BufferClient(service.address, timeout_s=20) as client:
+        client.insert(synthetic_batch(groups=["durable-a", "durable-b"]))
+        assert client.durable_groups(["durable-a", "never-sent", "durable-b"]) == [True, False, True]
+        assert client.durable_groups([]) == []
+        for bad in ("durable-a", [1, 2], ["x" * 2000], None):
+            with pytest.raises(BufferRequestError, match="group_ids: expected a list of at most"):
+                client._call({"verb": "durable_groups", "group_ids": bad})
+        assert client.ping()["pid"] == service.pid
