@@ -5,10 +5,12 @@
                      │                                           ▼
     weight subscriber ──► engine.update_weights      BufferWriter ──► buffer (ack)
 
-Each group is one asyncio task: tokenise the prompt, ``engine.generate`` n samples (one vLLM
-request joining the continuous batch), score every sample in the reward pool, build the Arrow
-batch, hand it to the writer. Reward calls never block generation: they run in worker
-processes while the engine keeps serving the other groups. A slot is freed only once the
+Each group is one asyncio task: take a prompt from the prompt source (in a job, a lease from
+the data cursor), tokenise it, ``engine.generate`` n samples (one vLLM request joining the
+continuous batch), score every sample in the reward pool, build the Arrow batch under the
+hand-out's group id, hand it to the writer; once the buffer acknowledged the batch the source
+hears the prompt is settled (``actors/prompts.py``). Reward calls never block generation:
+they run in worker processes while the engine keeps serving the other groups. A slot is freed only once the
 writer accepted the batch, so a slow or rate-limited buffer throttles generation.
 
 Weight sets arrive on the subscriber's thread; ``_on_weights`` runs the engine update on the
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from actors.aio import BackgroundLoop
 from actors.backpressure import StalenessGate
 from actors.engine import Sample, VllmEngine
-from actors.prompts import encode_prompt
+from actors.prompts import Handout, PromptSource, StreamPrompts, encode_prompt
 from actors.trajectories import group_batch
 from actors.writer import BufferWriter
 from async_rl.config import ActorsConfig
@@ -76,16 +77,18 @@ class Actor:
     """One vLLM actor: ``run()`` generates until ``stop()`` (or ``max_groups`` groups)."""
 
     def __init__(
-        self, *, actor_id: str, engine: VllmEngine, loop: BackgroundLoop, prompts: Iterator[PromptRow],
+        self, *, actor_id: str, engine: VllmEngine, loop: BackgroundLoop,
+        prompts: PromptSource | Iterator[PromptRow],
         score: Scorer, buffer_address: str, cfg: ActorsConfig, reward_timeout_s: float,
         reward_failure_score: float = -1.0, gate: StalenessGate | None = None,
         reward_grace_s: float = REWARD_GRACE_S, release_uninformative: bool = False,
-        curve_keys_dir: str | None = None,
+        curve_keys_dir: str | None = None, first_version: int = 0,
     ):
         self.actor_id = actor_id
         self.engine = engine
         self.loop = loop
-        self._prompts = prompts
+        # A bare iterator (tests, studies) gets fresh group ids and no tracking.
+        self._prompts = prompts if hasattr(prompts, "take") else StreamPrompts(prompts, actor_id=actor_id)
         self._score = score
         self._buffer_address = buffer_address
         self._curve_keys_dir = curve_keys_dir
@@ -93,6 +96,9 @@ class Actor:
         self._reward_wait_s = reward_timeout_s + reward_grace_s
         self._failure_score = reward_failure_score
         self._gate = gate or StalenessGate(None, None)
+        # A resumed job's learner starts from a checkpoint: sampling before its weights arrive
+        # would spend the first groups on a policy it has left behind (and age them out).
+        self._first_version = first_version
         # With the buffer's zero-advantage filter on, groups whose rewards are all equal are
         # never sampled, so they must not use up the staleness gate's capacity.
         self._release_uninformative = release_uninformative
@@ -158,8 +164,11 @@ class Actor:
         submitted = 0
         try:
             while not self._stopping.is_set() and (max_groups is None or submitted < max_groups):
+                if self.engine.version < self._first_version:
+                    await asyncio.sleep(POLL_S)
+                    continue
                 if len(self._in_flight) < self._cfg.prompts_in_flight and self._gate.may_submit(self.engine.version):
-                    self._launch(next(self._prompts))
+                    self._launch(await self._prompts.take())
                     submitted += 1
                     continue
                 if len(self._in_flight) < self._cfg.prompts_in_flight:
@@ -173,9 +182,9 @@ class Actor:
             await self._writer.close()
         return self.stats
 
-    def _launch(self, row: PromptRow) -> None:
+    def _launch(self, handout: Handout) -> None:
         self._gate.record_submit()
-        task = asyncio.get_running_loop().create_task(self._group(row))
+        task = asyncio.get_running_loop().create_task(self._group(handout))
         self._in_flight.add(task)
 
     async def _reap(self, timeout: float) -> None:
@@ -195,28 +204,33 @@ class Actor:
 
     # ------------------------------------------------------------------ one group
 
-    async def _group(self, row: PromptRow) -> None:
+    async def _group(self, handout: Handout) -> None:
+        row = handout.row
         prompt_ids = encode_prompt(self.engine.tokenizer, row.messages)
         if len(prompt_ids) + self._cfg.max_tokens > self.engine.max_model_len:
-            self.stats.groups_skipped += 1
             log.warning("prompt %s: %d tokens + max_tokens exceed max_model_len; skipped",
                         row.prompt_id, len(prompt_ids))
-            self._gate.release()
+            self._skip(handout)
             return
         samples = await self.engine.generate(prompt_ids, n=self._cfg.n_samples_per_prompt)
         if any(not s.token_ids for s in samples):
-            self.stats.groups_skipped += 1
-            self._gate.release()
+            self._skip(handout)
             return
         rewards = await asyncio.gather(*(self._reward(row, s) for s in samples))
         if self._release_uninformative and len({r.score for r in rewards}) == 1:
             self._gate.release()
         batch = group_batch(
-            group_id=f"{self.actor_id}-{uuid.uuid4().hex[:16]}", actor_id=self.actor_id, row=row,
+            group_id=handout.group_id, actor_id=self.actor_id, row=row,
             prompt_tokens=prompt_ids, samples=samples, rewards=rewards, kv_on_update=self._kv_on_update,
         )
-        await self._writer.put(batch)
+        await self._writer.put(batch, on_stored=lambda: self._prompts.settled(handout.group_id))
         self._count(samples, rewards)
+
+    def _skip(self, handout: Handout) -> None:
+        """A group that will never be stored: its slot and its prompt are given up."""
+        self.stats.groups_skipped += 1
+        self._gate.release()
+        self._prompts.settled(handout.group_id, skipped=True)
 
     async def _reward(self, row: PromptRow, sample: Sample) -> RewardRecord:
         """Score one sample; any failure becomes the failure reward with its reason."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from actors.aio import BackgroundLoop
 from actors.backpressure import StalenessGate
 from actors.engine import VllmEngine
-from actors.prompts import file_prompts
+from actors.prompts import Lease, LeasedPrompts, Settle, file_prompts
 from actors.rollout import Actor
 from async_rl.config import ActorsConfig, ModelConfig, RewardConfig, WeightsConfig
 
@@ -42,20 +42,30 @@ class ActorRuntime:
         weights: WeightsConfig, work_dir: Path, max_staleness: int | None = None,
         groups_per_version: float | None = None, prompt_seed: int = 0, initial_version: int = 0,
         release_uninformative: bool = False, sampling_stream: tuple = (),
+        lease: Lease | None = None, settle: Settle | None = None, first_version: int = 0,
     ) -> ActorRuntime:
         """Start everything one actor needs; ``run()`` on the returned actor generates.
-        ``prompt_seed`` orders the prompts, ``sampling_stream`` names the sampling seeds' stream."""
+        ``prompt_seed`` orders the prompts, ``sampling_stream`` names the sampling seeds' stream;
+        with ``lease``/``settle`` the prompts come from the job's data cursor instead; no group
+        is started before weights of ``first_version`` (a resumed learner's) serve."""
         from async_rl.rewards.pool import RewardPool
+        from async_rl.tasks.dataset import load_rows
+
+        if lease is not None and settle is not None:
+            prompts = LeasedPrompts(load_rows(prompts_path)[0], lease=lease, settle=settle)
+        else:
+            prompts = file_prompts(prompts_path, seed=prompt_seed)
 
         loop = BackgroundLoop(name=f"{actor_id}-loop")
         engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work_dir, version=initial_version))
         engine.reseed(*sampling_stream)
         rewards = RewardPool(reward)
         actor = Actor(
-            actor_id=actor_id, engine=engine, loop=loop, prompts=file_prompts(prompts_path, seed=prompt_seed),
+            actor_id=actor_id, engine=engine, loop=loop, prompts=prompts,
             score=rewards.submit, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
             reward_failure_score=reward.wrong, gate=StalenessGate(max_staleness, groups_per_version),
             release_uninformative=release_uninformative, curve_keys_dir=weights.curve_keys_dir,
+            first_version=first_version,
         )
         subscriber = None
         if weights_address is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ class BufferWriter:
         self._keys = curve_keys_dir  # the job's CURVE keys (a buffer off loopback requires them)
         self.stats = WriterStats()
         self._timeout = insert_timeout_s
-        self._queue: asyncio.Queue[pa.RecordBatch] = asyncio.Queue(maxsize=max_pending)
+        self._queue: asyncio.Queue[tuple[pa.RecordBatch, Callable[[], None] | None]] = asyncio.Queue(maxsize=max_pending)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-writer")
         self._client = None
         self._task: asyncio.Task | None = None
@@ -62,9 +63,11 @@ class BufferWriter:
         self._task = asyncio.get_running_loop().create_task(self._drain())
         return self
 
-    async def put(self, batch: pa.RecordBatch) -> None:
-        """Queue a batch; waits while ``max_pending`` batches are unacknowledged."""
-        await self._queue.put(batch)
+    async def put(self, batch: pa.RecordBatch, on_stored: Callable[[], None] | None = None) -> None:
+        """Queue a batch; waits while ``max_pending`` batches are unacknowledged. ``on_stored``
+        runs on the loop once the buffer acknowledged the batch (its rows are durable); never
+        for a batch refused for good or dropped on close."""
+        await self._queue.put((batch, on_stored))
 
     @property
     def pending(self) -> int:
@@ -98,15 +101,18 @@ class BufferWriter:
         while True:
             if self._queue.empty():
                 self.stats.progress_at = time.monotonic()  # idle is not stalled
-            batch = await self._queue.get()
+            batch, on_stored = await self._queue.get()
             self._inserting = True
             try:
-                await loop.run_in_executor(self._thread, self._insert_until_acked, batch)
+                stored = await loop.run_in_executor(self._thread, self._insert_until_acked, batch)
+                if stored and on_stored is not None:
+                    on_stored()
             finally:
                 self._inserting = False
                 self._queue.task_done()
 
-    def _insert_until_acked(self, batch: pa.RecordBatch) -> None:
+    def _insert_until_acked(self, batch: pa.RecordBatch) -> bool:
+        """Send until acknowledged (True); False when refused for good or closing."""
         from buffer.client import BufferClient, BufferRequestError
 
         while not self._closing:
@@ -125,13 +131,14 @@ class BufferWriter:
                     self.stats.retries += 1
                     continue
                 self._refused(batch, str(err))
-                return
+                return False
             self.stats.progress_at = time.monotonic()
             self.stats.batches_acked += 1
             self.stats.rows_acked += int(ack["accepted"])
             self.stats.rows_duplicate += int(ack["duplicates"])
-            return
+            return True
         log.warning("writer closing: %d rows were never acknowledged", batch.num_rows)
+        return False
 
     def _refused(self, batch: pa.RecordBatch, why: str) -> None:
         log.error("buffer refused a batch of %d rows (dropped): %s", batch.num_rows, why)

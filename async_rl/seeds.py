@@ -21,6 +21,13 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def prompt_order_seed(run_seed: int, data_seed: int) -> int:
+    """The seed of a job's prompt order (one order for all its actors: ``buffer/cursor.py``).
+    The stream is named like the one a lone actor 0 draws, so a one-actor job and a local
+    ``prompt_stream`` of actor 0 hand prompts out in the same order."""
+    return derive_seed("prompts", run_seed, data_seed, 0)
+
+
 class SeedWindows:
     """Per-request sampling seeds whose samples never share a random stream.
 

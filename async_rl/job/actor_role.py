@@ -1,7 +1,9 @@
 """One actor inside the job: the rollout loop plus its metrics file.
 
 The Ray actor is threaded: ``run`` blocks one thread in the rollout loop (which lives on its
-own asyncio thread), while ``metrics`` and ``stop`` arrive on others.
+own asyncio thread), while ``metrics`` and ``stop`` arrive on others. Its prompts are leased
+from the controller's data cursor (``buffer/cursor.py``), one per group, and reported settled
+once the buffer acknowledged the group.
 """
 
 from __future__ import annotations
@@ -13,10 +15,32 @@ from typing import Any
 
 from async_rl.config import Config
 from async_rl.job.metrics import MetricsWriter
-from async_rl.seeds import derive_seed
 
 # Seconds between the actor's metric records.
 METRICS_EVERY_S = 5.0
+
+
+def train_prompts(cfg: Config, run_dir: Path) -> Path:
+    """The prompt file of the run (the synthetic task is prepared into the run folder)."""
+    return run_dir / "data" / "train.parquet" if cfg.data.train == "synthetic" else Path(cfg.data.train)
+
+
+def _cursor_calls(holder: str):
+    """``lease(n)`` and ``settle(group_ids, skipped)`` on the job's controller, which owns the
+    data cursor; a lease is answered once the cursor is durable."""
+    import ray
+
+    from async_rl.job.placement import CONTROLLER_NAME, NAMESPACE
+
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+
+    def lease(n: int):
+        return controller.lease_prompts.remote(holder, n).future()
+
+    def settle(group_ids: list[str], skipped: bool) -> None:
+        controller.prompts_settled.remote(holder, group_ids, skipped)  # no wait: the buffer is the truth
+
+    return lease, settle
 
 
 class ActorWorker:
@@ -27,8 +51,9 @@ class ActorWorker:
         self.cfg = cfg
         self.actor_id = f"actor-{payload['actor_id']}"
         run_dir = Path(payload["run_dir"])
-        prompts = run_dir / "data" / "train.parquet" if cfg.data.train == "synthetic" else Path(cfg.data.train)
+        prompts = train_prompts(cfg, run_dir)
         sync = cfg.algorithm.mode == "sync"
+        lease, settle = _cursor_calls(self.actor_id)
         self.runtime = ActorRuntime.start(
             actor_id=self.actor_id,
             model_dir=Path(payload["model_dir"]),
@@ -43,9 +68,9 @@ class ActorWorker:
             # sync: generate one batch per policy version, then wait for the next version.
             max_staleness=0 if sync else cfg.buffer.max_staleness,
             groups_per_version=cfg.learner.groups_per_step / max(cfg.actors.count, 1),
-            prompt_seed=derive_seed("prompts", cfg.run.seed, cfg.data.seed, int(payload["actor_id"])),
             sampling_stream=tuple(payload.get("sampling_stream", (cfg.run.seed, payload["actor_id"]))),
             release_uninformative=cfg.buffer.filter_zero_advantage,
+            lease=lease, settle=settle, first_version=int(payload.get("first_version", 0)),
         )
         self.metrics = MetricsWriter(run_dir, self.actor_id)
         self._stop = threading.Event()

