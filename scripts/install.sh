@@ -26,11 +26,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firejail bubblewrap >/dev/null
     fi
-    id -u asyncrl-sandbox >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin asyncrl-sandbox
-    # Firejail mounts each run's directory over the user's home, so the home must exist
-    # and belong to the user (firejail refuses otherwise); nothing is ever kept in it.
-    sandbox_home=$(getent passwd asyncrl-sandbox | cut -d: -f6)
-    install -d -o asyncrl-sandbox -g asyncrl-sandbox -m 700 "$sandbox_home"
+    # Sixteen sandbox users: each program checked leases one, so programs checked at the
+    # same time never share the per-user process limit (sandbox_levels.POOL_SIZE).
+    for user in asyncrl-sandbox asyncrl-sandbox-{1..15}; do
+        id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$user"
+        # Firejail mounts each run's directory over the user's home, so the home must exist
+        # and belong to the user (firejail refuses otherwise); nothing is ever kept in it.
+        sandbox_home=$(getent passwd "$user" | cut -d: -f6)
+        install -d -o "$user" -g "$user" -m 700 "$sandbox_home"
+    done
 fi
 
 echo "async-rl: install done in $(( $(date +%s) - start )) s"

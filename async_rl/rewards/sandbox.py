@@ -108,10 +108,11 @@ def run_program(
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     marker = secrets.token_hex(8)
     try:
-        job = _job(inputs, mode, fn_name, limits, level)
-        _stage(workdir, source, job, ident)
-        cmd = levels.command(level, workdir, base, ident)
-        lines, failure = _launch(cmd, workdir, level, ident, limits, len(inputs), marker)
+        with levels.lease(ident, base / "users") as user:
+            job = _job(inputs, mode, fn_name, limits, level)
+            _stage(workdir, source, job, user)
+            cmd = levels.command(level, workdir, base, user)
+            lines, failure = _launch(cmd, workdir, level, user, limits, len(inputs), marker)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return _collect(lines, len(inputs), level, failure)

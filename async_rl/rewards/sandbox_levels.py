@@ -17,17 +17,23 @@ Strongest first:
    Never chosen by ``auto``: it runs only when ``reward.code_isolation: rlimits`` names it.
 
 Untrusted code never runs as root: when the trainer is root the program runs as
-``RewardConfig.code_sandbox_user`` (created by ``scripts/install.sh``); otherwise as the
-trainer's own unprivileged user. Firejail's own ``--timeout`` is not used (it adds ~2 s
+``RewardConfig.code_sandbox_user`` or one of its numbered siblings (``USER-1`` …, all created
+by ``scripts/install.sh``), leased for the run so that programs checked at the same time never
+share a uid and with it the per-user process limit; otherwise as the trainer's own
+unprivileged user. Firejail's own ``--timeout`` is not used (it adds ~2 s
 per run); the host times runs out itself and kills the whole process group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import pwd
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +48,11 @@ PID_NAMESPACED = frozenset({"firejail", "bwrap", "unshare"})
 SYSTEM_PATH = "/usr/bin:/bin"
 # The jailed environment: nothing inherited from the trainer (tokens, keys, proxies).
 SCRUBBED_ENV = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-# Shared by every run of the sandbox user (RLIMIT_NPROC counts per user), so it bounds a
-# fork bomb without starving the other programs being checked at the same time.
+# RLIMIT_NPROC counts per user: each run leases its own sandbox user (POOL_SIZE of them), so a
+# program that holds all of its processes cannot make a program checked beside it fail.
 MAX_PROCESSES = 512
+POOL_SIZE = 16  # sandbox users scripts/install.sh creates: USER, USER-1 … USER-15
+LEASE_POLL_S = 0.02
 MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file a test writes grows past this
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BWRAP_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
@@ -93,6 +101,52 @@ def sandbox_identity(user: str) -> Identity:
             f"reward.code_sandbox_user={user!r} is root; name an unprivileged user"
         )
     return Identity(entry.pw_uid, entry.pw_gid, user)
+
+
+def pool(ident: Identity) -> list[Identity]:
+    """The sandbox users a run may lease: ``ident`` and those of its numbered siblings that exist."""
+    if not ident.switches:
+        return [ident]
+    members = [ident]
+    for i in range(1, POOL_SIZE):
+        try:
+            entry = pwd.getpwnam(f"{ident.name}-{i}")
+        except KeyError:
+            continue
+        if entry.pw_uid != 0:
+            members.append(Identity(entry.pw_uid, entry.pw_gid, entry.pw_name))
+    return members
+
+
+@contextlib.contextmanager
+def lease(ident: Identity, lock_dir: Path) -> Iterator[Identity]:
+    """A sandbox user of ``pool(ident)`` that no other run holds, for one run.
+
+    Held by an flock on ``lock_dir/NAME.lock`` (released by the kernel if the worker dies), so
+    concurrent runs in any process of this trainer's user never share a uid. Waits while every
+    member is busy (more programs at once than sandbox users). A pool of one is used as is.
+    """
+    members = pool(ident)
+    if len(members) == 1:
+        yield ident
+        return
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    first = os.getpid() % len(members)  # spread the workers over the pool
+    while True:
+        for k in range(len(members)):
+            member = members[(first + k) % len(members)]
+            fd = os.open(lock_dir / f"{member.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield member
+            finally:
+                os.close(fd)  # releases the flock
+            return
+        time.sleep(LEASE_POLL_S)
 
 
 def system_python() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import time
 
 import psutil
@@ -28,11 +27,13 @@ def stdin_cases(pairs: list[tuple[str, str]]) -> str:
     return json.dumps({"inputs": [i for i, _ in pairs], "outputs": [o for _, o in pairs]})
 
 
-def sandbox_uid() -> int | None:
-    """The uid programs run as, when it differs from ours (the trainer is root)."""
+def sandbox_uids() -> set[int]:
+    """The uids programs run as (the leased pool), when they differ from ours (the trainer is root)."""
     if os.geteuid() != 0:
-        return None
-    return pwd.getpwnam(RewardConfig().code_sandbox_user).pw_uid
+        return set()
+    from async_rl.rewards.sandbox_levels import pool, sandbox_identity
+
+    return {member.uid for member in pool(sandbox_identity(RewardConfig().code_sandbox_user))}
 
 
 # The kernel tears a pid namespace down asynchronously after its init dies (bwrap, unshare):
@@ -52,7 +53,7 @@ def stray_processes(grace_s: float = STRAY_GRACE_S) -> list[str]:
 
 
 def _strays_now() -> list[str]:
-    uid = sandbox_uid()
+    uids = sandbox_uids()
     strays = []
     for proc in psutil.process_iter(["uids", "cmdline", "status"]):
         try:
@@ -60,7 +61,7 @@ def _strays_now() -> list[str]:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             if (
-                (uid is not None and proc.info["uids"].real == uid)
+                proc.info["uids"].real in uids
                 or "harness.py" in cmdline
                 or DAEMON_TAG in cmdline
             ):

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from sandbox_helpers import DAEMON_TAG, fast_config, fenced, stdin_cases, stray_processes
 
@@ -67,6 +68,54 @@ def test_a_fork_bomb_is_contained_and_reaped(cfg):
     record = check(program, cfg)
     assert record.score == 0.0 and record.info["verdicts"][0] in ("timeout", "runtime_error")
     assert subprocess.run(["true"], check=False).returncode == 0  # the host can still fork
+
+
+def test_a_program_holding_the_process_limit_does_not_starve_one_checked_beside_it(cfg):
+    """RLIMIT_NPROC counts per user: each run leases its own sandbox user, so a program that
+    holds all of its processes cannot make a program checked at the same time fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from async_rl.rewards.sandbox_levels import MAX_PROCESSES
+
+    hog = (
+        "import os, time\nfor _ in range(100000):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "time.sleep(60)"
+    )
+    slow = cfg.model_copy(update={"code_test_timeout_s": 25.0, "code_time_budget_s": 25.0, "timeout_s": 30.0})
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(score, fenced(hog), ONE_CASE, {}, slow)
+        busiest = wait_for_a_user_with(MAX_PROCESSES - 16)
+        beside = check("print(input())", cfg)
+        still = processes_per_user().get(busiest, 0)
+        assert held.result().score == 0.0
+    assert still >= MAX_PROCESSES - 16  # the hog held its limit while the other program ran
+    assert beside.score == 1.0, beside.info
+
+
+def processes_per_user() -> dict[int, int]:
+    from sandbox_helpers import sandbox_uids
+
+    uids, counts = sandbox_uids() or {os.geteuid()}, {}
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            uid = proc.info["uids"].real
+        except (psutil.Error, AttributeError):
+            continue
+        if uid in uids:
+            counts[uid] = counts.get(uid, 0) + 1
+    return counts
+
+
+def wait_for_a_user_with(n: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = processes_per_user()
+        busiest = max(counts, key=counts.get, default=None)
+        if busiest is not None and counts[busiest] >= n:
+            return busiest
+        time.sleep(0.2)
+    raise AssertionError(f"no sandbox user reached {n} processes in {timeout_s} s: {processes_per_user()}")
 
 
 @pytest.mark.parametrize(

@@ -103,3 +103,29 @@ def test_a_refusal_is_remembered_so_every_program_is_refused_fast_until_the_repr
     with pytest.raises(SandboxUnavailable):
         sandbox.select_isolation("auto", "nobody")
     assert len(calls) == 6
+
+
+def test_concurrent_runs_lease_different_sandbox_users_and_wait_when_all_are_taken(monkeypatch, tmp_path):
+    import threading
+
+    members = [Identity(2000 + i, 2000 + i, f"sandbox-{i}") for i in range(2)]
+    monkeypatch.setattr(sandbox_levels, "pool", lambda ident: members)
+    with sandbox_levels.lease(members[0], tmp_path) as first, sandbox_levels.lease(members[0], tmp_path) as second:
+        assert {first.uid, second.uid} == {2000, 2001}
+        got, waiter = [], threading.Thread(target=lambda: got.append(_lease_once(members[0], tmp_path)))
+        waiter.start()
+        waiter.join(timeout=0.3)
+        assert waiter.is_alive() and got == []  # every member is leased: the third run waits
+    waiter.join(timeout=10)
+    assert got and got[0] in {2000, 2001}
+
+
+def _lease_once(ident, lock_dir):
+    with sandbox_levels.lease(ident, lock_dir) as member:
+        return member.uid
+
+
+def test_a_pool_of_one_is_used_without_locks(tmp_path):
+    with sandbox_levels.lease(ME, tmp_path / "locks") as member:
+        assert member is ME
+    assert not (tmp_path / "locks").exists()
