@@ -236,6 +236,13 @@ class LearnerConfig(Section):
         1, ge=1, description="Optimizer steps per sampled batch (Klear: 8 for math)."
     )
     micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of a packed micro-batch.")
+    micro_batch_layout: Literal["packed", "padded"] = Field(
+        "packed",
+        description="packed: a micro-batch's sequences end to end in one row (no padding; attention "
+        "over the whole row is masked block by block, O(L^2) in the row unless the attention kernel "
+        "skips masked blocks); padded: one right-padded row per sequence, plain causal attention "
+        "(the fast choice on CPU, where short sequences would otherwise pay for the whole row).",
+    )
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk when computing logprobs from hidden states."
     )

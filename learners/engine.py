@@ -114,8 +114,9 @@ class TokenLogprobModel(nn.Module):
         coefficients: CoefficientFn | None = None,
         on_proximal: Callable[[Tensor], CoefficientFn | None] | None = None,
     ) -> tuple[Tensor, ...]:
-        """input_ids, position_ids: [1, L] (positions restart at 0 per packed sequence);
-        gather_index: [N] positions whose next token is scored; targets: [N] those tokens.
+        """input_ids, position_ids: [1, L] (positions restart at 0 per packed sequence) or
+        [B, L] (one right-padded sequence per row); gather_index: [N] flat positions whose next
+        token is scored; targets: [N] those tokens.
         Returns logp [N] (and entropy [N] when asked), in fp32. With ``coefficients`` (a
         token-local loss's, see :func:`learners.logprobs.fused_token_objective`) returns
         (surrogate, logp, entropy): the loss gradients are formed inside this forward, where
@@ -128,7 +129,7 @@ class TokenLogprobModel(nn.Module):
         out = self.causal_lm.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
         )
-        hidden = out.last_hidden_state[0].index_select(0, gather_index)
+        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, gather_index)
         weight = self.causal_lm.get_output_embeddings().weight
         if on_proximal is not None:
             with torch.no_grad():

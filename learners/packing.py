@@ -10,6 +10,13 @@ unless a single sequence alone is longer, which then travels alone.
 The scored tokens (``targets``) are the response tokens; ``gather_index`` points at the
 positions whose hidden state predicts them, and ``row``/``col`` place each back into the
 padded ``[B, T]`` layout the objectives use.
+
+The ``padded`` layout (``learner.micro_batch_layout``) puts the same sequences one per row,
+right-padded to the longest: ``[B, L]`` with positions ``0..L-1`` in every row, so the model runs
+plain causal attention (a real token never attends to the padding after it) and no sequence pays
+for the others' length. ``gather_index`` then points into the flattened ``[B * L]`` positions.
+On CPU, where a packed row's block mask makes attention cost O(L^2) in the whole row, this is
+the fast layout; with a varlen attention kernel packing wastes nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from torch import Tensor
 @dataclass(frozen=True)
 class MicroBatch:
     rows: list[int]  # batch-row indices of the B sequences, in packing order
-    input_ids: Tensor  # [1, L] int64
-    position_ids: Tensor  # [1, L] int64, restarting at 0 per sequence
-    gather_index: Tensor  # [N] int64: positions whose next token is a response token
+    input_ids: Tensor  # [1, L] int64 (packed) or [B, L] (padded)
+    position_ids: Tensor  # like input_ids: restarting at 0 per sequence
+    gather_index: Tensor  # [N] int64: flat positions whose next token is a response token
     targets: Tensor  # [N] int64: those response tokens
     row: Tensor  # [N] int64 in [0, B): which sequence each scored token belongs to
     col: Tensor  # [N] int64 in [0, T): its index within the response
@@ -39,7 +46,7 @@ class MicroBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> MicroBatch:
         move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "gather_index", "targets", "row", "col")}
@@ -98,9 +105,12 @@ def pack_rows(rows: Sequence[int], lengths: Sequence[int], budget: int) -> list[
 
 
 def build_micro_batch(
-    rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]
+    rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], layout: str = "packed"
 ) -> MicroBatch:
-    """Lay the given rows end to end in one packed row. Every prompt must be non-empty."""
+    """Lay the given rows end to end in one packed row (or one padded row each, ``layout``
+    "padded"). Every prompt must be non-empty."""
+    if layout == "padded":
+        return build_padded_micro_batch(rows, prompts, responses)
     ids, pos, gather, targets, row_of, col_of = [], [], [], [], [], []
     offset, width = 0, 1
     for b, row in enumerate(rows):
@@ -126,6 +136,32 @@ def build_micro_batch(
         row=_long(row_of),
         col=_long(col_of),
         width=width,
+    )
+
+
+def build_padded_micro_batch(
+    rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_id: int = 0
+) -> MicroBatch:
+    """One right-padded row per sequence: ``[B, L]``, L the longest input; the padding is never
+    scored, and causal attention keeps it out of every real token's context."""
+    packed = build_micro_batch(rows, prompts, responses)  # the targets and their row/col, as packed
+    lengths = [input_length(len(prompts[r]), len(responses[r])) for r in rows]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    starts = np.cumsum([0, *lengths[:-1]])
+    flat = packed.input_ids[0]
+    for b, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        ids[b, :n] = flat[start:start + n]
+    row_start = torch.as_tensor([width * b - int(s) for b, s in enumerate(starts)], dtype=torch.long)
+    return MicroBatch(
+        rows=list(rows),
+        input_ids=ids,
+        position_ids=torch.arange(width).expand(len(rows), width).contiguous(),
+        gather_index=packed.gather_index + row_start[packed.row],
+        targets=packed.targets,
+        row=packed.row,
+        col=packed.col,
+        width=packed.width,
     )
 
 

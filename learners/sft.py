@@ -71,7 +71,8 @@ class SFTTrainer:
         world = self.engine.dist.world_size
         stats = torch.zeros(2, dtype=torch.float64)  # Σ nll, non-finite micro-batches
         for rows in plan[self.engine.dist.rank]:
-            mb = (build_micro_batch(rows, prompts, responses) if rows else empty_micro_batch()).to(self.engine.device)
+            layout = self.engine.cfg.micro_batch_layout
+            mb = (build_micro_batch(rows, prompts, responses, layout) if rows else empty_micro_batch()).to(self.engine.device)
             logp, _ = self.engine.forward(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 1.0, False)
             loss = -logp.sum() / global_tokens if rows else logp.sum() * 0.0
             finite = bool(torch.isfinite(loss))

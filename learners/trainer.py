@@ -345,7 +345,8 @@ class Trainer:
         )
 
     def micro_batch(self, batch: RolloutBatch, rows: list[int]) -> MicroBatch:
-        mb = build_micro_batch(rows, batch.prompts, batch.responses) if rows else empty_micro_batch()
+        layout = self.engine.cfg.micro_batch_layout
+        mb = build_micro_batch(rows, batch.prompts, batch.responses, layout) if rows else empty_micro_batch()
         return mb.to(self.engine.device)
 
     @staticmethod

@@ -121,3 +121,25 @@ def test_packed_logprobs_equal_each_sequence_run_alone(tiny_lm):
     p = len(prompts[0])
     expected = naive[p - 1 : -1].gather(1, full[0, p:].unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(logp[packed.row == 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_logprobs_and_gradients_equal_the_packed_ones(tiny_lm):
+    from learners.engine import TokenLogprobModel
+
+    model = TokenLogprobModel(tiny_lm, chunk_tokens=4)
+    prompts, responses = seqs([(4, 5), (2, 7), (6, 1), (3, 3)], seed=5)
+    results = {}
+    for layout in ("packed", "padded"):
+        mb = build_micro_batch([2, 0, 3, 1], prompts, responses, layout)
+        model.zero_grad()
+        logp, entropy = model(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 0.7, True)
+        (logp.sum() + entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[layout] = (mb, logp.detach(), entropy.detach(), grads)
+    (packed, lp, ent, grads), (padded, lp2, ent2, grads2) = results["packed"], results["padded"]
+    assert padded.input_ids.shape == (4, max(len(p) + len(r) - 1 for p, r in zip(prompts, responses, strict=True)))
+    assert torch.equal(padded.targets, packed.targets) and torch.equal(padded.row, packed.row)
+    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent2, ent, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads2[name], grad, atol=1e-5, rtol=1e-4)

@@ -1,5 +1,6 @@
 """The first mini-batch's training forward doubles as its proximal pass: exactly the loss, the
-metrics and the gradients of a separate no-grad pass, with fewer forwards.
+metrics and the gradients of a separate no-grad pass, with fewer forwards. And a step on padded
+micro-batches (``learner.micro_batch_layout: padded``) equals the step on packed ones.
 
 The trainer runs here on a plain-torch stand-in for ``LearnerEngine`` (one process, SGD), so the
 test isolates the trainer's bookkeeping; the DeepSpeed path runs the same code in
@@ -89,8 +90,8 @@ def make_table(seed: int, *, groups: int = 4, group_size: int = 4, version: int 
 
 
 @functools.cache  # each configuration runs once per session; the tests only read the results
-def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None):
-    cfg = LearnerConfig(micro_batch_tokens=40, logprob_chunk_tokens=16, fused_logprobs=fused)
+def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None, layout: str = "packed"):
+    cfg = LearnerConfig(micro_batch_tokens=40, logprob_chunk_tokens=16, fused_logprobs=fused, micro_batch_layout=layout)
     engine = TorchEngine(seed=0, cfg=cfg)
     algo = algorithm(off_policy={"mode": "decoupled", "tis_cap": 1.5, "m2po_tau": m2po_tau}, sft_coef=0.1)
     trainer = Trainer(engine, algo, max_staleness=2, mini_batches=mini_batches, micro_batch_tokens=40,
@@ -143,6 +144,18 @@ def test_m2po_keeps_the_separate_pass_because_its_mask_needs_the_whole_mini_batc
     assert not trainer.proximal_from_forward
     coupled = Trainer(engine, algorithm(off_policy={"mode": "coupled"}), max_staleness=2)
     assert not coupled.proximal_from_forward
+
+
+def test_a_step_on_padded_micro_batches_equals_the_step_on_packed_ones():
+    (_, packed, metrics), (_, padded, metrics2) = (run(from_forward=True, fused=True, mini_batches=2, layout=layout)
+                                                   for layout in ("packed", "padded"))
+    for before, after in zip(metrics, metrics2, strict=True):
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for grads, grads2 in zip(packed.grads, padded.grads, strict=True):
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads2[name], grad, atol=1e-6, rtol=1e-4)
 
 
 def test_list_columns_decode_to_the_rows_of_a_sliced_table():
