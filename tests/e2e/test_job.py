@@ -100,13 +100,18 @@ def job(tmp_path_factory):
         wait_for("the control endpoint", lambda: (run_dir / "run.json").is_file() and "control_address" in json.loads((run_dir / "run.json").read_text()))
         yield run_dir, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=240)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_job(proc)
+
+
+def stop_job(proc: subprocess.Popen) -> None:
+    """Stops a job this test started: SIGINT (the job's own orderly stop), SIGKILL after 240 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_policy_advances_weights_reach_the_actor_and_the_buffer_fills_and_drains(job):
