@@ -70,6 +70,7 @@ def render(snap: dict[str, Any], elapsed_s: float):
         ("held-out accuracy", f"{_fmt(snap['heldout_accuracy'])} (v{_fmt(snap['heldout_version'])}; start {_fmt(snap['first_heldout_accuracy'])})"),
         ("staleness mean / max", f"{_fmt(snap['staleness_mean'], '.2f')} / {_fmt(snap['staleness_max'], '.0f')}"),
         ("buffer rows / groups", f"{_fmt(buffer.get('rows'))} / {_fmt(buffer.get('groups'))}"),
+        ("prompts of the epoch", _prompts(buffer.get("prompts"))),
         ("actors alive", _fmt(snap.get("actors_alive"))),
         ("actor buffer writes", f"{_fmt(snap.get('buffer_batches_refused'))} refused, "
                                 f"stalled {_fmt(snap.get('buffer_stalled_s'), '.0f')} s"),
@@ -80,6 +81,13 @@ def render(snap: dict[str, Any], elapsed_s: float):
     for event in snap.get("events") or []:
         table.add_row("event", event)
     return table
+
+
+def _prompts(p: dict | None) -> str:
+    """The data cursor's figures (``buffer/cursor.py``) as one line."""
+    if not p or "error" in p:
+        return "-"
+    return f"epoch {p['epoch']}: {p['done']} done / {p['in_flight']} in flight / {p['pending']} pending"
 
 
 def plain_line(snap: dict[str, Any], elapsed_s: float) -> str:
