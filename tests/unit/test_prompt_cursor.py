@@ -121,3 +121,22 @@ def test_buffer_stats_count_prompts_done_in_flight_and_pending_from_the_durable_
     # The same counts from the folder opened read-only, as `async-rl buffer stats RUN` does.
     reader = ReplayStore(tmp_path, BufferConfig(), read_only=True)
     assert inspection.stats(reader)["prompts"] == prompts
+
+
+def test_buffer_stats_cli_prints_the_epochs_prompts_done_in_flight_and_pending(tmp_path):
+    from typer.testing import CliRunner
+
+    from async_rl.commands.buffer import app as buffer_cli
+
+    run = tmp_path / "run"
+    cursor = PromptCursor.open(run / "buffer", n_prompts=N, seed=4)
+    handed = lease_all(cursor, "actor-0", 4)
+    store = ReplayStore(run / "buffer", BufferConfig())
+    store.insert(synthetic_batch(groups=handed[:1]))
+    store.close()
+    shown = CliRunner().invoke(buffer_cli, ["stats", str(run)])
+    assert shown.exit_code == 0, shown.output
+    assert "prompts of epoch 0 (10)" in shown.output and "1 done / 3 in flight / 6 pending" in shown.output
+    (run / "buffer" / CURSOR_FILE).write_text("{")
+    broken = CliRunner().invoke(buffer_cli, ["stats", str(run), "--json"])
+    assert broken.exit_code == 0 and "cursor.json: not JSON" in json.loads(broken.output)["prompts"]["error"]
