@@ -109,6 +109,19 @@ def read_record(directory: Path) -> CursorRecord | None:
     return CursorRecord.from_json(data, path)
 
 
+def check_record(directory: Path, *, n_prompts: int, seed: int) -> CursorRecord | None:
+    """The folder's record if it was made for ``n_prompts`` rows in order ``seed`` (None if
+    there is none); CursorMismatch, naming both, if it was made for other data."""
+    record = read_record(directory)
+    if record is not None and (record.n_prompts, record.seed) != (n_prompts, seed):
+        raise CursorMismatch(
+            f"{Path(directory) / CURSOR_FILE}: made for {record.n_prompts} prompts in order seed "
+            f"{record.seed}, but the job has {n_prompts} prompts and seed {seed}; resume with the same "
+            "data and run.seed/data.seed, or start a new run.dir"
+        )
+    return record
+
+
 def progress(record: CursorRecord, durable) -> dict:
     """Prompts done / in flight / pending of the record's current epoch.
 
@@ -142,15 +155,9 @@ class PromptCursor:
         """The folder's cursor (every outstanding key to be handed out again), or a new one."""
         if n_prompts < 1:
             raise ValueError(f"n_prompts={n_prompts}: the training data has no valid rows")
-        record = read_record(directory)
+        record = check_record(directory, n_prompts=n_prompts, seed=seed)
         if record is None:
             record = CursorRecord(cursor_id=secrets.token_hex(4), n_prompts=n_prompts, seed=seed)
-        elif (record.n_prompts, record.seed) != (n_prompts, seed):
-            raise CursorMismatch(
-                f"{Path(directory) / CURSOR_FILE}: made for {record.n_prompts} prompts in order seed "
-                f"{record.seed}, but the job has {n_prompts} prompts and seed {seed}; resume with the same "
-                "data and run.seed/data.seed, or start a new run.dir"
-            )
         cursor = cls(directory, record)
         cursor.save()
         return cursor

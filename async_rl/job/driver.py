@@ -39,10 +39,12 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
         )
     prepared = prepare_run(cfg)
     run_dir = prepared.run_dir
+    _check_cursor(cfg, run_dir)
     clear_stop(run_dir)
     clear_stop(run_dir, "learner")
     policy_dir = warm_start(cfg, prepared, console)
     ray = placement.init_ray(cfg.cluster, num_cpus=_local_cpus(cfg))
+    placement.resolve_bind_host(cfg.cluster, ray)
     controller = _start_controller(ray, cfg, run_dir, policy_dir)
     addresses = ray.get(controller.start.remote(resume))
     from async_rl.job.control import ControlServer
@@ -67,6 +69,20 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     summary = _summary(run_dir)
     console.print(summary)
     return 1 if status.get("failure") else 0
+
+
+def _check_cursor(cfg: Config, run_dir: Path) -> None:
+    """A run folder's data cursor must match the data it continues with (one line if not)."""
+    from async_rl.job.actor_role import train_prompts
+    from async_rl.seeds import prompt_order_seed
+    from async_rl.tasks.dataset import DatasetError, load_rows
+    from buffer.cursor import check_record
+
+    rows, _ = load_rows(train_prompts(cfg, run_dir))
+    try:
+        check_record(run_dir / "buffer", n_prompts=len(rows), seed=prompt_order_seed(cfg.run.seed, cfg.data.seed))
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 def warm_start(cfg: Config, prepared, console) -> Path:

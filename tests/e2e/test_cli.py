@@ -82,3 +82,15 @@ def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
     result = run("train", "--resume", str(tmp_path))
     assert result.returncode == 2
     assert "no config.yaml there" in result.stderr
+
+
+def test_train_refuses_a_run_folder_whose_data_cursor_counts_other_data(tmp_path):
+    from buffer.cursor import PromptCursor
+
+    PromptCursor.open(tmp_path / "run" / "buffer", n_prompts=7, seed=1)
+    result = run("train", f"run.dir={tmp_path / 'run'}", "data.synth.n_train=20", "learner.sft_epochs=0")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line
+    assert "made for 7 prompts in order seed 1, but the job has 20 prompts" in line
+    assert not (tmp_path / "run" / "run.json").exists()
