@@ -1,7 +1,7 @@
 """Seeds derived from a job's seed: every random stream of a job gets its own.
 
-A job has one ``run.seed``. The prompt order of each actor, the sampling of each actor and each
-seed of a study are derived from it by hashing the stream's name, so two streams never share a
+A job has one ``run.seed``. The job's prompt order (one for all its actors), the sampling of each
+actor and each seed of a study are derived from it by hashing the stream's name, so two streams never share a
 seed by construction and different ``run.seed`` values give independent streams (not shifted
 copies of one another, as ``seed + i`` schemes give).
 """
