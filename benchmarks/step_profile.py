@@ -309,7 +309,7 @@ def live_job(args) -> dict:
     threads: dict[str, int] = {}
     last: dict[int, float] = {}
     timeline = []
-    started = time.monotonic()
+    started = time.time()  # wall clock, as the job's metric records
     while proc.poll() is None:
         time.sleep(SAMPLE_S)
         sample = {}
@@ -323,12 +323,13 @@ def live_job(args) -> dict:
             delta = used - last.get(p.pid, used)
             last[p.pid] = used
             sample[role] = sample.get(role, 0.0) + delta / SAMPLE_S
-        timeline.append({"t": round(time.monotonic() - started, 1), **{k: round(v, 2) for k, v in sample.items()}})
+        timeline.append({"t": round(time.time() - started, 1), **{k: round(v, 2) for k, v in sample.items()}})
         for role, cores in sample.items():
             cpu[role] = cpu.get(role, 0.0) + cores * SAMPLE_S
     records = [json.loads(line) for line in (run_dir / "metrics" / "learner.jsonl").read_text().splitlines()]
-    rl_start = next((t["t"] for t in timeline if t.get("learner", 0) > 0.2), 0.0)
-    window = [t for t in timeline if t["t"] >= rl_start]
+    first = records[0]  # the RL window: from the start of the first learner step to the last record
+    rl_start = first["time"] - first["step_s"] - first["sample_wait_s"] - started
+    window = [t for t in timeline if rl_start <= t["t"] <= records[-1]["time"] - started] or timeline
     cores = {role: statistics.fmean(t.get(role, 0.0) for t in window) for role in {k for t in window for k in t} - {"t"}}
     steady = records[2:] or records
     phases = sorted({k for r in steady for k in r if k.startswith("time/")})
