@@ -24,6 +24,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", "*", ""})
+AUTO_HOST = "auto"  # cluster.bind_host: the address Ray knows for the driver's node
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address that binds every interface and so means nothing to a peer."""
+    return host.strip() in WILDCARDS
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
@@ -173,6 +182,11 @@ class ActorsConfig(Section):
     )
     cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per actor.")
     gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each actor needs, e.g. {actor_node: 1}: actors go only to "
+        "nodes started with `ray start --resources '{\"actor_node\": N}'`.",
+    )
 
 
 # --------------------------------------------------------------------------- buffer
@@ -261,6 +275,11 @@ class LearnerConfig(Section):
     sft_batch_size: int = Field(32, ge=1, description="SFT rows per optimizer step.")
     cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
     gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner rank.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each learner rank needs (its placement bundle), e.g. "
+        "{learner_node: 1}.",
+    )
 
     @field_validator("zero_stage")
     @classmethod
@@ -351,7 +370,12 @@ class AlgorithmConfig(Section):
 
 class WeightsConfig(Section):
     publish_every: int = Field(1, ge=1, description="Learner steps between weight publishes.")
-    host: str = Field("127.0.0.1", description="Publisher bind address.")
+    host: str | None = Field(
+        None,
+        description="Publisher bind address, also the one actors are given. None = learner rank "
+        "0's node: cluster.bind_host when that is the driver's node, else the address Ray knows "
+        "for it (127.0.0.1 for a publisher outside a job).",
+    )
     port: int = Field(0, ge=0, le=65535, description="Publisher port (0 = pick a free one).")
     chunk_bytes: int = Field(1 << 20, ge=4096, description="Payload chunk size.")
     wire_dtype: Literal["same", "bfloat16", "float16"] = Field(
@@ -394,8 +418,10 @@ class ClusterConfig(Section):
     )
     bind_host: str = Field(
         "127.0.0.1",
-        description="Address every service binds (loopback locally); localhost and ::1 become "
-        "127.0.0.1, so every stage (learner rendezvous included) knows it stays on this machine.",
+        description="Address the driver's node binds and gives to peers (buffer, control; loopback "
+        "locally); localhost and ::1 become 127.0.0.1, so every stage (learner rendezvous "
+        "included) knows it stays on this machine. 'auto' = the address Ray knows for this node "
+        "(127.0.0.1 for a private local Ray). Never a wildcard: peers could not reach it.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs given to a private local Ray.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -406,6 +432,12 @@ class ClusterConfig(Section):
     @classmethod
     def _loopback_is_one_address(cls, host: str) -> str:
         return "127.0.0.1" if is_loopback(host) and not host.startswith("127.") else host
+
+    @model_validator(mode="after")
+    def _auto_is_loopback_without_a_cluster(self) -> ClusterConfig:
+        if self.bind_host == AUTO_HOST and self.ray_address is None:
+            self.bind_host = "127.0.0.1"  # a private Ray has one node: this machine's loopback
+        return self
 
 
 # --------------------------------------------------------------------------- logging / run
@@ -467,20 +499,35 @@ class Config(Section):
             raise ValueError(
                 f"algorithm.staleness_schedule.eps_min={sched.eps_min} > eps_max={sched.eps_max}"
             )
+        self._check_addresses_can_be_advertised()
         self._check_listeners_are_authenticated()
         return self
+
+    def _listeners(self) -> dict[str, str]:
+        """Every configured address a listener binds and peers are given, by its key."""
+        listeners = {"cluster.bind_host": self.cluster.bind_host, "buffer.host": self.buffer.host}
+        if self.weights.host is not None:
+            listeners["weights.host"] = self.weights.host
+        endpoint = self.weights.endpoint or ""
+        if endpoint.startswith("tcp://"):
+            listeners["weights.endpoint"] = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+        return listeners
+
+    def _check_addresses_can_be_advertised(self) -> None:
+        """A listener's address is also what its peers are told: a wildcard means nothing to them."""
+        for name, host in self._listeners().items():
+            if is_wildcard(host):
+                raise ValueError(
+                    f"{name}={host}: a wildcard binds every interface but cannot be given to peers; "
+                    "set this node's address" + (" or 'auto'" if name == "cluster.bind_host" else "")
+                )
 
     def _check_listeners_are_authenticated(self) -> None:
         """Off loopback every listener (buffer, control, weights, learner rendezvous) requires
         the job's CURVE keys, so a config that would open one without them is refused."""
         if self.weights.curve_keys_dir is not None:
             return
-        listeners = {"cluster.bind_host": self.cluster.bind_host, "weights.host": self.weights.host,
-                     "buffer.host": self.buffer.host}
-        endpoint = self.weights.endpoint or ""
-        if endpoint.startswith("tcp://"):
-            listeners["weights.endpoint"] = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-        for name, host in listeners.items():
+        for name, host in self._listeners().items():
             if not is_loopback(host):
                 raise ValueError(
                     f"{name}={host}: off loopback every listener requires CURVE keys; set "

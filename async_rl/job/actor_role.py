@@ -103,5 +103,13 @@ class ActorWorker:
             "rows_acked": m["rows_acked"], "reward_failures": m["reward_failures"],
             "staleness_gate_waits": m["staleness_gate_waits"],
             "buffer_batches_refused": m["buffer_batches_refused"], "buffer_stalled_s": m["buffer_stalled_s"],
-            "time": time.time(),
+            **self._weight_deliveries(), "time": time.time(),
         })
+
+    def _weight_deliveries(self) -> dict:
+        """How the versions this actor loaded arrived: streamed over the socket, or mapped from the
+        publisher's /dev/shm (same node only)."""
+        stats = self.runtime.subscriber.stats if self.runtime.subscriber is not None else {}
+        shm = stats.get("delivered_shm", 0)
+        return {"weights_streamed": stats.get("delivered", 0) - shm, "weights_from_shm": shm,
+                "weights_bytes_streamed": stats.get("bytes_received", 0)}

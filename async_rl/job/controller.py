@@ -72,7 +72,6 @@ class Controller:
 
     def start(self, resume: bool) -> dict[str, Any]:
         from buffer.service import start_service
-        from learners.launch import free_port
 
         host = self.cfg.cluster.bind_host
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -82,9 +81,6 @@ class Controller:
             log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
         )
         self._open_cursor()
-        port = self.cfg.weights.port or free_port(host)
-        self.cfg.weights.port = port
-        self.weights_address = f"tcp://{host}:{port}"
         self.resume = resume
         self._start_learners(self.learner_ranks)
         for _ in range(self.cfg.actors.count):
@@ -156,7 +152,7 @@ class Controller:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from async_rl.job.roles import LearnerRank
-        from learners.launch import RENDEZVOUS_ENV, free_port, remove_rendezvous, rendezvous_file
+        from learners.launch import RENDEZVOUS_ENV, remove_rendezvous, rendezvous_file
 
         clear_stop(self.run_dir, "learner")
         cfg = self.cfg.model_copy(deep=True)
@@ -171,10 +167,17 @@ class Controller:
                 f"could not be placed within {PLACEMENT_TIMEOUT_S:.0f} s (free now: "
                 f"{ray.available_resources().get('CPU', 0):g} CPU, {ray.available_resources().get('GPU', 0):g} GPU)"
             ) from None
-        master_port = free_port(self.cfg.cluster.bind_host)
+        # Rank 0's node: the learner group's master, and (the first group's) weight publisher.
+        node_host, (master_port, weights_port) = placement.node_ports(
+            group, 0, count=2, here=self.cfg.cluster.bind_host)
+        if not self.weights_address:  # fixed for the job: actors keep subscribing to it
+            self.cfg.weights.host = self.cfg.weights.host or node_host
+            self.cfg.weights.port = self.cfg.weights.port or weights_port
+            self.weights_address = f"tcp://{self.cfg.weights.host}:{self.cfg.weights.port}"
+        cfg.weights = self.cfg.weights.model_copy()
         remove_rendezvous(self.rendezvous)  # the previous group's, if it was killed
-        same_machine = self.cfg.cluster.ray_address is None  # a private Ray runs every rank here
-        self.rendezvous = rendezvous_file(self.cfg.cluster.bind_host, same_machine=same_machine)
+        same_machine = len(set(placement.bundle_nodes(group))) == 1  # every rank on one node
+        self.rendezvous = rendezvous_file(node_host, same_machine=same_machine)
         payload = {
             "config": cfg.model_dump(mode="json"),
             "run_dir": str(self.run_dir),
@@ -184,8 +187,7 @@ class Controller:
             "resume": True,
         }
         resources = placement.learner_resources(cfg.learner)
-        local = same_machine or self.cfg.cluster.bind_host.startswith("127.")
-        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if local else {}  # else gloo listens on the host's address
+        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if same_machine else {}  # else gloo listens on the node's address
         self.learners, self.learner_refs = [], []
         for rank in range(ranks):
             handle = ray.remote(LearnerRank).options(
@@ -195,7 +197,7 @@ class Controller:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
             ).remote()
             env = {
-                "MASTER_ADDR": self.cfg.cluster.bind_host, "MASTER_PORT": str(master_port),
+                "MASTER_ADDR": node_host, "MASTER_PORT": str(master_port),
                 "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0",
                 **({RENDEZVOUS_ENV: self.rendezvous} if self.rendezvous else {}),
             }

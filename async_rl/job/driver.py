@@ -44,6 +44,7 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     clear_stop(run_dir, "learner")
     policy_dir = warm_start(cfg, prepared, console)
     ray = placement.init_ray(cfg.cluster, num_cpus=_local_cpus(cfg))
+    placement.resolve_bind_host(cfg.cluster, ray)
     controller = _start_controller(ray, cfg, run_dir, policy_dir)
     addresses = ray.get(controller.start.remote(resume))
     from async_rl.job.control import ControlServer

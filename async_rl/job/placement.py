@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from async_rl.config import ActorsConfig, ClusterConfig, LearnerConfig
+from async_rl.config import AUTO_HOST, ActorsConfig, ClusterConfig, LearnerConfig, is_loopback
 
 CONTROLLER_NAME = "async_rl_controller"
 NAMESPACE = "async_rl"
@@ -25,17 +25,23 @@ ROLE_THREADS = "1"
 class RoleResources:
     num_cpus: float
     num_gpus: float
+    custom: tuple[tuple[str, float], ...] = ()  # Ray custom resources: which nodes may run the role
 
     def options(self, **extra) -> dict:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, **extra}
+        custom = {"resources": dict(self.custom)} if self.custom else {}
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, **custom, **extra}
+
+    def bundle(self) -> dict[str, float]:
+        """The same as one placement-group bundle."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **dict(self.custom)}
 
 
 def actor_resources(cfg: ActorsConfig) -> RoleResources:
-    return RoleResources(num_cpus=cfg.cpus, num_gpus=cfg.gpus)
+    return RoleResources(num_cpus=cfg.cpus, num_gpus=cfg.gpus, custom=tuple(sorted(cfg.resources.items())))
 
 
 def learner_resources(cfg: LearnerConfig) -> RoleResources:
-    return RoleResources(num_cpus=cfg.cpus, num_gpus=cfg.gpus)
+    return RoleResources(num_cpus=cfg.cpus, num_gpus=cfg.gpus, custom=tuple(sorted(cfg.resources.items())))
 
 
 # The buffer and the controller mostly wait on sockets; they reserve no CPU.
@@ -126,5 +132,56 @@ def learner_placement_group(cluster: ClusterConfig, learner: LearnerConfig):
     """One bundle per learner rank, gang-scheduled with the configured strategy."""
     from ray.util.placement_group import placement_group
 
-    bundles = [{"CPU": learner.cpus, **({"GPU": learner.gpus} if learner.gpus else {})}] * learner.ranks
+    bundles = [learner_resources(learner).bundle()] * learner.ranks
     return placement_group(bundles, strategy=cluster.placement_strategy)
+
+
+def bundle_nodes(group) -> list[str]:
+    """The id of the node each bundle of a ready placement group is on, in bundle order."""
+    from ray.util import placement_group_table
+
+    placed = placement_group_table(group)["bundles_to_node_id"]
+    return [placed[i] for i in range(len(placed))]
+
+
+def node_ports(group, bundle: int, *, count: int, here: str) -> tuple[str, list[int]]:
+    """The address of the node of ``bundle`` and ``count`` distinct ports free there, asked by a
+    zero-CPU task in that bundle (so it is true of that node, not of the caller's). The address
+    is ``here`` (cluster.bind_host) on the caller's own node, else the one Ray knows for the node."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ask = ray.remote(num_cpus=0)(_free_ports_here).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+    )
+    return ray.get(ask.remote(count, ray.get_runtime_context().get_node_id(), here), timeout=120)
+
+
+def _free_ports_here(count: int, caller_node: str, caller_host: str) -> tuple[str, list[int]]:
+    import socket
+
+    import ray
+
+    same = ray.get_runtime_context().get_node_id() == caller_node
+    host = caller_host if same else ray.util.get_node_ip_address()
+    sockets = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return host, [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def resolve_bind_host(cluster: ClusterConfig, ray) -> None:
+    """``cluster.bind_host: auto`` becomes the address Ray knows for this node. A loopback address
+    is refused once the cluster has other nodes: roles there could not reach it."""
+    if cluster.bind_host == AUTO_HOST:
+        cluster.bind_host = ray.util.get_node_ip_address()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if cluster.ray_address is not None and len(nodes) > 1 and is_loopback(cluster.bind_host):
+        raise ValueError(
+            f"cluster.bind_host={cluster.bind_host}: loopback, but the cluster at {cluster.ray_address} "
+            f"has {len(nodes)} nodes whose roles could not reach it; set this node's address or 'auto'"
+        )

@@ -84,8 +84,14 @@ class _Peer:
 def _endpoint(cfg: WeightsConfig) -> str:
     if cfg.endpoint:
         return cfg.endpoint
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    host = _host(cfg)
+    host = f"[{host}]" if ":" in host else host
     return f"tcp://{host}:{cfg.port or '*'}"
+
+
+def _host(cfg: WeightsConfig) -> str:
+    """The bind address: ``weights.host``, which a job sets to its learner node's address."""
+    return cfg.host or "127.0.0.1"
 
 
 def _advertised(endpoint: str) -> str:
@@ -140,7 +146,7 @@ class WeightPublisher:
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.SNDHWM, wire.MAX_CREDITS + HWM_SLACK)
         self._sock.setsockopt(zmq.LINGER, 0)
-        if ":" in cfg.host and not cfg.endpoint:
+        if ":" in _host(cfg) and not cfg.endpoint:
             self._sock.setsockopt(zmq.IPV6, 1)
         self._sock.bind(_endpoint(cfg))
 

@@ -65,16 +65,21 @@ def version_name(pub: int, version: int) -> str:
 
 
 def host_id() -> str | None:
-    """Who can read our /dev/shm files: this boot of this kernel and this /dev/shm mount.
+    """Who may read our /dev/shm files: this boot of this kernel, this /dev/shm mount, and this
+    network namespace.
 
-    None where there is no /dev/shm (the same-host path is then off).
+    The network namespace makes a node what the network sees as one: processes in different
+    namespaces (containers, or the simulated nodes of the two-node test) are different nodes to
+    the job, so they stream over TCP even where they happen to share /dev/shm. None where there
+    is no /dev/shm (the same-host path is then off).
     """
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         mount = os.stat(SHM_DIR)
+        network = os.stat("/proc/self/ns/net")
     except OSError:
         return None
-    return f"{boot}:{mount.st_dev}"
+    return f"{boot}:{mount.st_dev}:{network.st_ino}"
 
 
 # --------------------------------------------------------------------------- publisher side

@@ -45,8 +45,8 @@ def keyed_job(tmp_path_factory):
     shutil.copyfile(keys / "server.key", stranger / "server.key")
     host = network_address()
     run_dir = root / "run"
-    proc = start_job(run_dir, f"cluster.bind_host={host}", f"buffer.host={host}", f"weights.host={host}",
-                     f"weights.curve_keys_dir={keys}")
+    # weights.host unset: the publisher binds (and actors are given) the learner node's address
+    proc = start_job(run_dir, f"cluster.bind_host={host}", f"weights.curve_keys_dir={keys}")
     try:
         run = wait_for("run.json with the job's addresses", lambda: _run_json(run_dir).get("weights_address") and _run_json(run_dir))
         yield {"run_dir": run_dir, "proc": proc, "host": host, "run": run, "outsiders": (None, str(stranger))}

@@ -69,15 +69,34 @@ def test_cross_field_checks():
 
 
 def test_public_bind_requires_curve_keys():
-    message = error_of("cluster.bind_host=0.0.0.0")
-    assert message.startswith("cluster.bind_host=0.0.0.0")
+    message = error_of("cluster.bind_host=10.0.0.7")
+    assert message.startswith("cluster.bind_host=10.0.0.7")
     assert "curve_keys_dir" in message
 
 
 @pytest.mark.parametrize(("override", "field"), [
     ("weights.host=0.0.0.0", "weights.host=0.0.0.0"),
-    ("buffer.host=10.1.2.3", "buffer.host=10.1.2.3"),
+    ("cluster.bind_host=0.0.0.0", "cluster.bind_host=0.0.0.0"),
+    ("buffer.host=[::]", "buffer.host=[::]"),
     ("weights.endpoint=tcp://0.0.0.0:5555", "weights.endpoint=0.0.0.0"),
+])
+def test_a_wildcard_is_refused_even_with_keys_because_peers_are_given_the_address(override, field):
+    message = error_of(override, "weights.curve_keys_dir=keys")
+    assert message.startswith(f"{field}: a wildcard binds every interface but cannot be given to peers")
+
+
+def test_bind_host_auto_is_loopback_for_a_private_ray_and_needs_keys_on_a_cluster():
+    assert load_config("tiny", ["cluster.bind_host=auto"]).cluster.bind_host == "127.0.0.1"
+    message = error_of("cluster.bind_host=auto", "cluster.ray_address=auto")
+    assert message.startswith("cluster.bind_host=auto: off loopback every listener requires CURVE keys")
+    cfg = load_config("tiny", ["cluster.bind_host=auto", "cluster.ray_address=auto", "weights.curve_keys_dir=keys"])
+    assert cfg.cluster.bind_host == "auto" and cfg.weights.host is None
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("weights.host=10.1.2.4", "weights.host=10.1.2.4"),
+    ("buffer.host=10.1.2.3", "buffer.host=10.1.2.3"),
+    ("weights.endpoint=tcp://10.1.2.5:5555", "weights.endpoint=10.1.2.5"),
     ("cluster.bind_host=node7.example", "cluster.bind_host=node7.example"),
 ])
 def test_every_listener_off_loopback_requires_curve_keys(override, field):

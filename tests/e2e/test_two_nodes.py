@@ -1,0 +1,242 @@
+"""A two-node Ray cluster on one machine, across a real network boundary: node A is the host's
+network namespace, node B a network namespace joined to it by a veth pair
+(`scripts/two_nodes.sh`). Ray's head runs on A with token auth, a worker joins from B, and
+`async-rl train --ray-address` places the learner on A and the actor on B by custom resources.
+
+Checked: the actor on B receives every version over TCP (never through the /dev/shm both
+namespaces share), its trajectories reach the buffer on A, `async-rl status` works from B with
+the job's keys, and no listener of the cluster binds a wildcard. Root only (as CI runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, stop_job, wait_for
+
+from async_rl.weights.keys import generate_keys
+
+pytestmark = pytest.mark.slow
+RAY = Path(sys.executable).with_name("ray")
+NODES = Path(__file__).resolve().parents[2] / "scripts" / "two_nodes.sh"
+NAME = f"arl{os.getpid() % 100_000}"
+SUBNET = f"10.231.{os.getpid() % 250}"
+A, B = f"{SUBNET}.1", f"{SUBNET}.2"
+
+
+def on_b(*argv: str) -> list[str]:
+    return ["bash", str(NODES), "exec", NAME, *argv]
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    assert os.geteuid() == 0, "the two-node test makes network namespaces: run it as root (CI does)"
+    subprocess.run(["bash", str(NODES), "down", NAME], check=True)  # a namesake left by a killed run
+    subprocess.run(["bash", str(NODES), "up", NAME, A, B], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(NODES), "down", NAME], check=True)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A user's shell whose `ray get-auth-token --generate` made the cluster's token, shared by
+    both nodes (the home folder is on the shared filesystem, as the keys and run folder are)."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token")
+    subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    return env
+
+
+def _ray_start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            start_new_session=True, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def alive_nodes(env: dict, port: int) -> int:
+    out = subprocess.run([str(RAY), "status", "--address", f"{A}:{port}"], env=env, capture_output=True, text=True)
+    active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return active.count("node_")
+
+
+@pytest.fixture(scope="module")
+def cluster(nodes, env, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("ray-logs")
+    port = 6300 + os.getpid() % 500
+    common = ["--block", "--num-cpus=2", "--disable-usage-stats", f"--min-worker-port={RAY_WORKER_PORTS.start}",
+              f"--max-worker-port={RAY_WORKER_PORTS.stop - 1}"]
+    head = _ray_start([str(RAY), "start", "--head", f"--port={port}", f"--node-ip-address={A}",
+                       "--include-dashboard=false", "--resources={\"node_a\": 1}", *common], logs / "head.log", env)
+    worker = None
+    try:
+        wait_for("the Ray head", lambda: alive_nodes(env, port) == 1, timeout_s=120)
+        worker = _ray_start(on_b(str(RAY), "start", f"--address={A}:{port}", f"--node-ip-address={B}",
+                                 "--resources={\"node_b\": 1}", *common), logs / "worker.log", env)
+        wait_for("node B joining", lambda: alive_nodes(env, port) == 2, timeout_s=120)
+        yield {"port": port, "head": head, "worker": worker}
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
+
+
+@pytest.fixture(scope="module")
+def job(cluster, env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two-nodes")
+    keys = generate_keys(root / "keys")
+    run_dir = root / "run"
+    log = open(root / "train.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN), "train", f"run.dir={run_dir}", "--ray-address", f"{A}:{cluster['port']}", *JOB_ARGS,
+         f"cluster.bind_host={A}", f"weights.curve_keys_dir={keys}",
+         "learner.resources={node_a: 1}", "actors.resources={node_b: 1}", "actors.cpus=1", "learner.cpus=1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        wait_for("run.json with the job's addresses", lambda: "weights_address" in _run_json(run_dir))
+        yield {"run_dir": run_dir, "proc": proc, "run": _run_json(run_dir), "log": root / "train.log"}
+    finally:
+        stop_job(proc)
+
+
+def _run_json(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def netns_inode(pid: int | str) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def role_processes(cluster: dict, name: str) -> list[psutil.Process]:
+    """The cluster's Ray workers running role ``name`` (descendants of either node's `ray start`)."""
+    found = []
+    for root in (cluster["head"], cluster["worker"]):
+        try:
+            tree = psutil.Process(root.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            try:
+                if proc.name().startswith(f"ray::{name}"):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+    return found
+
+
+def test_a_process_in_node_bs_namespace_is_another_host_to_the_weight_transport(nodes):
+    """Both namespaces share this kernel and its /dev/shm, but node B must stream weights over TCP
+    like a real second machine: the transport's host identity includes the network namespace."""
+    from async_rl.weights.shm import host_id
+
+    probe = "from async_rl.weights.shm import host_id; print(host_id())"
+    theirs = subprocess.run(on_b(sys.executable, "-c", probe), capture_output=True, text=True, check=True).stdout.strip()
+    ours = host_id()
+    assert theirs != ours
+    assert theirs.split(":")[:2] == ours.split(":")[:2]  # the same boot and /dev/shm mount: only the node differs
+
+
+def test_the_actor_on_node_b_streams_every_version_over_tcp_and_fills_the_buffer_on_node_a(job, cluster):
+    run_dir, run = job["run_dir"], job["run"]
+    assert run["weights_address"].startswith(f"tcp://{A}:") and run["buffer_address"].startswith(f"tcp://{A}:")
+    wait_for("learner version 3", lambda: learner_version(run_dir) >= 3, timeout_s=300)
+    latest = wait_for("the actor on B loading two versions", lambda: next(
+        (r for r in reversed(metrics(run_dir, "actor-0")) if r.get("weights_streamed", 0) >= 2), None))
+    assert latest["weights_from_shm"] == 0 and latest["weights_bytes_streamed"] > 0
+    assert latest["weight_version"] >= 2 and latest["rows_acked"] > 0
+    b = os.stat(f"/run/netns/{NAME}").st_ino
+    actors, learners = role_processes(cluster, "ActorRole"), role_processes(cluster, "LearnerRank")
+    assert actors and all(netns_inode(p.pid) == b for p in actors)
+    assert learners and all(netns_inode(p.pid) == netns_inode("self") for p in learners)
+    stats = cli("buffer", "stats", str(run_dir), "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["rows"] > 0
+
+
+def test_status_works_from_node_b_with_the_jobs_keys(job, env):
+    result = subprocess.run(on_b(str(BIN), "status", str(job["run_dir"]), "--json"), env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    live = json.loads(result.stdout)["live"]
+    assert live["actors"] == [0] and live["learner_ranks"] == 1
+
+
+# Ray 2.60's own servers on a cluster node listen on every interface, whatever --node-ip-address
+# says (there is no option to bind one address): its system servers, and the core-worker server
+# in every Ray process (workers and drivers), on ports from the range `ray start` is given. They
+# are token-authenticated, and the README says so. Every other listener must be on the node's
+# address or loopback.
+RAY_SYSTEM = ("raylet", "gcs_server", "autoscaler/_private/monitor.py")
+RAY_WORKER_PORTS = range(10_002, 11_000)
+LISTENER = re.compile(r"^\S+\s+\d+\s+\d+\s+(\S+)\s+\S+\s+users:\(\(\"([^\"]*)\",pid=(\d+)")
+
+
+def listeners(argv: list[str], pids: set[int] | None = None) -> list[tuple[str, int, str]]:
+    """(host, port, process) of every TCP listener `ss` shows, of ``pids`` only when given; Ray's
+    system servers are left out (RAY_SYSTEM)."""
+    out = subprocess.run([*argv, "ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        match = LISTENER.match(line.strip())
+        if not match or (pids is not None and int(match[3]) not in pids):
+            continue
+        try:
+            cmdline = " ".join(psutil.Process(int(match[3])).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if not any(name in (match[2], cmdline) or name in cmdline for name in RAY_SYSTEM):
+            host, port = match[1].rsplit(":", 1)
+            found.append((host.strip("[]").removeprefix("::ffff:"), int(port), match[2]))
+    return found
+
+
+def tree(*roots: int) -> set[int]:
+    pids = set()
+    for root in roots:
+        try:
+            pids |= {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def test_every_listener_of_the_job_binds_its_nodes_address_or_loopback(job, cluster):
+    wait_for("the publisher's first version", lambda: learner_version(job["run_dir"]) >= 1, timeout_s=300)
+    for node, found in ((B, listeners(on_b())), (A, listeners([], tree(job["proc"].pid, cluster["head"].pid)))):
+        ours = [(h, port, p) for h, port, p in found if port not in RAY_WORKER_PORTS]
+        assert ours and [(h, port, p) for h, port, p in ours if h not in {node, "127.0.0.1", "::1"}] == []
+    in_a = {f"{h}:{port}" for h, port, _ in listeners([], tree(job["proc"].pid, cluster["head"].pid))}
+    for name in ("buffer_address", "control_address", "weights_address"):
+        assert job["run"][name].removeprefix("tcp://") in in_a, (name, job["run"][name], sorted(in_a))
+
+
+def test_the_job_stops_cleanly(job, cluster):
+    result = cli("stop", str(job["run_dir"]))
+    assert result.returncode == 0, result.stderr
+    assert job["proc"].wait(timeout=300) == 0, job["log"].read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while role_processes(cluster, "ActorRole") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert role_processes(cluster, "ActorRole") == []
