@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, stop_job, wait_for
+from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, status, stop_job, wait_for
 
 from async_rl.weights.keys import generate_keys
 
@@ -110,7 +110,7 @@ def job(cluster, env, tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN), "train", f"run.dir={run_dir}", "--ray-address", f"{A}:{cluster['port']}", *JOB_ARGS,
          f"cluster.bind_host={A}", f"weights.curve_keys_dir={keys}",
-         "learner.resources={node_a: 1}", "actors.resources={node_b: 1}", "actors.cpus=1", "learner.cpus=1"],
+         "learner.resources={node_a: 0.01}", "actors.resources={node_b: 0.01}", "actors.cpus=1", "learner.cpus=1"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     try:
@@ -230,6 +230,24 @@ def test_every_listener_of_the_job_binds_its_nodes_address_or_loopback(job, clus
     in_a = {f"{h}:{port}" for h, port, _ in listeners([], tree(job["proc"].pid, cluster["head"].pid))}
     for name in ("buffer_address", "control_address", "weights_address"):
         assert job["run"][name].removeprefix("tcp://") in in_a, (name, job["run"][name], sorted(in_a))
+
+
+def test_scale_places_a_new_actor_on_node_b_and_a_killed_one_restarts_there(job, cluster):
+    run_dir, b = job["run_dir"], os.stat(f"/run/netns/{NAME}").st_ino
+    up = cli("scale", "actors", "2", "--run-dir", str(run_dir), timeout=300)
+    assert up.returncode == 0 and "actors now: [0, 1]" in up.stdout, up.stdout + up.stderr
+    wait_for("actor 1 storing groups", lambda: any(r.get("rows_acked", 0) > 0 for r in metrics(run_dir, "actor-1")))
+    pid = wait_for("actor 1's pid", lambda: status(run_dir).get("pids", {}).get("actor-1"))
+    assert netns_inode(pid) == b
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the restart event", lambda: any("actor 1 died" in e for e in status(run_dir)["events"]))
+    again = wait_for("a new actor 1", lambda: status(run_dir).get("pids", {}).get("actor-1") not in (None, pid)
+                     and status(run_dir)["pids"]["actor-1"])
+    assert netns_inode(again) == b
+    version = learner_version(run_dir)
+    wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
+    down = cli("scale", "actors", "1", "--run-dir", str(run_dir), timeout=300)
+    assert down.returncode == 0 and "actors now: [0]" in down.stdout, down.stdout + down.stderr
 
 
 def test_the_job_stops_cleanly(job, cluster):
