@@ -3,7 +3,9 @@ network namespace, node B a network namespace joined to it by a veth pair
 (`scripts/two_nodes.sh`). Ray's head runs on A with token auth, a worker joins from B, and
 `async-rl train --ray-address` places the learner on A and the actor on B by custom resources.
 
-Checked: the actor on B receives every version over TCP (never through the /dev/shm both
+Checked: the job's listeners are off loopback, so a client without the job's client key (even
+one holding the server's public key) is shown to get no buffer reply, no weights and no stop;
+the actor on B receives every version over TCP (never through the /dev/shm both
 namespaces share), its trajectories reach the buffer on A, `async-rl status` works from B with
 the job's keys, and no listener of the cluster binds a wildcard. Root only (as CI runs).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +24,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, status, stop_job, wait_for
 
-from async_rl.weights.keys import generate_keys
+from async_rl.job.control import request
+from async_rl.weights.keys import generate_keys, secure_client
+from buffer.client import BufferClient
+from buffer.testing import synthetic_batch
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
@@ -105,6 +112,8 @@ def cluster(nodes, env, tmp_path_factory):
 def job(cluster, env, tmp_path_factory):
     root = tmp_path_factory.mktemp("two-nodes")
     keys = generate_keys(root / "keys")
+    stranger = generate_keys(root / "stranger")  # knows the server's public key, is not authorized
+    shutil.copyfile(keys / "server.key", stranger / "server.key")
     run_dir = root / "run"
     log = open(root / "train.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -115,7 +124,8 @@ def job(cluster, env, tmp_path_factory):
     )
     try:
         wait_for("run.json with the job's addresses", lambda: "weights_address" in _run_json(run_dir))
-        yield {"run_dir": run_dir, "proc": proc, "run": _run_json(run_dir), "log": root / "train.log"}
+        yield {"run_dir": run_dir, "proc": proc, "run": _run_json(run_dir), "log": root / "train.log",
+               "outsiders": (None, str(stranger))}
     finally:
         stop_job(proc)
 
@@ -248,6 +258,52 @@ def test_scale_places_a_new_actor_on_node_b_and_a_killed_one_restarts_there(job,
     wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
     down = cli("scale", "actors", "1", "--run-dir", str(run_dir), timeout=300)
     assert down.returncode == 0 and "actors now: [0]" in down.stdout, down.stdout + down.stderr
+
+
+# An outsider reaches every listener of the job (they are off loopback) but holds no
+# client key the job authorized: no buffer reply, no weights, no stop.
+REFUSED_WAIT_S = 3.0
+
+
+def test_an_outsider_can_neither_write_nor_read_the_buffer(job):
+    for outsider in job["outsiders"]:
+        with BufferClient(job["run"]["buffer_address"], timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider) as client:
+            with pytest.raises(TimeoutError):
+                client.insert(synthetic_batch(groups=["forged"]), retry_for_s=0)
+            with pytest.raises(TimeoutError):
+                client.stats()
+            with pytest.raises(TimeoutError):
+                client.sample(1)
+
+
+def test_an_outsider_receives_no_weights_while_the_actor_does(job):
+    run_dir, ctx, subscribers = job["run_dir"], zmq.Context.instance(), []
+    for outsider in job["outsiders"]:
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        if outsider:
+            secure_client(sock, outsider)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(job["run"]["weights_address"])
+        subscribers.append(sock)
+    try:
+        before = learner_version(run_dir)
+        wait_for("the actor loading a version published while the outsiders listened", lambda: any(
+            (r.get("weight_version") or 0) > before for r in metrics(run_dir, "actor-0")))
+        assert [sock.poll(0) for sock in subscribers] == [0, 0]
+    finally:
+        for sock in subscribers:
+            sock.close()
+
+
+def test_an_outsider_cannot_stop_the_job(job):
+    run_dir = job["run_dir"]
+    for outsider in job["outsiders"]:
+        with pytest.raises(ConnectionError, match="did not answer"):
+            request(job["run"]["control_address"], "stop", timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider)
+    before = learner_version(run_dir)
+    wait_for("the learner still advancing", lambda: learner_version(run_dir) > before)
+    assert job["proc"].poll() is None
 
 
 def test_the_job_stops_cleanly(job, cluster):
