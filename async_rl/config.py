@@ -33,6 +33,13 @@ def is_wildcard(host: str) -> bool:
     return host.strip() in WILDCARDS
 
 
+def tcp_host(endpoint: str | None) -> str | None:
+    """The host of a ``tcp://HOST:PORT`` endpoint; None for other transports."""
+    if not (endpoint or "").startswith("tcp://"):
+        return None
+    return endpoint[len("tcp://") :].rsplit(":", 1)[0]
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
@@ -508,9 +515,8 @@ class Config(Section):
         listeners = {"cluster.bind_host": self.cluster.bind_host, "buffer.host": self.buffer.host}
         if self.weights.host is not None:
             listeners["weights.host"] = self.weights.host
-        endpoint = self.weights.endpoint or ""
-        if endpoint.startswith("tcp://"):
-            listeners["weights.endpoint"] = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+        if (host := tcp_host(self.weights.endpoint)) is not None:
+            listeners["weights.endpoint"] = host
         return listeners
 
     def _check_addresses_can_be_advertised(self) -> None:

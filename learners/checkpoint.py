@@ -65,6 +65,11 @@ def tag_for(version: int) -> str:
     return f"step_{version:08d}"
 
 
+def version_of(tag: str) -> int:
+    """The inverse of :func:`tag_for`."""
+    return int(tag.rsplit("_", 1)[1])
+
+
 def latest_tag(root: Path) -> str | None:
     marker = Path(root) / LATEST
     if not marker.is_file():

@@ -240,10 +240,10 @@ class Controller:
 
     def _checkpointed_version(self) -> int:
         """The version a (re)started learner group resumes from: the newest checkpoint's, or 0."""
-        from learners.checkpoint import latest_tag
+        from learners.checkpoint import latest_tag, version_of
 
         tag = latest_tag(self.run_dir / "checkpoints")
-        return int(tag.rsplit("_", 1)[1]) if tag else 0
+        return version_of(tag) if tag else 0
 
     def _start_evaluator(self) -> None:
         import ray
@@ -447,9 +447,7 @@ class Controller:
             if self.cursor is not None:  # what the actors reported stored leaves the record
                 with self._cursor_lock:
                     self.cursor.save()
-            if getattr(self, "_buffer_client", None) is not None:
-                self._buffer_client.close()
-                self._buffer_client = None
+            self._drop_buffer_client()
             if self.buffer is not None:
                 self.buffer.stop()
             from learners.launch import remove_rendezvous

@@ -34,7 +34,6 @@ import itertools
 import logging
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from async_rl.config import WeightsConfig
+from async_rl.config import WeightsConfig, is_wildcard, tcp_host
 from async_rl.weights import wire
 from async_rl.weights.keys import secure_server
 from async_rl.weights.sendbuffer import BufferPool, Snapshot, copy_and_hash
@@ -83,6 +82,9 @@ class _Peer:
 
 def _endpoint(cfg: WeightsConfig) -> str:
     if cfg.endpoint:
+        host = tcp_host(cfg.endpoint)
+        if host is not None and is_wildcard(host):
+            raise ValueError(f"weights.endpoint={cfg.endpoint}: a wildcard cannot be given to subscribers")
         return cfg.endpoint
     host = _host(cfg)
     host = f"[{host}]" if ":" in host else host
@@ -90,17 +92,12 @@ def _endpoint(cfg: WeightsConfig) -> str:
 
 
 def _host(cfg: WeightsConfig) -> str:
-    """The bind address: ``weights.host``, which a job sets to its learner node's address."""
-    return cfg.host or "127.0.0.1"
-
-
-def _advertised(endpoint: str) -> str:
-    """The address subscribers connect to (a wildcard bind is named by this host's IP)."""
-    for wildcard in ("0.0.0.0", "[::]", "*"):
-        prefix = f"tcp://{wildcard}:"
-        if endpoint.startswith(prefix):
-            return f"tcp://{socket.gethostbyname(socket.gethostname())}:{endpoint[len(prefix):]}"
-    return endpoint
+    """The bind address: ``weights.host``, which a job sets to its learner node's address. Never a
+    wildcard (the config refuses one too): subscribers are given the address that was bound."""
+    host = cfg.host or "127.0.0.1"
+    if is_wildcard(host):
+        raise ValueError(f"weights.host={host}: a wildcard cannot be given to subscribers; bind this node's address")
+    return host
 
 
 class WeightPublisher:
@@ -119,7 +116,7 @@ class WeightPublisher:
                 self._auth.stop()
             self._ctx.term()
             raise
-        self.address = _advertised(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pub = random.getrandbits(63)  # tells a restarted publisher's transfers apart
         self._xfer_ids = itertools.count(1)
         store = _shm_store(self._pub, cfg.transport)
