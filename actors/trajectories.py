@@ -45,6 +45,7 @@ def group_batch(
         behavior_logprobs=[s.logprobs for s in samples],
         token_versions=[s.versions for s in samples],
         reward=[r.score for r in rewards],
+        correct=[r.correct for r in rewards],
         reward_info=[reward_info(r, kv_on_update=kv_on_update) for r in rewards],
         finish_reason=[s.finish_reason for s in samples],
         actor_id=actor_id,

@@ -125,6 +125,7 @@ class TrajectoryIndex:
         self.row_offset = Column(np.int32)  # row number inside its record batch
         self.row_min_version = Column(np.int64)
         self.row_reward = Column(np.float32)
+        self.row_correct = Column(np.bool_)
         self.row_resp_len = Column(np.int32)
         self.row_actor = Column(np.int32)
         self.row_source = Column(np.int32)
@@ -162,6 +163,7 @@ class TrajectoryIndex:
         self.row_offset.extend(rows.offsets)
         self.row_min_version.extend(rows.min_versions)
         self.row_reward.extend(rows.rewards)
+        self.row_correct.extend(rows.correct)
         self.row_resp_len.extend(rows.resp_lens)
         self.row_actor.extend(self.actors.encode(rows.actor_ids))
         self.row_source.extend(self.sources.encode(rows.data_sources))
@@ -252,6 +254,7 @@ class RowFacts:
     group_sizes: np.ndarray
     min_versions: np.ndarray
     rewards: np.ndarray
+    correct: np.ndarray
     resp_lens: np.ndarray
     actor_ids: pa.Array
     data_sources: pa.Array

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from buffer import cursor
 from buffer.index import Status
-from buffer.schema import TRAJECTORY_SCHEMA
+from buffer.schema import TRAJECTORY_SCHEMA, staleness
 from buffer.store import ReplayStore
 
 HISTOGRAM_BINS = 10
@@ -35,7 +35,7 @@ def row_columns(store: ReplayStore, rows: np.ndarray) -> dict[str, np.ndarray]:
     gids = idx.row_group.view[rows]
     return {
         "reward": idx.row_reward.view[rows],
-        "staleness": store.learner_version - idx.row_min_version.view[rows],
+        "staleness": staleness(store.learner_version, idx.row_min_version.view[rows]),
         "min_version": idx.row_min_version.view[rows],
         "response_len": idx.row_resp_len.view[rows],
         "times_sampled": idx.group_times_sampled.view[gids],
@@ -117,7 +117,7 @@ def stats(store: ReplayStore) -> dict:
         "bytes": int(sum(seg.bytes for seg in store.segments.values())),
         "segments": len(store.segments),
         "reward": _summary(cols["reward"]),
-        "accuracy": float((cols["reward"] > 0).mean()) if len(rows) else None,
+        "accuracy": float(idx.row_correct.view[rows].mean()) if len(rows) else None,
         "response_length": _summary(cols["response_len"]),
         "staleness": _counts(cols["staleness"]),
         "times_sampled": _counts(idx.group_times_sampled.view[gids]),

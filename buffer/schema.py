@@ -2,7 +2,11 @@
 
 Actors build batches with :func:`build_batch`; the buffer checks every incoming batch with
 :func:`validate_batch`; the learner reads sampled tables and computes staleness with
-:func:`row_staleness`. Nothing else about the buffer needs to be imported by them.
+:func:`row_staleness`, the one definition of staleness. Nothing else about the buffer needs to
+be imported by them.
+
+``correct`` is the reward function's verdict (``RewardRecord.correct``), stored next to the
+reward so that every stage means the same by "correct" whatever reward values are configured.
 
 Length invariant: for every row, ``response_tokens``, ``behavior_logprobs`` and
 ``token_versions`` have the same length T >= 1 (one logprob and one policy version per
@@ -15,6 +19,7 @@ returns a group only once all ``group_size`` rows of it are stored.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Sequence
 
@@ -34,6 +39,7 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("behavior_logprobs", pa.list_(pa.float32()), nullable=False),
         pa.field("token_versions", pa.list_(pa.int32()), nullable=False),
         pa.field("reward", pa.float32(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
         pa.field("reward_info", pa.string(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),
         pa.field("actor_id", pa.string(), nullable=False),
@@ -41,6 +47,11 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("times_sampled", pa.int32(), nullable=False),
     ]
 )
+
+# Segments written before the ``correct`` column existed; read back through add_correct_column.
+SCHEMA_WITHOUT_CORRECT = pa.schema([f for f in TRAJECTORY_SCHEMA if f.name != "correct"])
+# A status that says the reward function verified the response (``RewardRecord.correct``).
+CORRECT_STATUS = "correct"
 
 PER_TOKEN_COLUMNS = ("response_tokens", "behavior_logprobs", "token_versions")
 
@@ -142,6 +153,7 @@ def build_batch(
     behavior_logprobs: Sequence[Sequence[float]],
     token_versions: Sequence[Sequence[int]],
     reward: Sequence[float],
+    correct: Sequence[bool],
     prompt_id: Sequence[str] | None = None,
     data_source: Sequence[str] | str = "unknown",
     group_size: Sequence[int] | int | None = None,
@@ -168,6 +180,7 @@ def build_batch(
         "behavior_logprobs": list(behavior_logprobs),
         "token_versions": list(token_versions),
         "reward": list(reward),
+        "correct": list(correct),
         "reward_info": ["{}"] * n if reward_info is None else list(reward_info),
         "finish_reason": _rows(finish_reason, n),
         "actor_id": _rows(actor_id, n),
@@ -187,6 +200,27 @@ def _rows(value, n: int) -> list:
     return values
 
 
+def add_correct_column(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of :data:`SCHEMA_WITHOUT_CORRECT` in ``TRAJECTORY_SCHEMA``.
+
+    ``correct`` is taken from ``reward_info``, where the actor stored its reward record: True
+    when its ``status`` is ``"correct"`` (the verdict ``RewardRecord.correct`` reports), False
+    for any other status and for reward_info without one (``"{}"``, not JSON).
+    """
+    correct = [_status(info) == CORRECT_STATUS for info in batch.column("reward_info").to_pylist()]
+    columns = {name: batch.column(name) for name in batch.schema.names}
+    columns["correct"] = pa.array(correct, pa.bool_())
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in TRAJECTORY_SCHEMA], schema=TRAJECTORY_SCHEMA)
+
+
+def _status(reward_info: str) -> str | None:
+    try:
+        record = json.loads(reward_info)
+    except ValueError:
+        return None
+    return record.get("status") if isinstance(record, dict) else None
+
+
 def min_token_version(data: pa.RecordBatch | pa.Table) -> np.ndarray:
     """``[rows] int64``: the oldest policy version that produced any token of each row."""
     versions = data.column("token_versions")
@@ -199,6 +233,13 @@ def min_token_version(data: pa.RecordBatch | pa.Table) -> np.ndarray:
     return np.minimum.reduceat(flat, starts)
 
 
+def staleness(learner_version: int, oldest_version: np.ndarray) -> np.ndarray:
+    """``[rows] int64``: the policy lag s = learner_version − min(token_versions) (DESIGN §3.1),
+    from each row's oldest token version (:func:`min_token_version`, or the buffer's index)."""
+    return learner_version - np.asarray(oldest_version, dtype=np.int64)
+
+
 def row_staleness(data: pa.RecordBatch | pa.Table, learner_version: int) -> np.ndarray:
-    """``[rows] int64``: learner_version − min(token_versions), the policy lag of each row."""
-    return learner_version - min_token_version(data)
+    """``[rows] int64``: the staleness of each row of a trajectory table (see :func:`staleness`);
+    a response that spans a weight update counts from its oldest token."""
+    return staleness(learner_version, min_token_version(data))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,9 @@ CHECKSUM_FLAG = {b"async_rl.batch_checksum": b"xxh3_64"}  # schema metadata: bat
 _CHECKSUM_TAG = b"xxh3:"  # the value is this tag and 16 hex digits, patched in after hashing
 _DIGITS = 16
 _CONTINUATION = b"\xff\xff\xff\xff"  # starts every IPC message: where a resync may resume
+
+# A schema segments were once written in, and how to bring its batches to the current one.
+OlderSchema = tuple[pa.Schema, Callable[[pa.RecordBatch], pa.RecordBatch]]
 
 
 def segment_path(directory: Path, seg_id: int) -> Path:
@@ -205,9 +209,12 @@ class SegmentScan:
         return self.file_bytes - self.good_bytes
 
 
-def scan_segment(path: Path, schema: pa.Schema) -> SegmentScan:
+def scan_segment(path: Path, schema: pa.Schema, older: Sequence[OlderSchema] = ()) -> SegmentScan:
     """Read every complete batch of a segment through a memory map (zero-copy: the batches'
     buffers point into ``scan.mapping``, which stays open as long as they are referenced).
+
+    A segment written in one of the ``older`` schemas is read in it, and each batch is then
+    brought to ``schema`` by that schema's conversion (only the added columns are new memory).
 
     A batch that is cut short or garbled with no verified batch after it ends the scan;
     ``good_bytes`` is the offset just after the last complete message, so truncating to it
@@ -228,13 +235,16 @@ def scan_segment(path: Path, schema: pa.Schema) -> SegmentScan:
         # A crash while the file was created leaves at most a partial schema and no batch.
         scan.unexpected = scan.file_bytes > len(schema.with_metadata(CHECKSUM_FLAG).serialize())
         return scan
-    if not file_schema.equals(schema):
+    written_in, convert = next(((old, fn) for old, fn in older if file_schema.equals(old)), (schema, None))
+    if not file_schema.equals(written_in):
         scan.error = f"schema differs from the trajectory schema: {file_schema.names}"
         scan.unexpected = True
         return scan
     scan.good_bytes = scan.schema_bytes = source.tell()
     checksummed = (file_schema.metadata or {}).items() >= CHECKSUM_FLAG.items()
-    _read_batches(source, schema, scan, checksummed)
+    _read_batches(source, written_in, scan, checksummed)
+    if convert is not None:
+        scan.batches = [convert(batch) for batch in scan.batches]
     release_pages(scan.mapping)  # the scan touched every page; rows are read back on demand
     return scan
 

@@ -21,7 +21,9 @@ groups are all retired is deleted.
 Opening a folder recovers it: every complete batch of every segment is indexed again (torn
 tails are truncated and reported), then the journal restores times-sampled counts,
 evictions and the learner version. ``read_only=True`` recovers in memory without touching
-the folder (inspection of a live or dead job).
+the folder (inspection of a live or dead job). Segments written before the ``correct`` column
+existed open too: their rows get it from the stored reward record
+(:func:`buffer.schema.add_correct_column`).
 
 Not thread-safe: one owner (the service loop, or a test) calls it.
 """
@@ -45,8 +47,10 @@ from buffer.rate_limiter import RateLimiter
 from buffer.samplers import SAMPLERS
 from buffer.schema import (
     MAX_POLICY_VERSION,
+    SCHEMA_WITHOUT_CORRECT,
     TRAJECTORY_SCHEMA,
     SchemaError,
+    add_correct_column,
     min_token_version,
     validate_batch,
 )
@@ -66,6 +70,8 @@ from buffer.segments import (
 log = logging.getLogger(__name__)
 
 RELEASE_PAGES_S = 10.0  # how often sampled rows' mapped pages are dropped from RSS
+# Segments of earlier versions still open: their batches gain the columns added since.
+OLDER_SCHEMAS = ((SCHEMA_WITHOUT_CORRECT, add_correct_column),)
 
 
 class RateLimited(RuntimeError):
@@ -146,7 +152,7 @@ class ReplayStore:
     def _scan_checked(self, path: Path) -> SegmentScan:
         """Scan a segment and set aside every batch that breaks the contract: reported, and
         (when writable) quarantined so the segment holds only batches that index cleanly."""
-        scan = scan_segment(path, TRAJECTORY_SCHEMA)
+        scan = scan_segment(path, TRAJECTORY_SCHEMA, OLDER_SCHEMAS)
         for k in reversed(range(len(scan.batches))):
             try:
                 validate_batch(scan.batches[k])
@@ -162,7 +168,7 @@ class ReplayStore:
                   "moved_to": [str(p) for p in moved]}
         self.recovery.append(report)
         log.warning("buffer recovery: unreadable batches set aside: %s", report)
-        return scan if self.read_only else scan_segment(path, TRAJECTORY_SCHEMA)
+        return scan if self.read_only else scan_segment(path, TRAJECTORY_SCHEMA, OLDER_SCHEMAS)
 
     def _set_aside(self, scan: SegmentScan) -> None:
         """A segment that is intact but not ours (another schema) or whose schema is garbled
@@ -657,6 +663,7 @@ def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> Row
         group_sizes=pick("group_size"),
         min_versions=min_token_version(batch)[keep],
         rewards=pick("reward"),
+        correct=pick("correct"),
         resp_lens=pc.list_value_length(batch.column("response_tokens")).to_numpy()[keep],
         actor_ids=batch.column("actor_id").take(pa.array(keep)),
         data_sources=batch.column("data_source").take(pa.array(keep)),

@@ -16,6 +16,7 @@ def synthetic_batch(
     response_len: int = 8,
     prompt_len: int = 4,
     rewards: list[float] | None = None,
+    correct: list[bool] | None = None,
     actor_id: str = "actor-0",
     data_source: str = "synthetic",
     id_prefix: str = "",
@@ -23,13 +24,16 @@ def synthetic_batch(
 ) -> pa.RecordBatch:
     """``len(groups) * group_size`` rows: traj_id ``{prefix}{group}/{k}``; all tokens at ``version``.
 
-    ``rewards`` gives one reward per row (default: alternating 1, 0 so no group is flat).
+    ``rewards`` gives one reward per row (default: alternating 1, 0 so no group is flat);
+    ``correct`` one verdict per row (default: the rows rewarded 1.0).
     Built columnar with numpy so benchmarks can produce large batches quickly.
     """
     n = len(groups) * group_size
     rng = np.random.default_rng(seed)
     if rewards is None:
         rewards = [float(k % 2) for k in range(n)]
+    if correct is None:
+        correct = [r == 1.0 for r in rewards]
     traj = [f"{id_prefix}{g}/{k}" for g in groups for k in range(group_size)]
     gids = [g for g in groups for _ in range(group_size)]
     columns = {
@@ -47,6 +51,7 @@ def synthetic_batch(
         ),
         "token_versions": _lists(np.full(n * response_len, version, np.int32), n, pa.int32()),
         "reward": pa.array(np.asarray(rewards, np.float32)),
+        "correct": pa.array(correct, pa.bool_()),
         "reward_info": pa.array(["{}"] * n),
         "finish_reason": pa.array(["stop"] * n),
         "actor_id": pa.array([actor_id] * n),

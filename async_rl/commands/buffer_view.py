@@ -69,7 +69,7 @@ def print_stats(console: Console, s: dict) -> None:
         ("sampleable groups", s["groups_sampleable"]),
         ("bytes / segments", f"{s['bytes']:,} / {s['segments']}"),
         ("reward mean ± std", _pm(reward)),
-        ("accuracy (reward > 0)", "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"),
+        ("accuracy (correct)", "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"),
         ("response length mean / p50 / p90 / max",
          "-" if length["mean"] is None
          else f"{length['mean']:.1f} / {length['p50']:.0f} / {length['p90']:.0f} / {length['max']:.0f}"),

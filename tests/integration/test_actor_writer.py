@@ -19,7 +19,7 @@ def group(group_id: str, n: int = 4):
         traj_id=[f"{group_id}:{i}" for i in range(n)], group_id=[group_id] * n,
         prompt_tokens=[[1, 2]] * n, response_tokens=[[3, 4, 5]] * n,
         behavior_logprobs=[[-0.1, -0.2, -0.3]] * n, token_versions=[[0, 0, 1]] * n,
-        reward=[1.0] * n, actor_id="actor-w",
+        reward=[1.0] * n, correct=[True] * n, actor_id="actor-w",
     )
 
 
@@ -86,7 +86,7 @@ def test_writer_drops_a_refused_batch_reports_it_keeps_draining_and_reports_only
     try:
         oversized = build_batch(
             traj_id=["big:0"], group_id=["big"], prompt_tokens=[[1]], response_tokens=[[3] * 40_000],
-            behavior_logprobs=[[-0.1] * 40_000], token_versions=[[0] * 40_000], reward=[1.0],
+            behavior_logprobs=[[-0.1] * 40_000], token_versions=[[0] * 40_000], reward=[1.0], correct=[True],
         )
         stored = []  # what the actor reports settled to the data cursor: acknowledged groups only
         loop.run(writer.put(oversized, on_stored=lambda: stored.append("big")))

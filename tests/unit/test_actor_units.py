@@ -153,6 +153,17 @@ def test_group_batch_builds_one_row_per_sample_with_idempotent_ids():
     assert info["status"] == "timeout" and info["rollout"] == {"kv_on_update": "keep"}
 
 
+def test_group_batch_stores_the_reward_records_verdict_whatever_the_reward_values():
+    row = PromptRow("arith:7", "synthetic/arith", [{"role": "user", "content": "1+1"}], "2")
+    samples = [Sample([4], [-0.1], [0], "stop", "2"), Sample([5], [-0.2], [0], "stop", "3"),
+               Sample([6], [-0.3], [0], "stop", "2")]
+    rewards = [RewardRecord(0.5, "correct", "2"), RewardRecord(1.0, "wrong", "3"), failure(1.0, "timeout", "slow")]
+    batch = group_batch(group_id="g", actor_id="a0", row=row, prompt_tokens=[1],
+                        samples=samples, rewards=rewards, kv_on_update="keep")
+    assert batch.column("correct").to_pylist() == [True, False, False]
+    assert batch.column("reward").to_pylist() == [0.5, 1.0, 1.0]
+
+
 def test_weight_path_into_vllm_never_imports_pickle():
     import ast
     from pathlib import Path

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from async_rl.config import BufferConfig
-from buffer.schema import TRAJECTORY_SCHEMA
+from buffer.schema import SCHEMA_WITHOUT_CORRECT, TRAJECTORY_SCHEMA
+from buffer.segments import SegmentWriter, segment_path
 from buffer.store import ReplayStore
 from buffer.testing import synthetic_batch
 
@@ -113,6 +114,25 @@ def test_a_segment_written_before_checksums_still_opens(tmp_path):
         writer.write_batch(rows)
     store = _store(tmp_path)
     assert store.recovery == [] and _groups(store.sample(1)[0]) == ["a"]
+
+
+def test_a_segment_written_before_the_correct_column_opens_with_the_verdict_of_its_reward_record(tmp_path):
+    infos = ['{"score": 0.3, "status": "correct"}', '{"score": 1.0, "status": "wrong"}', "{}", "not json"]
+    old = synthetic_batch(groups=["old"]).drop_columns(["correct"])
+    at = old.schema.get_field_index("reward_info")
+    old = old.set_column(at, old.schema.field(at), pa.array(infos))
+    assert old.schema.equals(SCHEMA_WITHOUT_CORRECT)
+    writer = SegmentWriter(segment_path(tmp_path, 1), SCHEMA_WITHOUT_CORRECT)
+    writer.append(old)
+    writer.close()
+    store = _store(tmp_path)
+    assert store.recovery == []
+    store.insert(synthetic_batch(groups=["new"], rewards=[1.0, 0.0, 1.0, 0.0], correct=[False, True, True, False]))
+    assert sorted(p.name for p in tmp_path.glob("seg-*")) == ["seg-000001.arrows", "seg-000002.arrows"]
+    table = store.sample(2)[0]
+    assert table.schema.equals(TRAJECTORY_SCHEMA) and _groups(table) == ["old", "new"]
+    assert table.column("correct").to_pylist() == [True, False, False, False, False, True, True, False]
+    assert table.column("reward_info").to_pylist()[:4] == infos
 
 
 def _record_fsyncs(monkeypatch) -> dict:

@@ -17,8 +17,8 @@ def store(tmp_path):
     store = ReplayStore(tmp_path, BufferConfig(min_size_to_sample=1, max_staleness=5))
     store.insert(synthetic_batch(groups=["a", "b"], version=0, rewards=[1, 0, 0, 0, -1, -1, 1, 1],
                                  actor_id="actor-0", data_source="math"))
-    store.insert(synthetic_batch(groups=["c"], version=2, rewards=[1, 1, 1, 0], actor_id="actor-1",
-                                 data_source="code", response_len=16))
+    store.insert(synthetic_batch(groups=["c"], version=2, rewards=[1, 1, 1, 0], correct=[True, False, False, False],
+                                 actor_id="actor-1", data_source="code", response_len=16))
     store.set_learner_version(3)
     store.sample(1)  # group a
     return store
@@ -29,7 +29,7 @@ def test_stats_counts_rows_rewards_lengths_staleness_and_sources(store):
     assert (s["rows"], s["groups"], s["segments"], s["learner_version"]) == (12, 3, 1, 3)
     assert (s["rows_live"], s["groups_live"]) == (8, 2)
     assert s["reward"]["mean"] == pytest.approx(4 / 12)
-    assert s["accuracy"] == pytest.approx(6 / 12)
+    assert s["accuracy"] == pytest.approx(4 / 12)  # verdicts: two of group c's rewarded rows are not correct
     assert s["response_length"]["max"] == 16 and s["response_length"]["p50"] == 8
     assert s["staleness"] == {"1": 4, "3": 8}
     assert s["times_sampled"] == {"0": 2, "1": 1}

@@ -8,11 +8,14 @@ import pytest
 
 from buffer.schema import (
     MAX_GROUP_SIZE,
+    SCHEMA_WITHOUT_CORRECT,
     TRAJECTORY_SCHEMA,
     SchemaError,
+    add_correct_column,
     build_batch,
     min_token_version,
     row_staleness,
+    staleness,
     validate_batch,
 )
 from buffer.testing import synthetic_batch, with_broken_offsets
@@ -27,6 +30,7 @@ def _batch(**overrides):
         behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.5], [-1.0, -2.0]],
         token_versions=[[3, 4, 4], [2], [5, 6]],
         reward=[1.0, 0.0, 1.0],
+        correct=[True, False, True],
     )
     args.update(overrides)
     return build_batch(**args)
@@ -37,6 +41,7 @@ def test_build_batch_produces_exactly_the_trajectory_schema():
     assert batch.schema.equals(TRAJECTORY_SCHEMA)
     assert batch.column("actor_id").to_pylist() == ["actor-7"] * 3
     assert batch.column("times_sampled").to_pylist() == [0, 0, 0]
+    assert batch.column("correct").to_pylist() == [True, False, True]
 
 
 def test_group_size_defaults_to_rows_of_the_group_in_the_batch():
@@ -83,11 +88,25 @@ def test_castable_types_and_column_order_are_normalised():
 
 
 def test_staleness_is_learner_version_minus_oldest_token_version():
-    batch = _batch()
+    batch = _batch()  # the first and third rows span a weight update: they count from the oldest token
     assert min_token_version(batch).tolist() == [3, 2, 5]
     assert row_staleness(batch, 7).tolist() == [4, 5, 2]
     table = pa.Table.from_batches([batch.slice(1, 2), batch.slice(0, 1)])
     assert row_staleness(table, 7).tolist() == [5, 2, 4]
+    assert staleness(7, np.array([3, 2, 5], np.int32)).tolist() == [4, 5, 2]
+    assert row_staleness(batch, 5).tolist() == [2, 3, 0]
+
+
+def test_a_batch_without_the_correct_column_is_refused_and_an_old_segment_batch_gains_it():
+    batch = _batch(reward_info=['{"status": "correct"}', '{"status": "wrong"}', '{"score": 1.0}'])
+    with pytest.raises(SchemaError, match=r"missing \['correct'\]"):
+        validate_batch(batch.drop_columns(["correct"]))
+    old = batch.drop_columns(["correct"])
+    assert old.schema.equals(SCHEMA_WITHOUT_CORRECT)
+    upgraded = add_correct_column(old)
+    assert upgraded.schema.equals(TRAJECTORY_SCHEMA)
+    assert upgraded.column("correct").to_pylist() == [True, False, False]
+    assert upgraded.drop_columns(["correct"]).equals(old)
 
 
 def test_created_at_is_a_utc_timestamp():
