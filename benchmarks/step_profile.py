@@ -142,7 +142,7 @@ def synthetic_rows(cfg, tmp: Path, n_groups: int):
     rows = arith.make_rows(synth_spec(cfg.data), n_groups * n, seed=0, split="sft", with_solution=True)
     rng = random.Random(0)
     cols: dict[str, list] = {k: [] for k in ("group_id", "prompt_tokens", "response_tokens",
-                                             "behavior_logprobs", "token_versions", "reward")}
+                                             "behavior_logprobs", "token_versions", "reward", "correct")}
     for i, row in enumerate(rows):
         group = rows[i - i % n]
         response = tok(row["response"], add_special_tokens=False).input_ids[: cfg.actors.max_tokens - 1]
@@ -153,10 +153,11 @@ def synthetic_rows(cfg, tmp: Path, n_groups: int):
         cols["behavior_logprobs"].append((-np.abs(np.random.default_rng(i).normal(0, 0.3, len(response)))).tolist())
         cols["token_versions"].append([0] * len(response))
         cols["reward"].append(rng.choice([1.0, -1.0]))
+        cols["correct"].append(cols["reward"][-1] == 1.0)
     return model_dir, pa.table(cols, schema=pa.schema([
         ("group_id", pa.string()), ("prompt_tokens", pa.list_(pa.int32())),
         ("response_tokens", pa.list_(pa.int32())), ("behavior_logprobs", pa.list_(pa.float32())),
-        ("token_versions", pa.list_(pa.int32())), ("reward", pa.float32()),
+        ("token_versions", pa.list_(pa.int32())), ("reward", pa.float32()), ("correct", pa.bool_()),
     ]))
 
 

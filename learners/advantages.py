@@ -2,7 +2,8 @@
 
 GRPO group z-score (Shao 2024; unbiased std as verl/Klear, population std as paper Eq. 4),
 Dr.GRPO mean-centring (arXiv 2503.20783), the zero-advantage group filter, DAPO overlong shaping
-and the overlong filter (arXiv 2503.14476), and Klear's SFT term on fully correct rows.
+and the overlong filter (arXiv 2503.14476), and Klear's SFT term on correct rows (those the
+reward function verified: the trajectory's ``correct``, whatever reward they scored).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from torch import Tensor
 
 from async_rl.config import AdvantageConfig, OverlongConfig
 
-# Klear's SFT term trains on responses whose reward is exactly this (fully correct).
-FULLY_CORRECT = 1.0
 # A group of one has no baseline to compare against, so its advantage is 0 (verl uses mean 0,
 # std 1, i.e. A = R; a pure REINFORCE term without baseline is the noisier choice).
 MIN_GROUP_SIZE = 2
@@ -73,15 +72,11 @@ def overlong_keep(last_tokens: Tensor, stop_token_ids: list[int], cfg: OverlongC
     return torch.isin(last_tokens, stops)
 
 
-def sft_rows(rewards: Tensor) -> Tensor:
-    """[N] bool: fully correct responses (reward exactly 1.0), the rows of Klear's SFT term."""
-    return rewards == FULLY_CORRECT
-
-
 def sft_nll(logp: Tensor, mask: Tensor, global_sft_tokens: Tensor | None) -> Tensor:
-    """Klear SFT term (paper Eq. 13–14): token-mean NLL −Σ lp / N_pos over fully correct rows.
+    """Token-mean NLL −Σ lp / N_pos: Klear's SFT term (paper Eq. 13–14) over the correct rows,
+    and the SFT warm start's loss over every row (``learners.sft``).
 
-    logp: [B, T]; mask: [B, T] bool (response tokens of SFT rows); ``global_sft_tokens`` is N_pos
+    logp: [B, T] (or [N]); mask: same shape, bool (the tokens counted); ``global_sft_tokens`` is N_pos
     over the whole mini-batch (None: this micro-batch's count). 0 when there is no such row.
     """
     nll = torch.where(mask, -logp, torch.zeros_like(logp)).sum()

@@ -7,6 +7,11 @@ so no [tokens, vocab] tensor is ever materialised. Gradient accumulation is owne
 caller: any number of ``backward`` calls, then one ``step`` (DeepSpeed's unmanaged mode),
 because packed micro-batch counts change from step to step.
 
+One optimizer step is :func:`accumulate_and_step`, shared by the RL trainer and SFT: each
+micro-batch's loss (a pure function of its forward) is checked for finiteness and
+back-propagated, then the engine steps once; the loss sums and the metrics stay tensors, so the
+step reaches the host once, in :func:`to_host`.
+
 Optimizer: torch AdamW as DeepSpeed's client optimizer, so nothing is compiled on CPU.
 A step whose gradient is not finite is not applied: ZeRO 1/2/3 detect it in their global
 norm, and stage 0 uses :class:`FiniteGuardAdamW`, which DeepSpeed consults through its
@@ -19,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 
 from async_rl.config import LearnerConfig
 from learners.logprobs import CoefficientFn, fused_token_objective, token_logprobs
+from learners.profiling import PhaseTimer
 
 # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute) on first
 # init. Training never uses it (only inference_all_reduce does), so on CPU it is declined.
@@ -415,3 +421,73 @@ class LearnerEngine:
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         return client_state or {}
+
+
+# --------------------------------------------------------------------------- accumulate and step
+
+# One micro-batch's (loss, metrics): the loss already carries the global normaliser, so the sum
+# over micro-batches and ranks is the optimizer batch's loss; metrics are 0-d tensors.
+MicroLoss = Callable[[Sequence[int]], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class AccumulatedStep:
+    """What one optimizer step over a rank's micro-batches produced (tensors not yet on the host)."""
+
+    loss: Tensor  # 0-d float64: Σ of the finite micro-batch losses, all ranks
+    nonfinite_micro_batches: Tensor  # 0-d float64: micro-batches whose loss was not finite, all ranks
+    result: StepResult
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # this rank's, weighted (see accumulate)
+
+
+def accumulate_and_step(
+    engine, micro_batches: Sequence[Sequence[int]], micro_loss: MicroLoss, *, timer: PhaseTimer | None = None
+) -> AccumulatedStep:
+    """Forward, loss and backward of each of this rank's micro-batches (row lists; an empty one is a
+    filler whose loss must be 0 with the same collectives), then one ``engine.step()``.
+
+    A non-finite loss poisons the gradient with NaN so the engine refuses the update on every rank
+    (the norm is global): weights, optimizer state and LR schedule stay untouched, and the count
+    is returned. The loss is scaled by the world size because DeepSpeed averages gradients over
+    ranks. A micro-batch's metrics are weighted by its share of this rank's rows.
+    """
+    timer = timer or PhaseTimer()
+    world = engine.dist.world_size
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss, non-finite micro-batches
+    metrics: dict[str, Tensor] = {}
+    local_rows = max(1, sum(len(rows) for rows in micro_batches))
+    for rows in micro_batches:
+        with timer.phase("forward_backward"):
+            loss, mb_metrics = micro_loss(rows)
+            finite = torch.isfinite(loss.detach())
+            sums[0] += torch.where(finite, loss.detach(), 0.0).double()
+            sums[1] += (~finite).double()
+            engine.backward(loss * torch.where(finite, 1.0, float("nan")) * world)
+            accumulate(metrics, mb_metrics, weight=len(rows) / local_rows)
+    with timer.phase("optimizer"):
+        result = engine.step()
+        sums = engine.all_reduce(sums, "sum")
+    return AccumulatedStep(loss=sums[0], nonfinite_micro_batches=sums[1], result=result, metrics=metrics)
+
+
+def accumulate(into: dict, new: dict, weight: float = 1.0) -> None:
+    """Running metrics (floats or 0-d tensors, never synced here): ``/max`` keys keep the
+    maximum, everything else sums (weighted)."""
+    for key, value in new.items():
+        if isinstance(value, Tensor):
+            value = value.detach().to(torch.float64)
+        if key.endswith("/max"):
+            old = into.get(key, value)
+            into[key] = torch.maximum(old, value) if isinstance(value, Tensor) else max(old, value)
+        else:
+            into[key] = into.get(key, 0.0) + weight * value
+
+
+def to_host(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Every metric as a float, the tensors in one device-to-host transfer."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if keys:
+        values = torch.stack([metrics[k].detach().to(torch.float64).reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in metrics}

@@ -37,7 +37,7 @@ class LossInputs:
     global_tokens: Tensor  # scalar: Σ denom_mask over the whole mini-batch, all micro-batches and ranks
     global_seqs: Tensor  # scalar: sequences in the whole mini-batch, all ranks
     entropy: Tensor | None = None  # [B, T] per-token entropy (logged; bonus if entropy_coef > 0)
-    sft_rows: Tensor | None = None  # [B] bool: fully correct rows (reward == 1.0) for the Klear SFT term
+    sft_rows: Tensor | None = None  # [B] bool: verified-correct rows (trajectory ``correct``), Klear SFT term
     global_sft_tokens: Tensor | None = None  # scalar: Σ denom_mask over sft rows, whole mini-batch
 
 
@@ -93,7 +93,7 @@ def batch_metrics(inp: LossInputs, tb: TokenBatch, fresh: Tensor) -> dict[str, T
 def extra_terms(
     inp: LossInputs, fresh: Tensor, cfg: AlgorithmConfig, aggregate: Aggregation
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Klear's SFT term α·NLL on fully correct rows (paper Eq. 13–14) and the entropy bonus."""
+    """Klear's SFT term α·NLL on correct rows (paper Eq. 13–14) and the entropy bonus."""
     extra = torch.zeros((), dtype=inp.logp.dtype, device=inp.logp.device)
     metrics: dict[str, Tensor] = {}
     if cfg.sft_coef > 0 and inp.sft_rows is not None:

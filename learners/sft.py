@@ -2,9 +2,11 @@
 
 Rows are the verl/Klear format with a ``response`` (``async_rl.tasks.dataset``). A row is
 tokenised as the chat-templated prompt (with the generation prompt) followed by the response
-and the end-of-turn token; the loss is the token-mean NLL of the response tokens over the
-whole optimizer batch on all ranks (the same global normaliser as the RL objectives), packed
-into micro-batches by ``learner.micro_batch_tokens``.
+and the end-of-turn token. The loss,
+:func:`sft_objective`, is the token-mean NLL of the response tokens over the whole optimizer
+batch on all ranks (the same global normaliser as the RL objectives); the micro-batches
+(``learner.micro_batch_tokens``) go through the same :func:`learners.engine.accumulate_and_step`
+as an RL step.
 
 ``run_sft`` is what the job and ``async-rl sft`` call: it starts ``learner.ranks`` processes
 with :mod:`learners.launch`; each runs :func:`sft_rank`, and rank 0 writes the HF export.
@@ -21,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from async_rl.config import Config, LearnerConfig
+from learners.advantages import sft_nll
+from learners.packing import build_micro_batch, empty_micro_batch, input_length, plan_micro_batches
 
 # Rank 0 prints a progress line at most this often.
 PROGRESS_EVERY_S = 10.0
@@ -47,6 +52,16 @@ def encode_rows(rows, tokenizer, *, max_len: int) -> list[SFTExample]:
     return out
 
 
+def sft_objective(logp: Tensor, global_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """One micro-batch's SFT loss: the token-mean NLL −Σ logp / N of its response tokens.
+
+    logp: [N_mb] fp32 logprobs of the micro-batch's response tokens (flat); global_tokens: 0-d,
+    N = the response tokens of the whole optimizer batch on all ranks, so the micro-batch losses
+    sum to the batch's NLL. Returns (loss, metrics); the NLL itself is reported by the step.
+    """
+    return sft_nll(logp, torch.ones_like(logp, dtype=torch.bool), global_tokens), {}
+
+
 class SFTTrainer:
     """Token-mean NLL steps on a :class:`learners.engine.LearnerEngine`. Every rank passes the
     same batch; each trains its share (see ``learners.trainer``)."""
@@ -56,32 +71,31 @@ class SFTTrainer:
         self.micro_batch_tokens = micro_batch_tokens
 
     def train_step(self, batch: list[SFTExample]) -> dict[str, float]:
-        from learners.packing import (
-            build_micro_batch,
-            empty_micro_batch,
-            input_length,
-            plan_micro_batches,
-        )
+        """One optimizer step. Metrics: ``nll`` (the batch's, all ranks), ``nonfinite_micro_batches``,
+        ``grad_norm``, ``lr`` and ``applied`` (0.0 when the engine refused a non-finite step)."""
+        # The engine module imports DeepSpeed: only the ranks need it, not the launching process.
+        from learners.engine import accumulate_and_step, to_host
 
         prompts = [ex.prompt_tokens for ex in batch]
         responses = [ex.response_tokens for ex in batch]
         lengths = [input_length(len(p), len(r)) for p, r in zip(prompts, responses, strict=True)]
         plan = plan_micro_batches(list(range(len(batch))), lengths, self.micro_batch_tokens, self.engine.dist.world_size)
-        global_tokens = float(sum(len(r) for r in responses))
-        world = self.engine.dist.world_size
-        stats = torch.zeros(2, dtype=torch.float64)  # Σ nll, non-finite micro-batches
-        for rows in plan[self.engine.dist.rank]:
-            layout = self.engine.cfg.micro_batch_layout
-            mb = (build_micro_batch(rows, prompts, responses, layout) if rows else empty_micro_batch()).to(self.engine.device)
+        global_tokens = torch.tensor(float(sum(len(r) for r in responses)), device=self.engine.device)
+        layout = self.engine.cfg.micro_batch_layout
+
+        def micro_loss(rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+            mb = build_micro_batch(rows, prompts, responses, layout) if rows else empty_micro_batch()
+            mb = mb.to(self.engine.device)
             logp, _ = self.engine.forward(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 1.0, False)
-            loss = -logp.sum() / global_tokens if rows else logp.sum() * 0.0
-            finite = bool(torch.isfinite(loss))
-            stats += torch.tensor([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0])
-            self.engine.backward((loss if finite else loss * float("nan")) * world)
-        result = self.engine.step()
-        stats = self.engine.all_reduce(stats, "sum")
-        return {"nll": float(stats[0]), "nonfinite_micro_batches": float(stats[1]),
-                "grad_norm": result.grad_norm, "lr": result.lr, "applied": float(result.applied)}
+            if not rows:  # a filler micro-batch: same collectives, zero gradient
+                return logp.sum() * 0.0, {}
+            return sft_objective(logp, global_tokens)
+
+        step = accumulate_and_step(self.engine, plan[self.engine.dist.rank], micro_loss)
+        return to_host({
+            "nll": step.loss, "nonfinite_micro_batches": step.nonfinite_micro_batches,
+            "grad_norm": step.result.grad_norm, "lr": step.result.lr, "applied": float(step.result.applied),
+        })
 
 
 def batches(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:

@@ -1,7 +1,8 @@
-"""Per-row staleness and the staleness-aware clip schedules ε(s) (DESIGN §3.3, ALGORITHMS §3).
+"""The staleness policy and the staleness-aware clip schedules ε(s) (DESIGN §3.3, ALGORITHMS §3).
 
-A row's staleness is ``s = learner_version − min(token_versions)``: a response that spans a
-weight update counts from its oldest token. Rows with ``s > max_staleness`` never contribute.
+A row's staleness ``s = learner_version − min(token_versions)`` is defined once, by the
+trajectory contract (:func:`buffer.schema.row_staleness`). Rows with ``s > max_staleness``
+never contribute.
 Schedules map the configured ε0 to ε(s): constant ε0, linear widening ε0·(1+κs), inverse
 tightening ε0/(1+κs), clamped to [eps_min, eps_max]; ε(0) == ε0 exactly for every schedule.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,23 +19,7 @@ from async_rl.config import LossConfig, StalenessScheduleConfig
 
 # ε_l(s) must stay below 1 so the low bound 1−ε_l remains a positive ratio.
 MAX_EPS_LOW = 0.999
-# Versions are small non-negative ints; this fills padding so it never wins the row minimum.
-VERSION_PAD = torch.iinfo(torch.int64).max
-
-
-def row_staleness(learner_version: int, token_versions: Tensor, mask: Tensor) -> Tensor:
-    """``s = learner_version − min over the row's response tokens of token_versions``.
-
-    token_versions: [B, T] int; mask: [B, T] bool (response tokens). Returns [B] int64
-    (a row without tokens gets staleness 0).
-    """
-    versions = torch.where(mask, token_versions.long(), torch.full_like(token_versions.long(), VERSION_PAD))
-    oldest = versions.amin(dim=1)
-    oldest = torch.where(mask.any(dim=1), oldest, torch.full_like(oldest, learner_version))
-    return learner_version - oldest
-
-
-def fresh_rows(staleness: Tensor, max_staleness: int) -> Tensor:
+def fresh_rows(staleness: Tensor | np.ndarray, max_staleness: int) -> Tensor | np.ndarray:
     """[B] bool: rows that may contribute (``s ≤ max_staleness``)."""
     return staleness <= max_staleness
 

@@ -10,14 +10,16 @@ Order inside ``train_step``: rows past ``max_staleness`` (and, with the overlong
 truncated ones) are dropped; advantages are computed per group; the groups are split into
 ``mini_batches`` optimizer mini-batches; in decoupled mode the proximal logprobs of every row
 are recomputed ONCE with the weights at the start of the batch; then per mini-batch each
-micro-batch runs forward → objective → backward, and one ``engine.step()`` follows. The first
+micro-batch runs forward → objective → backward, and one ``engine.step()`` follows
+(:func:`learners.engine.accumulate_and_step`). The first
 mini-batch trains on the weights the proximal logprobs are taken from, so its own training
 forward yields them (the same hidden states and logprob call as a separate no-grad pass; AReaL
 skips that pass too): only later mini-batches need the extra forward, and with one mini-batch per
 step (and no M2PO, whose mask needs the whole mini-batch first) none runs. Metrics stay tensors
-until the end of the step and reach the host in one transfer. A
-non-finite loss poisons the gradient with NaN so the engine refuses the update on every rank
-(weights, optimizer state and LR schedule untouched); the skip is counted. With
+until the end of the step and reach the host in one transfer. A non-finite loss makes the
+engine refuse the update on every rank (weights, optimizer state and LR schedule untouched);
+the skip is counted. Staleness is :func:`buffer.schema.row_staleness`; the Klear SFT term trains
+on the rows the reward function verified (the trajectory's ``correct``). With
 ``learner.fused_logprobs`` and a token-local objective (all but GSPO) the forward also forms the
 loss gradient chunk by chunk, its coefficients taken from the objective itself
 (:func:`learners.objectives.chunk_coefficients`), so backward recomputes no logits.
@@ -37,8 +39,9 @@ import torch
 from torch import Tensor
 
 from async_rl.config import AlgorithmConfig
-from learners.advantages import group_advantages, overlong_keep, overlong_penalty, sft_rows
-from learners.engine import LearnerEngine
+from buffer.schema import row_staleness
+from learners.advantages import group_advantages, overlong_keep, overlong_penalty
+from learners.engine import LearnerEngine, accumulate, accumulate_and_step, to_host
 from learners.logprobs import CoefficientFn
 from learners.objectives import LossInputs, build_objective, chunk_coefficients, token_local
 from learners.offpolicy import behavior_weights, clip_centre
@@ -50,6 +53,7 @@ from learners.packing import (
     plan_micro_batches,
 )
 from learners.profiling import PhaseTimer
+from learners.staleness import fresh_rows
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class RolloutBatch:
     behavior_logprobs: list[np.ndarray]
     token_versions: list[np.ndarray]
     rewards: np.ndarray  # [R] float32
+    correct: np.ndarray  # [R] bool, the reward function's verdict
     group_index: np.ndarray  # [R] int64, groups numbered in order of first appearance
 
     @classmethod
@@ -76,15 +81,13 @@ class RolloutBatch:
             behavior_logprobs=lists("behavior_logprobs", np.float32),
             token_versions=lists("token_versions", np.int64),
             rewards=np.asarray(table.column("reward").to_pylist(), dtype=np.float32),
+            correct=np.asarray(table.column("correct").to_pylist(), dtype=bool),
             group_index=np.asarray(group_index, dtype=np.int64),
         )
 
     @property
     def num_rows(self) -> int:
         return len(self.responses)
-
-    def staleness(self, learner_version: int) -> np.ndarray:
-        return np.asarray([learner_version - int(v.min()) for v in self.token_versions], dtype=np.int64)
 
     def input_lengths(self) -> list[int]:
         return [input_length(len(p), len(r)) for p, r in zip(self.prompts, self.responses, strict=True)]
@@ -96,7 +99,7 @@ class RowState:
 
     advantages: np.ndarray  # [R]
     staleness: np.ndarray  # [R]
-    sft: np.ndarray  # [R] bool
+    sft: np.ndarray  # [R] bool: rows of the Klear SFT term (verified correct)
     logp_old: list[np.ndarray | None]
     weight: list[np.ndarray | None]
     grad_mask: list[np.ndarray | None]
@@ -152,8 +155,9 @@ class Trainer:
         with self.timer.phase("decode"):
             batch = RolloutBatch.from_arrow(table)
         with self.timer.phase("packing"):
-            keep = self.kept_rows(batch, version)
-            state = self.row_state(batch, version)
+            staleness = row_staleness(table, version)
+            keep = self.kept_rows(batch, staleness)
+            state = self.row_state(batch, staleness)
             minis = split_groups(np.flatnonzero(keep), batch.group_index, self.mini_batches)
             plans = [self.plan(batch, rows) for rows in minis]
         from_forward = 1 if self.proximal_from_forward else 0
@@ -172,15 +176,15 @@ class Trainer:
             metrics.update(self.step_counters(batch, keep, applied, len(minis)))
         return metrics
 
-    def kept_rows(self, batch: RolloutBatch, version: int) -> np.ndarray:
+    def kept_rows(self, batch: RolloutBatch, staleness: np.ndarray) -> np.ndarray:
         """[R] bool: rows within max_staleness (and not truncated, with the overlong filter)."""
-        keep = batch.staleness(version) <= self.max_staleness
+        keep = fresh_rows(staleness, self.max_staleness)
         if self.algorithm.overlong.filter:
             last = torch.as_tensor([int(r[-1]) for r in batch.responses])
             keep &= overlong_keep(last, self.stop_token_ids, self.algorithm.overlong).numpy()
         return keep
 
-    def row_state(self, batch: RolloutBatch, version: int) -> RowState:
+    def row_state(self, batch: RolloutBatch, staleness: np.ndarray) -> RowState:
         rewards = torch.as_tensor(batch.rewards)
         shaped = rewards
         if self.algorithm.overlong.shaping and self.max_tokens is not None:
@@ -190,8 +194,8 @@ class Trainer:
         empty = [None] * batch.num_rows
         return RowState(
             advantages=adv.numpy(),
-            staleness=batch.staleness(version),
-            sft=sft_rows(rewards).numpy(),
+            staleness=staleness,
+            sft=batch.correct,
             logp_old=list(empty),
             weight=list(empty),
             grad_mask=list(empty),
@@ -256,29 +260,18 @@ class Trainer:
             "global_seqs": torch.tensor(float(len(rows))),
             "global_sft_tokens": torch.tensor(lengths[state.sft[rows]].sum()),
         }
-        world = self.engine.dist.world_size
-        sums = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # loss, non-finite micro-batches
-        extra: dict[str, Tensor] = {}
-        local_rows = max(1, sum(len(r) for r in plan))
-        for mb_rows in plan:
-            with self.timer.phase("forward_backward"):
-                mb = self.micro_batch(batch, mb_rows)
-                loss, metrics = self.micro_loss(batch, state, mb, totals, proximal_in_forward=proximal_in_forward)
-                finite = torch.isfinite(loss.detach())
-                sums[0] += torch.where(finite, loss.detach(), 0.0).double()
-                sums[1] += (~finite).double()
-                # NaN gradients make the engine refuse the update on every rank (the norm is global).
-                self.engine.backward(loss * torch.where(finite, 1.0, float("nan")) * world)
-                accumulate(extra, metrics, weight=len(mb_rows) / local_rows)
-        with self.timer.phase("optimizer"):
-            result = self.engine.step()
-            sums = self.engine.all_reduce(sums, "sum")
-        if not result.applied:
+
+        def micro_loss(mb_rows: list[int]) -> tuple[Tensor, dict]:
+            mb = self.micro_batch(batch, mb_rows)
+            return self.micro_loss(batch, state, mb, totals, proximal_in_forward=proximal_in_forward)
+
+        step = accumulate_and_step(self.engine, plan, micro_loss, timer=self.timer)
+        if not step.result.applied:
             self.skipped_steps += 1
-        out: dict[str, Tensor | float] = dict(extra)
+        out: dict[str, Tensor | float] = dict(step.metrics)
         out.update(
-            loss=sums[0], nonfinite_micro_batches=sums[1], grad_norm=result.grad_norm,
-            lr=result.lr, applied=float(result.applied),
+            loss=step.loss, nonfinite_micro_batches=step.nonfinite_micro_batches, grad_norm=step.result.grad_norm,
+            lr=step.result.lr, applied=float(step.result.applied),
         )
         return out
 
@@ -378,29 +371,6 @@ def split_groups(rows: np.ndarray, group_index: np.ndarray, parts: int) -> list[
     chunks = np.array_split(np.asarray(groups, dtype=np.int64), parts) if groups else []
     out = [rows[np.isin(group_index[rows], chunk)] for chunk in chunks if len(chunk)]
     return out
-
-
-def accumulate(into: dict, new: dict, weight: float = 1.0) -> None:
-    """Running metrics (floats or 0-d tensors, never synced here): ``/max`` keys keep the
-    maximum, everything else sums (weighted)."""
-    for key, value in new.items():
-        if isinstance(value, Tensor):
-            value = value.detach().to(torch.float64)
-        if key.endswith("/max"):
-            old = into.get(key, value)
-            into[key] = torch.maximum(old, value) if isinstance(value, Tensor) else max(old, value)
-        else:
-            into[key] = into.get(key, 0.0) + weight * value
-
-
-def to_host(metrics: dict[str, Tensor | float]) -> dict[str, float]:
-    """Every metric as a float, the tensors in one device-to-host transfer."""
-    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
-    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
-    if keys:
-        values = torch.stack([metrics[k].detach().to(torch.float64).reshape(()) for k in keys]).tolist()
-        out.update(zip(keys, values, strict=True))
-    return {k: out[k] for k in metrics}
 
 
 def per_row(mb: MicroBatch, logp: Tensor) -> dict[int, np.ndarray]:

@@ -192,9 +192,10 @@ class LearnerLoop:
         checkpoint.export_hf(self.engine, self.run_dir / "final_model")
 
     def log_step(self, table, metrics: dict[str, float], *, trained_at: int, step_s: float, wait_s: float) -> None:
+        from buffer.schema import row_staleness
+
         rewards = np.asarray(table.column("reward").to_pylist(), dtype=np.float64)
-        versions = table.column("token_versions").to_pylist()
-        staleness = np.asarray([trained_at - min(v) for v in versions], dtype=np.float64)
+        staleness = row_staleness(table, trained_at).astype(np.float64)
         tokens = sum(len(r) for r in table.column("response_tokens").to_pylist())
         elapsed = time.monotonic() - self.started
         record = {
@@ -202,7 +203,7 @@ class LearnerLoop:
             "version": self.version,
             "ranks": self.engine.dist.world_size,
             "reward_mean": float(rewards.mean()),
-            "accuracy": float((rewards >= self.cfg.reward.correct).mean()),
+            "accuracy": float(np.mean(table.column("correct").to_pylist())),
             "staleness_mean": float(staleness.mean()),
             "staleness_max": float(staleness.max()),
             "response_tokens": tokens,

@@ -57,6 +57,7 @@ def make_table(
                 "behavior_logprobs": (-rng.uniform(3.5, 6.0, size=n)).astype(np.float32).tolist(),
                 "token_versions": [max(0, version - int(rng.integers(0, 2)))] * n,
                 "reward": float("nan") if nan_reward and g == 0 and k == 0 else reward,
+                "correct": reward == 1.0,
                 "reward_info": "{}",
                 "finish_reason": "stop",
                 "actor_id": "a0",

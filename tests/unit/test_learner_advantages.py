@@ -14,7 +14,6 @@ from learners.advantages import (
     informative_rows,
     overlong_keep,
     overlong_penalty,
-    sft_rows,
 )
 
 GROUPS = torch.tensor([0] * 8)
@@ -62,10 +61,8 @@ def test_a_group_with_equal_rewards_has_exactly_zero_advantage_and_is_filtered()
 
 
 # 18 ---------------------------------------------------------------------------------------
-def test_sft_term_trains_only_fully_correct_rows_with_minus_alpha_over_n_pos():
-    rewards = torch.tensor([1.0, 0.999, -1.0, 1.0])
-    rows = sft_rows(rewards)
-    assert rows.tolist() == [True, False, False, True]
+def test_sft_term_trains_only_correct_rows_with_minus_alpha_over_n_pos():
+    rows = torch.tensor([True, False, False, True])
     mask = torch.arange(3).unsqueeze(0) < torch.tensor([[3], [3], [2], [2]])
     logp = -torch.rand(4, 3, dtype=DT).requires_grad_()
     n_pos = mask[rows].sum()  # 5 tokens
@@ -76,9 +73,9 @@ def test_sft_term_trains_only_fully_correct_rows_with_minus_alpha_over_n_pos():
     assert metrics["loss/sft"].item() == pytest.approx(-logp[mask & rows.unsqueeze(1)].sum().item() / 5)
 
 
-def test_sft_term_is_zero_without_a_fully_correct_response():
+def test_sft_term_is_zero_without_a_correct_response():
     logp = -torch.rand(2, 3, dtype=DT).requires_grad_()
-    rows = sft_rows(torch.tensor([0.5, -1.0]))
+    rows = torch.tensor([False, False])
     inp = loss_inputs(logp, adv=torch.zeros(2), sft_rows=rows, global_sft_tokens=torch.tensor(0))
     loss, g, _ = objective_grad(algorithm(sft_coef=0.1), inp)
     assert loss.item() == 0.0 and g.abs().max().item() == 0.0

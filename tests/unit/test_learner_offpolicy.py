@@ -11,7 +11,7 @@ from learner_cases import DT, algorithm, loss_inputs, objective_grad
 
 from async_rl.config import LossConfig, OffPolicyConfig, StalenessScheduleConfig
 from learners.offpolicy import behavior_weights, clip_centre, m2po_mask
-from learners.staleness import clip_bounds, eps_schedule, row_staleness
+from learners.staleness import clip_bounds, eps_schedule
 
 
 def ragged(seed: int):
@@ -124,12 +124,6 @@ def test_linear_widens_and_inverse_tightens_within_the_clamp():
     torch.testing.assert_close(inverse, torch.tensor([0.2, 0.1, 0.05], dtype=DT))
     low, _ = clip_bounds(LossConfig(eps_low=0.5), StalenessScheduleConfig(type="linear", kappa=10, eps_max=5.0), s, DT)
     assert (low < 1).all()
-
-
-def test_row_staleness_counts_from_the_oldest_response_token():
-    versions = torch.tensor([[3, 2, 3], [5, 5, 0], [7, 7, 7]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
-    assert row_staleness(5, versions, mask).tolist() == [3, 0, 0]
 
 
 # 16 ---------------------------------------------------------------------------------------

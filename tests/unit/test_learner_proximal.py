@@ -2,9 +2,9 @@
 metrics and the gradients of a separate no-grad pass, with fewer forwards. And a step on padded
 micro-batches (``learner.micro_batch_layout: padded``) equals the step on packed ones.
 
-The trainer runs here on a plain-torch stand-in for ``LearnerEngine`` (one process, SGD), so the
-test isolates the trainer's bookkeeping; the DeepSpeed path runs the same code in
-``tests/integration/test_learner_deepspeed.py``.
+The trainer runs here on a plain-torch stand-in for ``LearnerEngine`` (one process, SGD,
+``learner_cases.TorchEngine``), so the test isolates the trainer's bookkeeping; the DeepSpeed
+path runs the same code in ``tests/integration/test_learner_deepspeed.py``.
 """
 
 from __future__ import annotations
@@ -12,81 +12,13 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from learner_cases import algorithm
+from learner_cases import TorchEngine, algorithm
+from learner_cases import trajectory_table as make_table
 
 from async_rl.config import LearnerConfig
-from learners.engine import DistInfo, StepResult, TokenLogprobModel
 from learners.trainer import RolloutBatch, Trainer, list_column
-
-VOCAB = 64
-SGD_LR = 0.05  # large enough that a proximal pass on moved weights would change the next mini-batch
-
-
-class TorchEngine:
-    """The part of ``LearnerEngine`` the trainer uses, in plain torch; ``step`` keeps the
-    gradients it applied and counts forwards."""
-
-    def __init__(self, seed: int, cfg: LearnerConfig):
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        config = Qwen2Config(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=0,
-        )
-        torch.manual_seed(seed)
-        self.module = TokenLogprobModel(Qwen2ForCausalLM(config), chunk_tokens=cfg.logprob_chunk_tokens)
-        self.cfg = cfg
-        self.dist = DistInfo(rank=0, world_size=1, local_rank=0)
-        self.device = torch.device("cpu")
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.forwards = 0
-
-    def forward(self, *args, **kwargs):
-        self.forwards += 1
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    @torch.no_grad()
-    def step(self) -> StepResult:
-        params = dict(self.module.named_parameters())
-        self.grads.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
-        for p in params.values():
-            if p.grad is not None:
-                p.sub_(SGD_LR * p.grad)
-                p.grad = None
-        return StepResult(applied=True, grad_norm=0.0, lr=SGD_LR)
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return tensor
-
-
-def make_table(seed: int, *, groups: int = 4, group_size: int = 4, version: int = 2) -> pa.Table:
-    """Rows with varied lengths, rewards and staleness 0-2, behaviour logprobs far from the
-    model's (behaviour weights away from 1, some truncated by TIS)."""
-    rng = np.random.default_rng(seed)
-    cols: dict[str, list] = {k: [] for k in ("group_id", "prompt_tokens", "response_tokens",
-                                             "behavior_logprobs", "token_versions", "reward")}
-    for g in range(groups):
-        prompt = rng.integers(2, VOCAB, size=int(rng.integers(3, 9))).tolist()
-        for _ in range(group_size):
-            n = int(rng.integers(2, 12))
-            cols["group_id"].append(f"g{g}")
-            cols["prompt_tokens"].append(prompt)
-            cols["response_tokens"].append(rng.integers(2, VOCAB, size=n).tolist())
-            cols["behavior_logprobs"].append((-rng.uniform(3.0, 5.5, size=n)).astype(np.float32).tolist())
-            cols["token_versions"].append([version - int(rng.integers(0, 3))] * n)
-            cols["reward"].append(float(rng.integers(0, 2)))
-    schema = pa.schema([
-        ("group_id", pa.string()), ("prompt_tokens", pa.list_(pa.int32())), ("response_tokens", pa.list_(pa.int32())),
-        ("behavior_logprobs", pa.list_(pa.float32())), ("token_versions", pa.list_(pa.int32())), ("reward", pa.float32()),
-    ])
-    return pa.table(cols, schema=schema)
 
 
 @functools.cache  # each configuration runs once per session; the tests only read the results

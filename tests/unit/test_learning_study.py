@@ -15,7 +15,7 @@ import pytest
 from actors.engine import Sample
 from async_rl.rewards.base import RewardRecord
 from async_rl.tasks.dataset import PromptRow
-from learners.trainer import RolloutBatch
+from buffer.schema import row_staleness
 
 STUDY_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_study.py"
 
@@ -127,7 +127,7 @@ def test_step_rows_carry_the_lagged_policy_version_so_staleness_is_exact(study):
     assert all(v == [3] * len(t) for v, t in zip(table.column("token_versions").to_pylist(),
                                                  table.column("response_tokens").to_pylist(), strict=True))
     assert len(set(table.column("group_id").to_pylist())) == 2
-    assert RolloutBatch.from_arrow(table).staleness(learner_version=7).tolist() == [4, 4, 4, 4]
+    assert row_staleness(table, learner_version=7).tolist() == [4, 4, 4, 4]
 
 
 class FakeEngine:
