@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from async_rl.tasks.dataset import PromptRow, load_rows
+from async_rl.tasks.encoding import encode_prompt as encode_prompt  # the actors' prompt ids
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,3 @@ def prompt_stream(rows: Sequence[PromptRow], *, seed: int) -> Iterator[PromptRow
 def file_prompts(path: str | Path, *, seed: int) -> Iterator[PromptRow]:
     rows, _ = load_rows(path)
     return prompt_stream(rows, seed=seed)
-
-
-def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant turn's opening."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -1,8 +1,8 @@
 """Supervised fine-tuning on prompt/response rows with the same DeepSpeed engine.
 
 Rows are the verl/Klear format with a ``response`` (``async_rl.tasks.dataset``). A row is
-tokenised as the chat-templated prompt (with the generation prompt) followed by the response
-and the end-of-turn token. The loss,
+tokenised as the actors' prompt (:func:`async_rl.tasks.encoding.encode_prompt`: chat template
+with the generation prompt) followed by the response and the end-of-turn token. The loss,
 :func:`sft_objective`, is the token-mean NLL of the response tokens over the whole optimizer
 batch on all ranks (the same global normaliser as the RL objectives); the micro-batches
 (``learner.micro_batch_tokens``) go through the same :func:`learners.engine.accumulate_and_step`
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from async_rl.config import Config, LearnerConfig
+from async_rl.tasks.encoding import encode_prompt
 from learners.advantages import sft_nll
 from learners.packing import build_micro_batch, empty_micro_batch, input_length, plan_micro_batches
 
@@ -40,12 +41,11 @@ class SFTExample:
 
 
 def encode_rows(rows, tokenizer, *, max_len: int) -> list[SFTExample]:
-    """Chat-templated prompt + response + EOS; rows that do not fit ``max_len`` are cut at
+    """The actors' prompt ids + response + EOS; rows that do not fit ``max_len`` are cut at
     the end of the response (the prompt is always kept whole)."""
     out = []
     for row in rows:
-        prompt = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True)
-        prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
+        prompt = encode_prompt(tokenizer, row.messages)
         response = tokenizer(row.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         response = response[: max(1, max_len - len(prompt))]
         out.append(SFTExample(np.asarray(prompt, np.int64), np.asarray(response, np.int64)))
