@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from buffer.schema import staleness
+
 # Prioritized weight = exp(-FRESHNESS_DECAY * staleness) / (1 + times_sampled) ** REUSE_PENALTY:
 # one policy version of lag roughly halves a group's chance, as does each previous use.
 FRESHNESS_DECAY = 0.7
@@ -42,8 +44,8 @@ def prioritized(candidates, min_versions, times_sampled, learner_version, n, rng
     """Fresher and less-reused groups are likelier, without replacement."""
     if len(candidates) <= n:
         return candidates
-    staleness = np.maximum(learner_version - min_versions[candidates], 0)
-    weight = np.exp(-FRESHNESS_DECAY * staleness) / (1.0 + times_sampled[candidates]) ** REUSE_PENALTY
+    lag = np.maximum(staleness(learner_version, min_versions[candidates]), 0)
+    weight = np.exp(-FRESHNESS_DECAY * lag) / (1.0 + times_sampled[candidates]) ** REUSE_PENALTY
     picked = rng.choice(candidates, size=n, replace=False, p=weight / weight.sum())
     return np.sort(picked)
 
