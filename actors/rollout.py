@@ -40,7 +40,6 @@ from actors.trajectories import group_batch
 from actors.writer import BufferWriter
 from async_rl.config import ActorsConfig
 from async_rl.rewards.base import RewardRecord, failure
-from async_rl.rewards.pool import reward_kind
 from async_rl.tasks.dataset import PromptRow
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ POLL_S = 0.05
 # Running groups get this long to finish on stop before they are cancelled.
 DRAIN_S = 30.0
 
-Scorer = Callable[[str, str, str, dict], Future]  # (kind, response, truth, extra) -> Future[RewardRecord]
+Scorer = Callable[[str, str, str, dict], Future]  # (data_source, response, truth, extra) -> Future[RewardRecord]
 
 
 @dataclass
@@ -235,7 +234,7 @@ class Actor:
     async def _reward(self, row: PromptRow, sample: Sample) -> RewardRecord:
         """Score one sample; any failure becomes the failure reward with its reason."""
         try:
-            future = self._score(reward_kind(row.data_source), sample.text, row.ground_truth, row.extra_info)
+            future = self._score(row.data_source, sample.text, row.ground_truth, row.extra_info)
             return await asyncio.wait_for(asyncio.wrap_future(future), self._reward_wait_s)
         except TimeoutError:
             return failure(self._failure_score, "timeout", f"no reward after {self._reward_wait_s:g} s")

@@ -62,7 +62,7 @@ class ActorRuntime:
         rewards = RewardPool(reward)
         actor = Actor(
             actor_id=actor_id, engine=engine, loop=loop, prompts=prompts,
-            score=rewards.submit, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
+            score=rewards.submit_for, buffer_address=buffer_address, cfg=actors, reward_timeout_s=reward.timeout_s,
             reward_failure_score=reward.wrong, gate=StalenessGate(max_staleness, groups_per_version),
             release_uninformative=release_uninformative, curve_keys_dir=weights.curve_keys_dir,
             first_version=first_version,

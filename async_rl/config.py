@@ -2,7 +2,9 @@
 
 Every field is declared and documented once, next to its default, with its bounds.
 A component receives only its own section (``cfg.buffer``, ``cfg.learner`` …), never the
-whole tree. Loading (YAML + dotted overrides, one-line errors) lives in ``config_io.py``.
+whole tree. Loading (YAML + dotted overrides, one-line errors, the table of moved keys) lives
+in ``config_io.py``. ``algorithm.loss`` is a union discriminated on ``type``: each objective
+declares its own config class next to its loss in ``learners/objectives/`` (torch-free to import).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from learners.objectives import LossConfig, default_loss
 
 
 def is_loopback(host: str) -> bool:
@@ -117,52 +121,109 @@ class DataConfig(Section):
 # --------------------------------------------------------------------------- reward
 
 
-class RewardConfig(Section):
-    correct: float = Field(1.0, description="Reward of a verified correct answer.")
-    wrong: float = Field(-1.0, description="Reward of a wrong or missing answer.")
+class MathRewardConfig(Section):
+    require_think_format: bool = Field(
+        False, description="Apply the Klear think-format penalties below."
+    )
     missing_think_close: float = Field(
         -0.5, description="Reward when `</think>` is missing (only if require_think_format)."
     )
     missing_think_open: float = Field(
         -2.0, description="Reward when `<think>` is missing (only if require_think_format)."
     )
-    require_think_format: bool = Field(
-        False, description="Apply the Klear think-format penalties above."
+
+
+class CodeRewardConfig(Section):
+    max_tests: int = Field(16, ge=1, description="Tests sampled per program (K).")
+    soft: bool = Field(True, description="passed/total (soft) instead of all-pass.")
+    test_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Wall-clock (and CPU) limit of one test run."
     )
-    workers: int = Field(2, ge=1, le=256, description="Reward worker processes (pebble pool).")
-    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout; a timeout scores as wrong.")
-    code_max_tests: int = Field(16, ge=1, description="Code reward: tests sampled per program (K).")
-    code_soft: bool = Field(True, description="Code reward: passed/total (soft) instead of all-pass.")
-    code_test_timeout_s: float = Field(
-        2.0, gt=0, le=60, description="Code reward: wall-clock (and CPU) limit of one test run."
-    )
-    code_time_budget_s: float = Field(
+    time_budget_s: float = Field(
         3.0,
         gt=0,
-        description="Code reward: wall-clock for all of one program's tests (tests past it score "
-        "as timeouts); capped at timeout_s minus 2 s for sandbox start-up and clean-up.",
+        description="Wall-clock for all of one program's tests (tests past it score as timeouts); "
+        "capped at reward.timeout_s minus 2 s for sandbox start-up and clean-up.",
     )
-    code_memory_mb: int = Field(
-        1024, ge=64, le=65536, description="Code reward: address-space limit of a test run (MiB)."
+    memory_mb: int = Field(1024, ge=64, le=65536, description="Address-space limit of a test run (MiB).")
+    output_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Most stdout bytes one test may print."
     )
-    code_output_bytes: int = Field(
-        1 << 20, ge=1024, le=64 << 20, description="Code reward: most stdout bytes one test may print."
+    float_tol: float = Field(
+        0.0, ge=0, lt=1, description="Relative/absolute tolerance of numeric tokens (0 = exact)."
     )
-    code_float_tol: float = Field(
-        0.0, ge=0, lt=1, description="Code reward: relative/absolute tolerance of numeric tokens (0 = exact)."
-    )
-    code_isolation: Literal["auto", "firejail", "bwrap", "rlimits"] = Field(
+    isolation: Literal["auto", "firejail", "bwrap", "rlimits"] = Field(
         "auto",
-        description="Code reward sandbox: 'auto' picks the strongest isolating level that works "
+        description="Sandbox: 'auto' picks the strongest isolating level that works "
         "(firejail > bwrap > unshare as root) and refuses to score code when none does; "
         "'rlimits' (no network or filesystem isolation) runs only when named; naming a level "
         "makes its absence an error instead of a fallback.",
     )
-    code_sandbox_user: str = Field(
+    sandbox_user: str = Field(
         "asyncrl-sandbox",
         description="Unprivileged user the programs run as when the trainer runs as root "
         "(created by scripts/install.sh); untrusted code never runs as root.",
     )
+
+
+# Rows whose data_source starts with a key are scored by that reward (async_rl/rewards/NAME.py).
+CODE_SOURCES = {"code": "code", "livecodebench": "code", "taco": "code", "apps": "code"}
+
+
+class RewardConfig(Section):
+    correct: float = Field(1.0, description="Reward of a verified correct answer.")
+    wrong: float = Field(
+        -1.0, description="Reward of a wrong or missing answer, and of a reward call that failed."
+    )
+    workers: int = Field(2, ge=1, le=256, description="Reward worker processes (pebble pool).")
+    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout; a timeout scores as wrong.")
+    by_data_source: dict[str, str] = Field(
+        default_factory=lambda: dict(CODE_SOURCES),
+        description="Which reward (a module async_rl/rewards/NAME.py) scores a row: the longest key "
+        "its data_source starts with (case-insensitive), e.g. {aime: math, livecodebench: code}.",
+    )
+    default: str | None = Field(
+        "math",
+        description="Reward of a data_source no by_data_source key matches (null = such a row is "
+        "an error).",
+    )
+    math: MathRewardConfig = Field(default_factory=MathRewardConfig)
+    code: CodeRewardConfig = Field(default_factory=CodeRewardConfig)
+
+    @field_validator("by_data_source")
+    @classmethod
+    def _rewards_exist(cls, rewards: dict[str, str]) -> dict[str, str]:
+        from async_rl.rewards.base import load_reward
+
+        for source, name in rewards.items():
+            try:
+                load_reward(name)
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from None
+        return rewards
+
+    @field_validator("default")
+    @classmethod
+    def _default_exists(cls, name: str | None) -> str | None:
+        from async_rl.rewards.base import load_reward
+
+        if name is not None:
+            load_reward(name)
+        return name
+
+    def reward_for(self, data_source: str) -> str:
+        """The reward that scores rows of ``data_source``: the longest ``by_data_source`` key it
+        starts with (case-insensitive), else ``default``; a ValueError when neither applies."""
+        lowered = data_source.lower()
+        keys = [key for key in self.by_data_source if lowered.startswith(key.lower())]
+        if keys:
+            return self.by_data_source[max(keys, key=len)]
+        if self.default is None:
+            raise ValueError(
+                f"data_source={data_source!r}: no reward.by_data_source key matches it and "
+                "reward.default is null; map it, e.g. reward.by_data_source: {" + data_source + ": math}"
+            )
+        return self.default
 
 
 # --------------------------------------------------------------------------- actors
@@ -219,9 +280,6 @@ class BufferConfig(Section):
         description="Which groups a sample returns first: fifo = oldest stored first (a queue), "
         "freshest = newest policy version first (LIFO), uniform, prioritized = freshness and reuse.",
     )
-    max_staleness: int = Field(
-        4, ge=0, description="Rows older than this many policy versions are never trained on."
-    )
     max_times_sampled: int = Field(1, ge=1, description="Times a group may be returned (1 = once).")
     min_size_to_sample: int = Field(4, ge=1, description="Groups stored before sampling starts.")
     samples_per_insert: float | None = Field(
@@ -241,10 +299,7 @@ class BufferConfig(Section):
 # --------------------------------------------------------------------------- learner
 
 
-class LearnerConfig(Section):
-    ranks: int = Field(1, ge=1, description="Data-parallel learner ranks (one DeepSpeed group).")
-    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend.")
+class OptimizerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
@@ -252,6 +307,9 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+
+
+class BatchConfig(Section):
     groups_per_step: int = Field(8, ge=1, description="Prompt groups sampled per learner step.")
     mini_batches_per_step: int = Field(
         1, ge=1, description="Optimizer steps per sampled batch (Klear: 8 for math)."
@@ -272,14 +330,38 @@ class LearnerConfig(Section):
         description="Token-local objectives (all but GSPO): apply the loss gradient while each "
         "logprob chunk is computed (3 LM-head matmuls, no recompute in backward).",
     )
+
+
+class CheckpointConfig(Section):
+    every: int = Field(50, ge=0, description="Learner steps between checkpoints (0 = off).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept (newest).")
+
+
+class EvalConfig(Section):
+    every: int = Field(10, ge=0, description="Learner steps between held-out evaluations (0 = off).")
+    prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
+
+
+class SFTConfig(Section):
+    epochs: float = Field(0.0, ge=0, description="SFT warm-start epochs before RL (0 = none).")
+    lr: float = Field(
+        1e-3, gt=0,
+        description="SFT learning rate; the rest of learner.optimizer applies, with a cosine decay "
+        "over the SFT steps.",
+    )
+    batch_size: int = Field(32, ge=1, description="SFT rows per optimizer step.")
+
+
+class LearnerConfig(Section):
+    ranks: int = Field(1, ge=1, description="Data-parallel learner ranks (one DeepSpeed group).")
+    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend.")
     max_steps: int = Field(200, ge=0, description="Learner steps to run (0 = until stopped).")
-    checkpoint_every: int = Field(50, ge=0, description="Steps between checkpoints (0 = off).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (newest).")
-    eval_every: int = Field(10, ge=0, description="Steps between held-out evaluations (0 = off).")
-    eval_prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
-    sft_epochs: float = Field(0.0, ge=0, description="SFT warm-start epochs before RL (0 = none).")
-    sft_lr: float = Field(1e-3, gt=0, description="SFT learning rate.")
-    sft_batch_size: int = Field(32, ge=1, description="SFT rows per optimizer step.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
     gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per learner rank.")
     resources: dict[str, float] = Field(
@@ -295,23 +377,15 @@ class LearnerConfig(Section):
             raise ValueError("must be 0, 1, 2 or 3")
         return stage
 
+    @property
+    def sft_optimizer(self) -> OptimizerConfig:
+        """The SFT warm start's optimizer: ``optimizer`` with ``sft.lr``, decayed by cosine."""
+        return OptimizerConfig.model_validate(
+            {**self.optimizer.model_dump(), "lr": self.sft.lr, "lr_schedule": "cosine"}
+        )
+
 
 # --------------------------------------------------------------------------- algorithm
-
-
-class LossConfig(Section):
-    type: Literal["gppo", "ppo", "dapo", "cispo", "gspo", "gspo_token", "reinforce_tis"] = Field(
-        "gppo",
-        description="Objective (ALGORITHMS.md §1, §3); ppo clips symmetrically with eps_low, "
-        "the others use eps_low/eps_high.",
-    )
-    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip ε_l (ratio ≥ 1−ε_l).")
-    eps_high: float = Field(0.28, ge=0, description="Upper clip ε_h (ratio ≤ 1+ε_h).")
-    beta1: float = Field(1.0, ge=0, description="GPPO low-side gradient scale β1.")
-    beta2: float = Field(1.0, ge=0, description="GPPO high-side gradient scale β2.")
-    dual_clip_c: float | None = Field(10.0, gt=1, description="Dual clip c for A<0 (None = off).")
-    only_high: bool = Field(False, description="GPPO: keep only the high-side gradient.")
-    cispo_two_sided: bool = Field(False, description="CISPO: also bound the weight below by 1−ε_l.")
 
 
 class StalenessScheduleConfig(Section):
@@ -321,6 +395,21 @@ class StalenessScheduleConfig(Section):
     kappa: float = Field(0.25, ge=0, description="Schedule slope κ.")
     eps_min: float = Field(0.01, ge=0, description="Clamp floor of ε(s).")
     eps_max: float = Field(0.9, gt=0, description="Clamp ceiling of ε(s); ε_l(s) stays below 1.")
+
+    @model_validator(mode="after")
+    def _range(self) -> StalenessScheduleConfig:
+        if self.eps_min > self.eps_max:
+            raise ValueError(f"eps_min={self.eps_min} > eps_max={self.eps_max}: min must be <= max")
+        return self
+
+
+class StalenessConfig(Section):
+    max_staleness: int = Field(
+        4, ge=0,
+        description="Rows older than this many policy versions are never trained on: the buffer "
+        "does not hand them out, the learner masks them, and actors pause rather than produce them.",
+    )
+    schedule: StalenessScheduleConfig = Field(default_factory=StalenessScheduleConfig)
 
 
 class OffPolicyConfig(Section):
@@ -356,9 +445,13 @@ class OverlongConfig(Section):
 
 class AlgorithmConfig(Section):
     mode: Literal["async", "sync"] = Field("async", description="Asynchronous, or generate→train.")
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(
+        default_factory=default_loss,
+        description="Objective, chosen by `type` (ALGORITHMS.md §1, §3); each type has its own fields "
+        "(learners/objectives/TYPE.py).",
+    )
     off_policy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
-    staleness_schedule: StalenessScheduleConfig = Field(default_factory=StalenessScheduleConfig)
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation (token-mean uses the global token count)."
     )
@@ -368,8 +461,18 @@ class AlgorithmConfig(Section):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     sft_coef: float = Field(0.1, ge=0, description="Klear α: NLL on fully correct responses.")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty (Klear and DAPO use 0).")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty: must be 0 (Klear and DAPO use 0).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus (0 = logged only).")
+
+    @field_validator("kl_coef")
+    @classmethod
+    def _no_kl(cls, coef: float) -> float:
+        if coef > 0:
+            raise ValueError(
+                "a KL penalty needs reference-policy logprobs, which the learner does not compute; "
+                "set it to 0 (Klear and DAPO use 0)"
+            )
+        return coef
 
 
 # --------------------------------------------------------------------------- weights
@@ -489,10 +592,15 @@ class Config(Section):
                 f"actors.max_tokens={self.actors.max_tokens} must be below "
                 f"model.max_model_len={self.model.max_model_len}"
             )
-        if self.learner.groups_per_step % self.learner.mini_batches_per_step:
+        batch = self.learner.batch
+        if batch.groups_per_step % batch.mini_batches_per_step:
             raise ValueError(
-                f"learner.groups_per_step={self.learner.groups_per_step} must be a multiple of "
-                f"learner.mini_batches_per_step={self.learner.mini_batches_per_step}"
+                f"learner.batch.groups_per_step={batch.groups_per_step} must be a multiple of "
+                f"learner.batch.mini_batches_per_step={batch.mini_batches_per_step}"
+            )
+        if self.learner.optimizer.lr_schedule == "cosine" and self.learner.max_steps == 0:
+            raise ValueError(
+                "learner.optimizer.lr_schedule=cosine needs learner.max_steps > 0 (the decay horizon)"
             )
         if self.algorithm.overlong.shaping and (
             self.algorithm.overlong.buffer_tokens >= self.actors.max_tokens
@@ -500,11 +608,6 @@ class Config(Section):
             raise ValueError(
                 f"algorithm.overlong.buffer_tokens={self.algorithm.overlong.buffer_tokens} must be "
                 f"below actors.max_tokens={self.actors.max_tokens}"
-            )
-        sched = self.algorithm.staleness_schedule
-        if sched.eps_min > sched.eps_max:
-            raise ValueError(
-                f"algorithm.staleness_schedule.eps_min={sched.eps_min} > eps_max={sched.eps_max}"
             )
         self._check_addresses_can_be_advertised()
         self._check_listeners_are_authenticated()

@@ -50,6 +50,7 @@ PROMPT_LEN, RESPONSE_LEN = 256, 768  # a "1k-token row"
 SMALL_RESPONSE = 32  # rows used to fill 1M-row buffers quickly
 SAMPLE_GROUPS = 64  # 512 rows per sample
 ZMQ_WRITERS = 8
+STALENESS_CAP = 4  # the default algorithm.staleness.max_staleness; ingest never samples
 # Ingest as a fraction of the disk's write+fsync ceiling in the same run (issue #19).
 TARGETS = {"ingest_inproc": 0.8, f"ingest_zmq_{ZMQ_WRITERS}_writers": 0.7, "ingest_zmq_1_writer": 0.5,
            "sample_p50_ms": 2.0, "rss_ratio": 2.0}
@@ -74,7 +75,7 @@ def _as_dicts(batches):
 def ingest_inprocess(directory: Path, batches) -> float:
     from buffer.store import ReplayStore
 
-    store = ReplayStore(directory, BufferConfig(fsync="batch"))
+    store = ReplayStore(directory, BufferConfig(fsync="batch"), max_staleness=STALENESS_CAP)
     start = time.perf_counter()
     for batch in batches:
         store.insert(batch)
@@ -89,7 +90,7 @@ def ingest_zmq(directory: Path, batches, writers: int) -> float:
     from buffer.client import BufferClient
     from buffer.service import start_service
 
-    handle = start_service(directory, BufferConfig(fsync="batch"))
+    handle = start_service(directory, BufferConfig(fsync="batch"), max_staleness=STALENESS_CAP)
     clients = [BufferClient(handle.address) for _ in range(writers)]
     try:
         for client in clients:
@@ -227,9 +228,9 @@ def _sample_run(kind: str, n_rows: int, n_samples: int, directory: str, out) -> 
 def _fill_store(directory: Path, n_batches: int):
     from buffer.store import ReplayStore
 
-    cfg = BufferConfig(fsync="never", max_times_sampled=1_000_000, max_staleness=1000,
+    cfg = BufferConfig(fsync="never", max_times_sampled=1_000_000,
                        capacity_rows=10_000_000, min_size_to_sample=1)
-    store = ReplayStore(directory, cfg)
+    store = ReplayStore(directory, cfg, max_staleness=1000)
     for i in range(n_batches):
         store.insert(_small_batch(i))
     return lambda: store.sample(SAMPLE_GROUPS)[0].num_rows

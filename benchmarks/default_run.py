@@ -26,7 +26,7 @@ from e2e_bench import records  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).with_name("async-rl")
-QUICK_ARGS = ["learner.sft_epochs=0", "learner.max_steps=4", "learner.eval_every=2", "learner.eval_prompts=50",
+QUICK_ARGS = ["learner.sft.epochs=0", "learner.max_steps=4", "learner.eval.every=2", "learner.eval.prompts=50",
               "buffer.filter_zero_advantage=false"]
 
 

@@ -4,7 +4,7 @@
 
 ``sync`` (the baseline, as AReaL and verl compare) alternates: the actor generates one
 learner batch per policy version and waits for the next. ``async`` lets the actor run up to
-``buffer.max_staleness`` versions ahead. Reported per mode: trajectories/s, learner busy fraction
+``algorithm.staleness.max_staleness`` versions ahead. Reported per mode: trajectories/s, learner busy fraction
 (time in train steps / wall), actor busy fraction (share of the actor's metric samples with
 requests in flight), policy versions reached, and the last held-out greedy accuracy.
 ``--quick`` skips the SFT warm start and the zero-advantage filter (plumbing only, < 2 min).
@@ -41,11 +41,11 @@ def run_mode(root: Path, mode: str, budget_min: float, quick: bool, overrides: S
         if (root / "shared" / shared).exists():
             shutil.copytree(root / "shared" / shared, run_dir / shared)
     args = [f"run.dir={run_dir}", f"algorithm.mode={mode}", "learner.max_steps=0",
-            "learner.checkpoint_every=0", "logging.console=plain", "logging.tensorboard=false"]
+            "learner.checkpoint.every=0", "logging.console=plain", "logging.tensorboard=false"]
     if budget_min > 0:
         args.append(f"run.max_minutes={budget_min}")
     if quick:
-        args += ["learner.sft_epochs=0", "buffer.filter_zero_advantage=false", "learner.eval_every=0",
+        args += ["learner.sft.epochs=0", "buffer.filter_zero_advantage=false", "learner.eval.every=0",
                  "actors.max_tokens=16"]
     with open(root / f"{name}.log", "w") as log:
         code = subprocess.run([str(BIN), "train", *args, *overrides], stdout=log, stderr=subprocess.STDOUT,

@@ -190,14 +190,12 @@ def per_seed(values: Sequence[float | None]) -> str:
 async def rollout_group(engine, rewards, row, n: int):
     """n samples of one prompt and their reward records, or None if a sample came back empty."""
     from actors.prompts import encode_prompt
-    from async_rl.rewards.pool import reward_kind
 
     prompt_ids = encode_prompt(engine.tokenizer, row.messages)
     samples = await engine.generate(prompt_ids, n=n)
     if any(not s.token_ids for s in samples):
         return None
-    kind = reward_kind(row.data_source)
-    futures = [rewards.submit(kind, s.text, row.ground_truth, row.extra_info) for s in samples]
+    futures = [rewards.submit_for(row.data_source, s.text, row.ground_truth, row.extra_info) for s in samples]
     records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     return prompt_ids, samples, records
 
@@ -359,18 +357,24 @@ def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int) -> Study:
 
 
 def build_trainer(study: Study, arm: Arm, args):
+    from async_rl.config import AlgorithmConfig, LearnerConfig
     from learners.engine import LearnerEngine
+    from learners.objectives import OBJECTIVES
     from learners.trainer import Trainer
 
     cfg = study.cfg
-    learner = cfg.learner.model_copy(update={
-        "lr": args.lr, "groups_per_step": args.groups, "mini_batches_per_step": args.mini_batches,
-        "max_steps": args.steps})
-    algorithm = cfg.algorithm.model_copy(update={"loss": cfg.algorithm.loss.model_copy(update={"type": arm.loss})})
+    learner = cfg.learner.model_dump()
+    learner["optimizer"]["lr"] = args.lr
+    learner["batch"].update(groups_per_step=args.groups, mini_batches_per_step=args.mini_batches)
+    learner = LearnerConfig.model_validate({**learner, "max_steps": args.steps})
+    # The arm's objective keeps the configured clip values it shares with the configured one.
+    objective = OBJECTIVES[arm.loss].config
+    loss = {k: v for k, v in cfg.algorithm.loss.model_dump().items() if k in objective.model_fields}
+    algorithm = AlgorithmConfig.model_validate({**cfg.algorithm.model_dump(), "loss": {**loss, "type": arm.loss}})
     engine = LearnerEngine(study.policy_dir, learner, dtype=cfg.model.dtype)
     return Trainer(
         engine, algorithm, max_staleness=arm.staleness, mini_batches=args.mini_batches,
-        micro_batch_tokens=learner.micro_batch_tokens, temperature=cfg.actors.temperature,
+        micro_batch_tokens=learner.batch.micro_batch_tokens, temperature=cfg.actors.temperature,
         max_tokens=cfg.actors.max_tokens, stop_token_ids=study.stop_token_ids,
     )
 
@@ -569,7 +573,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per learner step")
     parser.add_argument("--eval-every", type=int, default=6, help="learner steps between held-out evaluations")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: tiny.yaml's learner.lr)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: tiny.yaml's learner.optimizer.lr)")
     parser.add_argument("--target", type=float, default=None, help=f"target accuracy (default: start + {TARGET_GAIN})")
     parser.add_argument("--job-min", type=float, default=4.0, help="wall-clock per mode of the async/sync job (0 = skip)")
     parser.add_argument("--no-filter", dest="filter_zero_advantage", action="store_false",
@@ -675,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cfg, policy_dir = prepare(args)
-    args.lr = args.lr or cfg.learner.lr
+    args.lr = args.lr or cfg.learner.optimizer.lr
     lockstep = run_lockstep(args, cfg, policy_dir)
     print_lockstep(lockstep["arms"], lockstep["start_accuracy"], lockstep["target"])
     save(args, lockstep, [], {"lockstep_s": time.perf_counter() - started})

@@ -38,7 +38,7 @@ from e2e_bench import SHARED, records, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).with_name("async-rl")
-EVAL_EVERY = 10  # policy updates between held-out evaluations (tiny.yaml's learner.eval_every)
+EVAL_EVERY = 10  # policy updates between held-out evaluations (tiny.yaml's learner.eval.every)
 STARTUP_MIN = 1.5  # the job's Ray, vLLM and evaluator start-up, given on top of its training budget
 
 
@@ -82,9 +82,9 @@ def run_ours(args, seed: int) -> dict:
     run_dir = args.root / f"ours-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(BIN), "train", f"run.dir={run_dir}", f"model.path={args.root / 'shared' / 'sft_model'}",
-           "learner.sft_epochs=0", "learner.max_steps=0", f"run.max_minutes={args.budget_min + STARTUP_MIN}",
+           "learner.sft.epochs=0", "learner.max_steps=0", f"run.max_minutes={args.budget_min + STARTUP_MIN}",
            f"run.seed={seed}",
-           f"learner.eval_prompts={args.heldout}", "learner.checkpoint_every=0", "logging.console=plain"]
+           f"learner.eval.prompts={args.heldout}", "learner.checkpoint.every=0", "logging.console=plain"]
     with open(args.root / f"ours-s{seed}.log", "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
@@ -155,10 +155,10 @@ def trl_child(seed: int, budget_min: float, heldout: int, root: Path) -> None:
     config = GRPOConfig(
         output_dir=str(root / f"trl-s{seed}"), seed=seed, use_cpu=True, bf16=False, report_to=[],
         save_strategy="no", logging_steps=1, max_steps=100_000,
-        per_device_train_batch_size=cfg.learner.groups_per_step * n, num_generations=n,
+        per_device_train_batch_size=cfg.learner.batch.groups_per_step * n, num_generations=n,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-        learning_rate=cfg.learner.lr, warmup_steps=cfg.learner.warmup_steps, lr_scheduler_type="constant_with_warmup",
-        weight_decay=0.0, max_grad_norm=cfg.learner.grad_clip,
+        learning_rate=cfg.learner.optimizer.lr, warmup_steps=cfg.learner.optimizer.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        weight_decay=0.0, max_grad_norm=cfg.learner.optimizer.grad_clip,
         temperature=cfg.actors.temperature, top_p=1.0, max_completion_length=cfg.actors.max_tokens,
         beta=0.0, loss_type="dapo", epsilon=cfg.algorithm.loss.eps_low, epsilon_high=cfg.algorithm.loss.eps_high,
     )
@@ -183,8 +183,8 @@ def trl_child(seed: int, budget_min: float, heldout: int, root: Path) -> None:
     updates = trainer.state.global_step
     result = {
         "seed": seed, "updates": updates, "train_s": span, "updates_per_min": 60 * updates / span,
-        "completions_per_s": updates * cfg.learner.groups_per_step * n / span,
-        "trained_completions_per_s": updates * cfg.learner.groups_per_step * n / span,
+        "completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
+        "trained_completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
         "step_s_median": span / max(updates, 1), "heldout": clock.heldout, "torch_threads": torch.get_num_threads(),
     }
     (root / f"trl-s{seed}.json").write_text(json.dumps(result, indent=1))

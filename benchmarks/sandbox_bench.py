@@ -35,7 +35,7 @@ RESULTS = Path(__file__).with_name("results") / "sandbox_bench.json"
 PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
 N_TESTS = 16
 CFG = RewardConfig(
-    timeout_s=30.0, code_time_budget_s=20.0, code_test_timeout_s=10.0
+    timeout_s=30.0, code={"time_budget_s": 20.0, "test_timeout_s": 10.0}
 )  # generous: the machine may be loaded
 
 
@@ -57,7 +57,7 @@ def naive_check(truth: str, jailed: bool) -> float:
         cmd = [levels.system_python(), "-I", "solution.py"]
         kwargs = {}
         if jailed:
-            level, ident = select_isolation("firejail", CFG.code_sandbox_user)
+            level, ident = select_isolation("firejail", CFG.code.sandbox_user)
             for path in (workdir, workdir / "solution.py"):
                 os.chown(path, ident.uid, ident.gid) if ident.switches else None
             cmd = levels.command(level, workdir, _base(), ident)[:-1] + ["solution.py"]
@@ -69,7 +69,7 @@ def naive_check(truth: str, jailed: bool) -> float:
         passed = 0
         for stdin, expected in zip(cases["inputs"], cases["outputs"], strict=True):
             run = subprocess.run(
-                cmd, input=stdin, capture_output=True, text=True, timeout=CFG.code_test_timeout_s,
+                cmd, input=stdin, capture_output=True, text=True, timeout=CFG.code.test_timeout_s,
                 cwd=workdir, env=dict(levels.SCRUBBED_ENV), start_new_session=True, **kwargs,
             )  # fmt: skip
             passed += run.stdout.strip() == expected.strip()
@@ -109,7 +109,7 @@ def startup_costs(reps: int) -> dict[str, float]:
     limits = SandboxLimits.from_config(CFG)
     for level in levels.LEVELS:
         try:
-            _, ident = select_isolation(level, CFG.code_sandbox_user)
+            _, ident = select_isolation(level, CFG.code.sandbox_user)
         except levels.SandboxUnavailable as exc:
             costs[level] = float("nan")
             print(f"{level}: unavailable ({exc})")

@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=200, help="Held-out prompts evaluated.")
     parser.add_argument("--ranks", type=int, default=1, help="Learner ranks.")
     parser.add_argument("--batch-size", type=int, default=None, help="Rows per step (default: tiny.yaml's).")
-    parser.add_argument("--lr", type=float, default=None, help="Peak LR (default: tiny.yaml's sft_lr).")
+    parser.add_argument("--lr", type=float, default=None, help="Peak LR (default: tiny.yaml's learner.sft.lr).")
     return parser.parse_args()
 
 
@@ -82,8 +82,8 @@ def main() -> None:
     from learners.sft import run_sft
 
     overrides = [f"learner.ranks={args.ranks}"]
-    overrides += [f"learner.sft_batch_size={args.batch_size}"] if args.batch_size else []
-    overrides += [f"learner.sft_lr={args.lr}"] if args.lr else []
+    overrides += [f"learner.sft.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += [f"learner.sft.lr={args.lr}"] if args.lr else []
     cfg = load_config("tiny", overrides)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -94,7 +94,7 @@ def main() -> None:
         run_sft(cfg, model_dir=model_dir, data=sft_file, out_dir=tmp / "sft", epochs=epochs)
         seconds = time.monotonic() - start
         after, sample = accuracy(tmp / "sft", heldout)
-    steps = round(epochs * -(-n_sft // cfg.learner.sft_batch_size))
+    steps = round(epochs * -(-n_sft // cfg.learner.sft.batch_size))
     rows = [
         ["random init (baseline)", heldout_n, f"{before:.1%}", "-", "-"],
         [f"after SFT ({epochs:g} ep, {n_sft} rows)", heldout_n, f"{after:.1%}", steps, f"{seconds:.0f}"],
@@ -106,8 +106,8 @@ def main() -> None:
     write_result("sft_bench", {
         "quick": args.quick, "sft_rows": n_sft, "epochs": epochs, "heldout": heldout_n, "ranks": args.ranks,
         "accuracy_before": before, "accuracy_after": after, "optimizer_steps": steps,
-        "sft_seconds": seconds, "lr": cfg.learner.sft_lr, "batch_size": cfg.learner.sft_batch_size,
-        "micro_batch_tokens": cfg.learner.micro_batch_tokens, "under_contention": contended,
+        "sft_seconds": seconds, "lr": cfg.learner.sft.lr, "batch_size": cfg.learner.sft.batch_size,
+        "micro_batch_tokens": cfg.learner.batch.micro_batch_tokens, "under_contention": contended,
         "sample_completion": sample,
     })
 

@@ -3,7 +3,7 @@
     python benchmarks/staleness_study.py [--caps 0,1,4,8] [--seeds 3] [--steps 40] [--quick]
 
 Every run is the real ``async-rl train`` (async mode, tiny.yaml) from one shared SFT start, with
-``buffer.max_staleness`` set to the cap and ``run.seed`` to the seed (prompt order and sampling),
+``algorithm.staleness.max_staleness`` set to the cap and ``run.seed`` to the seed (prompt order and sampling),
 for the same number of learner steps. The job's evaluator scores the held-out set at versions 0,
 every ``--eval-every``, and the last, each at exactly one version. Reported per cap: the final
 accuracy and the gain over the start (mean ± sd over seeds), the mean staleness the learner
@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 def run_cap(root: Path, cap: int, seed: int, args) -> dict:
     """One live job at staleness cap ``cap`` and ``run.seed`` ``seed``; its curve and costs."""
     name = f"cap{cap}-seed{seed}"
-    overrides = [f"buffer.max_staleness={cap}", f"run.seed={seed}", f"learner.max_steps={args.steps}",
-                 f"learner.eval_every={args.eval_every}", f"learner.eval_prompts={args.heldout}"]
+    overrides = [f"algorithm.staleness.max_staleness={cap}", f"run.seed={seed}", f"learner.max_steps={args.steps}",
+                 f"learner.eval.every={args.eval_every}", f"learner.eval.prompts={args.heldout}"]
     if args.quick:
-        overrides += ["learner.groups_per_step=4", "actors.prompts_in_flight=4"]
+        overrides += ["learner.batch.groups_per_step=4", "actors.prompts_in_flight=4"]
     started = time.monotonic()
     summary = run_mode(root, "async", 0, args.quick, overrides, name=name)
     curve = [{"version": e["version"], "accuracy": e["accuracy"]} for e in records(root / name, "eval")]
@@ -69,7 +69,7 @@ def save(args, runs: Sequence[dict], started: float) -> list[dict]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps", default="0,1,4,8", help="comma list of buffer.max_staleness values")
+    parser.add_argument("--caps", default="0,1,4,8", help="comma list of algorithm.staleness.max_staleness values")
     parser.add_argument("--seeds", type=int, default=3, help="run.seed 0 … N-1 per cap")
     parser.add_argument("--steps", type=int, default=40, help="learner steps per run")
     parser.add_argument("--eval-every", type=int, default=10, help="versions between held-out evaluations")

@@ -3,7 +3,7 @@
     python benchmarks/step_profile.py [--run-dir RUN] [--steps 6] [--threads 1] [--job] [--quick] [KEY=VALUE ...]
 
 1. The learner step, offline (this process, one DeepSpeed rank, ``--threads`` torch threads):
-   batches of ``learner.groups_per_step`` groups (``RUN/buffer`` segments and ``RUN/sft_model`` of
+   batches of ``learner.batch.groups_per_step`` groups (``RUN/buffer`` segments and ``RUN/sft_model`` of
    a finished ``make train`` when given, else the tiny model and tokenised SFT solutions of the
    task) through ``Trainer.train_step`` with its phase timer (learners/profiling.py): Arrow
    encode+decode (what a broadcast to other ranks costs), decode into rows, packing, the proximal
@@ -59,8 +59,8 @@ def main() -> None:
         os.environ["ASYNC_RL_RENDEZVOUS"] = str(Path(tmp) / "rendezvous")  # no TCP store
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        settings = {"before": BEFORE, "now": {"micro_batch_tokens": cfg.learner.micro_batch_tokens,
-                                              "micro_batch_layout": cfg.learner.micro_batch_layout,
+        settings = {"before": BEFORE, "now": {"micro_batch_tokens": cfg.learner.batch.micro_batch_tokens,
+                                              "micro_batch_layout": cfg.learner.batch.micro_batch_layout,
                                               "proximal_from_forward": True}}
         result = {"threads": args.threads, "source": args.run_dir or "synthetic", "settings": settings,
                   "rows_per_step": batches[0].num_rows, "steps": {}, "bound": {}}
@@ -105,7 +105,7 @@ def load_batches(args, cfg, tmp: Path):
     """(model dir, [steps + 1] Arrow tables of ``groups_per_step`` groups each)."""
     import pyarrow as pa
 
-    groups = cfg.learner.groups_per_step
+    groups = cfg.learner.batch.groups_per_step
     if args.run_dir:
         run = Path(args.run_dir)
         segments = sorted((run / "buffer").glob("seg-*.arrows"))
@@ -173,10 +173,11 @@ class StepRunner:
         from learners.profiling import PhaseTimer
         from learners.trainer import Trainer
 
-        learner = cfg.learner.model_copy(update={k: setting[k] for k in ("micro_batch_tokens", "micro_batch_layout")})
+        batch = cfg.learner.batch.model_copy(update={k: setting[k] for k in ("micro_batch_tokens", "micro_batch_layout")})
+        learner = cfg.learner.model_copy(update={"batch": batch})
         self.timer = PhaseTimer()
         self.trainer = Trainer(LearnerEngine(model_dir, learner, dtype=cfg.model.dtype), cfg.algorithm,
-                               max_staleness=1 << 20, micro_batch_tokens=learner.micro_batch_tokens,
+                               max_staleness=1 << 20, micro_batch_tokens=learner.batch.micro_batch_tokens,
                                temperature=cfg.actors.temperature, max_tokens=cfg.actors.max_tokens,
                                proximal_from_forward=setting["proximal_from_forward"], timer=self.timer)
         self.publisher = WeightPublisher(cfg.weights)
@@ -269,7 +270,7 @@ def core_budget(cfg) -> dict:
         "actors": cfg.actors.count,
         "actor_vllm_omp_threads": env.get("OMP_NUM_THREADS"),
         "reward_workers_per_actor": cfg.reward.workers,
-        "evaluator": cfg.learner.eval_every > 0,
+        "evaluator": cfg.learner.eval.every > 0,
     }
 
 
@@ -301,8 +302,8 @@ def live_job(args) -> dict:
 
     run_dir = Path(tempfile.mkdtemp(prefix="step-profile-"))
     cmd = [sys.executable, "-m", "async_rl.cli", "train", f"run.dir={run_dir}",
-           f"model.path={Path(args.run_dir) / 'sft_model'}", "learner.sft_epochs=0",
-           f"learner.max_steps={args.job_steps}", "learner.checkpoint_every=0", "logging.console=plain",
+           f"model.path={Path(args.run_dir) / 'sft_model'}", "learner.sft.epochs=0",
+           f"learner.max_steps={args.job_steps}", "learner.checkpoint.every=0", "logging.console=plain",
            *args.overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     root = psutil.Process(proc.pid)

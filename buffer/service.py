@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     host = args.host or cfg.host
     port = cfg.port if args.port is None else args.port
     directory = Path(args.dir)
-    store = ReplayStore(directory, cfg, seed=args.seed)
+    store = ReplayStore(directory, cfg, max_staleness=args.max_staleness, seed=args.seed)
     for report in store.recovery:
         log.warning("recovered segment: %s", json.dumps(report))
     service = BufferService(store, cfg, learner_token(directory), curve_keys_dir=args.curve_keys_dir,
@@ -361,6 +361,8 @@ def _parse_args(argv):
     parser.add_argument("--host", default=None, help="bind address (default: buffer.host)")
     parser.add_argument("--port", type=int, default=None, help="port, 0 = any (default: buffer.port)")
     parser.add_argument("--config-json", default=None, help="BufferConfig fields as JSON")
+    parser.add_argument("--max-staleness", type=int, required=True,
+                        help="groups older than this many policy versions are never sampled")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random samplers")
     parser.add_argument("--curve-keys-dir", default=None,
                         help="the job's CURVE keys (`async-rl keys generate DIR`); required off loopback")
@@ -404,7 +406,7 @@ class ServiceHandle:
 
 
 def start_service(
-    directory: str | Path, cfg: BufferConfig | None = None, *, host: str | None = None,
+    directory: str | Path, cfg: BufferConfig | None = None, *, max_staleness: int, host: str | None = None,
     port: int | None = None, seed: int = 0, timeout_s: float = 60.0, log_file: Path | None = None,
     curve_keys_dir: str | Path | None = None,
 ) -> ServiceHandle:
@@ -415,7 +417,8 @@ def start_service(
     (directory / SERVICE_FILE).unlink(missing_ok=True)
     cfg = cfg or BufferConfig()
     cmd = [sys.executable, "-m", "buffer.service", "--dir", str(directory),
-           "--config-json", cfg.model_dump_json(), "--seed", str(seed), "--exit-with-parent"]
+           "--config-json", cfg.model_dump_json(), "--max-staleness", str(max_staleness), "--seed", str(seed),
+           "--exit-with-parent"]
     if host is not None:
         cmd += ["--host", host]
     if port is not None:

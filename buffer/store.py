@@ -104,10 +104,14 @@ class Ack:
 
 class ReplayStore:
     def __init__(
-        self, directory: str | Path, cfg: BufferConfig, *, read_only: bool = False, seed: int = 0
+        self, directory: str | Path, cfg: BufferConfig, *, max_staleness: int, read_only: bool = False,
+        seed: int = 0,
     ) -> None:
+        """``max_staleness`` is the job's ``algorithm.staleness.max_staleness``: groups older than
+        that many policy versions are never sampled, and are retired as stale."""
         self.dir = Path(directory)
         self.cfg = cfg
+        self.max_staleness = max_staleness
         self.read_only = read_only
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +454,7 @@ class ReplayStore:
         mask = idx.group_status.view[lo:] == Status.LIVE
         mask &= idx.group_count.view[lo:] >= idx.group_size.view[lo:]
         mask &= idx.group_times_sampled.view[lo:] < self.cfg.max_times_sampled
-        mask &= idx.group_min_version.view[lo:] >= self.learner_version - self.cfg.max_staleness
+        mask &= idx.group_min_version.view[lo:] >= self.learner_version - self.max_staleness
         if self.cfg.filter_zero_advantage:
             mask &= idx.group_reward_min.view[lo:] != idx.group_reward_max.view[lo:]
         return np.flatnonzero(mask) + lo
@@ -513,7 +517,7 @@ class ReplayStore:
             return
         self._stale_checked = key
         idx, lo = self.index, self._live_slice()
-        floor = self.learner_version - self.cfg.max_staleness
+        floor = self.learner_version - self.max_staleness
         stale = (idx.group_status.view[lo:] == Status.LIVE) & (idx.group_min_version.view[lo:] < floor)
         self._retire(np.flatnonzero(stale) + lo, Status.STALE)
 

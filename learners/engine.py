@@ -32,7 +32,7 @@ import deepspeed
 import torch
 from torch import Tensor, nn
 
-from async_rl.config import LearnerConfig
+from async_rl.config import LearnerConfig, OptimizerConfig
 from learners.logprobs import CoefficientFn, fused_token_objective, token_logprobs
 from learners.profiling import PhaseTimer
 
@@ -194,8 +194,8 @@ def init_distributed(cfg: LearnerConfig) -> DistInfo:
     return info
 
 
-def lr_factor(step: int, cfg: LearnerConfig, total_steps: int) -> float:
-    """Multiplier of cfg.lr after ``step`` optimizer steps: linear warmup, then constant or cosine."""
+def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warmup, then constant or cosine."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
@@ -218,7 +218,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def ds_config(
-    cfg: LearnerConfig, dtype: str, overrides: dict | None = None, *, clip_in_engine: bool = True
+    cfg: LearnerConfig, dtype: str, overrides: dict | None = None, *, clip_in_engine: bool = True,
+    optimizer_cfg: OptimizerConfig | None = None,
 ) -> dict:
     zero: dict = {"stage": cfg.zero_stage, "overlap_comm": False}
     if cfg.zero_stage == 3:
@@ -228,7 +229,7 @@ def ds_config(
         "gradient_accumulation_steps": 1,
         # Packed micro-batch counts vary per step: the caller owns the boundary (step()).
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.grad_clip if clip_in_engine else 0.0,
+        "gradient_clipping": (optimizer_cfg or cfg.optimizer).grad_clip if clip_in_engine else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
@@ -247,8 +248,9 @@ def ds_config(
 class LearnerEngine:
     """A causal LM under DeepSpeed, with caller-owned gradient accumulation.
 
-    ``total_steps`` (optimizer steps) sets the cosine horizon. ``ds_overrides`` merges
-    extra keys into the DeepSpeed config (tests use it to shard even tiny tensors).
+    ``total_steps`` (optimizer steps) sets the cosine horizon. ``optimizer_cfg`` replaces
+    ``cfg.optimizer`` (the SFT warm start's). ``ds_overrides`` merges extra keys into the
+    DeepSpeed config (tests use it to shard even tiny tensors).
     """
 
     def __init__(
@@ -259,6 +261,7 @@ class LearnerEngine:
         dtype: str | None = None,
         total_steps: int | None = None,
         ds_overrides: dict | None = None,
+        optimizer_cfg: OptimizerConfig | None = None,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -266,29 +269,29 @@ class LearnerEngine:
         self.dtype_name = dtype or default_dtype()
         self.dtype = DTYPES[self.dtype_name]
         self.dist = init_distributed(cfg)
-        total = total_steps or max(1, cfg.max_steps * cfg.mini_batches_per_step)
-        if cfg.lr_schedule == "cosine" and not total_steps and cfg.max_steps == 0:
-            raise ValueError("learner.lr_schedule=cosine needs learner.max_steps > 0 (the decay horizon)")
+        opt = optimizer_cfg or cfg.optimizer
+        # The config refuses a cosine schedule without learner.max_steps (the decay horizon).
+        total = total_steps or max(1, cfg.max_steps * cfg.batch.mini_batches_per_step)
         causal_lm = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=self.dtype, attn_implementation="sdpa"
         )
         causal_lm.config.use_cache = False
-        module = TokenLogprobModel(causal_lm, chunk_tokens=cfg.logprob_chunk_tokens)
+        module = TokenLogprobModel(causal_lm, chunk_tokens=cfg.batch.logprob_chunk_tokens)
         self.guarded = cfg.zero_stage == 0 and self.dtype == torch.float32
-        groups = param_groups(module, cfg.weight_decay)
-        adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=ADAM_EPS)
+        groups = param_groups(module, opt.weight_decay)
+        adam = dict(lr=opt.lr, betas=tuple(opt.betas), eps=ADAM_EPS)
         if self.guarded:
-            optimizer = FiniteGuardAdamW(groups, max_grad_norm=cfg.grad_clip, **adam)
+            optimizer = FiniteGuardAdamW(groups, max_grad_norm=opt.grad_clip, **adam)
         else:
             optimizer = torch.optim.AdamW(groups, **adam)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg, total)
+            optimizer, lambda step: lr_factor(step, opt, total)
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=ds_config(cfg, self.dtype_name, ds_overrides, clip_in_engine=not self.guarded),
+            config=ds_config(cfg, self.dtype_name, ds_overrides, clip_in_engine=not self.guarded, optimizer_cfg=opt),
         )
         if cfg.zero_stage == 3:
             deepspeed.zero.register_external_parameter(

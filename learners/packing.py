@@ -11,7 +11,7 @@ The scored tokens (``targets``) are the response tokens; ``gather_index`` points
 positions whose hidden state predicts them, and ``row``/``col`` place each back into the
 padded ``[B, T]`` layout the objectives use.
 
-The ``padded`` layout (``learner.micro_batch_layout``) puts the same sequences one per row,
+The ``padded`` layout (``learner.batch.micro_batch_layout``) puts the same sequences one per row,
 right-padded to the longest: ``[B, L]`` with positions ``0..L-1`` in every row, so the model runs
 plain causal attention (a real token never attends to the padding after it) and no sequence pays
 for the others' length. ``gather_index`` then points into the flattened ``[B * L]`` positions.

@@ -5,7 +5,7 @@ tokenised as the actors' prompt (:func:`async_rl.tasks.encoding.encode_prompt`: 
 with the generation prompt) followed by the response and the end-of-turn token. The loss,
 :func:`sft_objective`, is the token-mean NLL of the response tokens over the whole optimizer
 batch on all ranks (the same global normaliser as the RL objectives); the micro-batches
-(``learner.micro_batch_tokens``) go through the same :func:`learners.engine.accumulate_and_step`
+(``learner.batch.micro_batch_tokens``) go through the same :func:`learners.engine.accumulate_and_step`
 as an RL step.
 
 ``run_sft`` is what the job and ``async-rl sft`` call: it starts ``learner.ranks`` processes
@@ -81,7 +81,7 @@ class SFTTrainer:
         lengths = [input_length(len(p), len(r)) for p, r in zip(prompts, responses, strict=True)]
         plan = plan_micro_batches(list(range(len(batch))), lengths, self.micro_batch_tokens, self.engine.dist.world_size)
         global_tokens = torch.tensor(float(sum(len(r) for r in responses)), device=self.engine.device)
-        layout = self.engine.cfg.micro_batch_layout
+        layout = self.engine.cfg.batch.micro_batch_layout
 
         def micro_loss(rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
             mb = build_micro_batch(rows, prompts, responses, layout) if rows else empty_micro_batch()
@@ -124,10 +124,10 @@ def sft_rank(payload: dict) -> None:
     rows, _ = load_rows(payload["data"], require_response=True)
     tokenizer = AutoTokenizer.from_pretrained(payload["model_dir"])
     examples = encode_rows(rows, tokenizer, max_len=payload["max_len"])
-    plan = batches(len(examples), cfg.sft_batch_size, payload["epochs"], payload["seed"])
-    sft_cfg = cfg.model_copy(update={"lr": cfg.sft_lr, "lr_schedule": "cosine", "max_steps": len(plan)})
-    engine = LearnerEngine(payload["model_dir"], sft_cfg, dtype=payload.get("dtype"), total_steps=len(plan))
-    trainer = SFTTrainer(engine, micro_batch_tokens=cfg.micro_batch_tokens)
+    plan = batches(len(examples), cfg.sft.batch_size, payload["epochs"], payload["seed"])
+    engine = LearnerEngine(payload["model_dir"], cfg, dtype=payload.get("dtype"), total_steps=len(plan),
+                           optimizer_cfg=cfg.sft_optimizer)
+    trainer = SFTTrainer(engine, micro_batch_tokens=cfg.batch.micro_batch_tokens)
     history = run_steps(trainer, examples, plan, engine.dist.rank == 0)
     export_hf(engine, Path(payload["out_dir"]))
     if engine.dist.rank == 0:
@@ -154,7 +154,7 @@ def sft_payload(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, epoc
         "data": str(data),
         "out_dir": str(out_dir),
         "max_len": cfg.model.max_model_len,
-        "epochs": cfg.learner.sft_epochs if epochs is None else epochs,
+        "epochs": cfg.learner.sft.epochs if epochs is None else epochs,
         "seed": cfg.run.seed,
         "dtype": cfg.model.dtype,
     }
@@ -166,7 +166,7 @@ def run_sft(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, console=
 
     payload = sft_payload(cfg, model_dir=model_dir, data=data, out_dir=out_dir, epochs=epochs)
     if payload["epochs"] <= 0:
-        raise ValueError(f"learner.sft_epochs={payload['epochs']}: must be > 0 to run SFT")
+        raise ValueError(f"learner.sft.epochs={payload['epochs']}: must be > 0 to run SFT")
     launch("learners.sft:sft_rank", cfg.learner.ranks, payload)
     if console is not None:
         console.print(f"sft: model written to {out_dir}")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from async_rl.config import LossConfig, StalenessScheduleConfig
+from async_rl.config import StalenessScheduleConfig
+from learners.objectives import ObjectiveConfig
 
 # ε_l(s) must stay below 1 so the low bound 1−ε_l remains a positive ratio.
 MAX_EPS_LOW = 0.999
@@ -56,9 +57,10 @@ def eps_schedule(
 
 
 def clip_bounds(
-    loss: LossConfig, cfg: StalenessScheduleConfig, staleness: Tensor, dtype: torch.dtype
+    loss: ObjectiveConfig, cfg: StalenessScheduleConfig, staleness: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """(ε_l(s), ε_h(s)), each [B] of ``dtype``; ε_l(s) < 1 always."""
-    low = eps_schedule(loss.eps_low, staleness, cfg, ceiling=MAX_EPS_LOW, dtype=dtype)
-    high = eps_schedule(loss.eps_high, staleness, cfg, ceiling=float("inf"), dtype=dtype)
+    eps_low, eps_high = loss.clip_eps
+    low = eps_schedule(eps_low, staleness, cfg, ceiling=MAX_EPS_LOW, dtype=dtype)
+    high = eps_schedule(eps_high, staleness, cfg, ceiling=float("inf"), dtype=dtype)
     return low, high

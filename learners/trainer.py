@@ -20,9 +20,9 @@ until the end of the step and reach the host in one transfer. A non-finite loss 
 engine refuse the update on every rank (weights, optimizer state and LR schedule untouched);
 the skip is counted. Staleness is :func:`buffer.schema.row_staleness`; the Klear SFT term trains
 on the rows the reward function verified (the trajectory's ``correct``). With
-``learner.fused_logprobs`` and a token-local objective (all but GSPO) the forward also forms the
+``learner.batch.fused_logprobs`` and a token-local objective (all but GSPO) the forward also forms the
 loss gradient chunk by chunk, its coefficients taken from the objective itself
-(:func:`learners.objectives.chunk_coefficients`), so backward recomputes no logits.
+(:func:`learners.loss.chunk_coefficients`), so backward recomputes no logits.
 
 Behaviour weights (TIS/IcePop/M2PO) are formed over this rank's rows of a mini-batch at
 once; M2PO's second-moment mask is therefore per rank, not across ranks.
@@ -43,7 +43,7 @@ from buffer.schema import row_staleness
 from learners.advantages import group_advantages, overlong_keep, overlong_penalty
 from learners.engine import LearnerEngine, accumulate, accumulate_and_step, to_host
 from learners.logprobs import CoefficientFn
-from learners.objectives import LossInputs, build_objective, chunk_coefficients, token_local
+from learners.loss import LossInputs, build_objective, chunk_coefficients, token_local
 from learners.offpolicy import behavior_weights, clip_centre
 from learners.packing import (
     MicroBatch,
@@ -131,7 +131,7 @@ class Trainer:
         self.engine = engine
         self.algorithm = algorithm
         self.objective = build_objective(algorithm, max_staleness=max_staleness)
-        self.fused = engine.cfg.fused_logprobs and token_local(algorithm)
+        self.fused = engine.cfg.batch.fused_logprobs and token_local(algorithm)
         self.max_staleness = max_staleness
         self.mini_batches = mini_batches
         self.micro_batch_tokens = micro_batch_tokens
@@ -338,7 +338,7 @@ class Trainer:
         )
 
     def micro_batch(self, batch: RolloutBatch, rows: list[int]) -> MicroBatch:
-        layout = self.engine.cfg.micro_batch_layout
+        layout = self.engine.cfg.batch.micro_batch_layout
         mb = build_micro_batch(rows, batch.prompts, batch.responses, layout) if rows else empty_micro_batch()
         return mb.to(self.engine.device)
 

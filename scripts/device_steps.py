@@ -243,10 +243,10 @@ def make_trainer(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int):
     from learners.engine import LearnerEngine
     from learners.trainer import Trainer
 
-    cfg = LearnerConfig(zero_stage=stage, backend=plan.backend, lr=plan.lr, micro_batch_tokens=plan.micro_batch_tokens,
-                        max_steps=plan.steps)
+    cfg = LearnerConfig(zero_stage=stage, backend=plan.backend, optimizer={"lr": plan.lr},
+                        batch={"micro_batch_tokens": plan.micro_batch_tokens}, max_steps=plan.steps)
     engine = LearnerEngine(model_dir, cfg, dtype=dtype)
-    return Trainer(engine, AlgorithmConfig(), max_staleness=plan.steps, micro_batch_tokens=cfg.micro_batch_tokens)
+    return Trainer(engine, AlgorithmConfig(), max_staleness=plan.steps, micro_batch_tokens=cfg.batch.micro_batch_tokens)
 
 
 def train(model_dir: Path, plan: LearnerPlan, dtype: str, stage: int, tables, *,

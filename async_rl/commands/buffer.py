@@ -46,7 +46,9 @@ class _Source:
 
             buffer_dir, self.run_dir = _find_buffer_dir(run or DEFAULT_RUN)
             self.client = None
-            self.store = ReplayStore(buffer_dir, _buffer_config(self.run_dir), read_only=True)
+            cfg = _run_config(self.run_dir)
+            self.store = ReplayStore(buffer_dir, cfg.buffer, max_staleness=cfg.algorithm.staleness.max_staleness,
+                                     read_only=True)
 
     def stats(self) -> dict:
         if self.client:
@@ -82,19 +84,19 @@ def _find_buffer_dir(path: Path) -> tuple[Path, Path]:
     _fail(f"{path}: no replay buffer here (expected {path}/buffer/seg-*.arrows or state.jsonl)")
 
 
-def _buffer_config(run_dir: Path):
-    """The run's buffer section if the run folder holds its config, else the defaults."""
-    from async_rl.config import BufferConfig
+def _run_config(run_dir: Path):
+    """The run's config if the run folder holds it, else the defaults."""
+    from async_rl.config import Config
 
     for name in ("config.yaml", "config.yml"):
         if (run_dir / name).exists():
             from async_rl.config_io import ConfigError, load_config
 
             try:
-                return load_config(run_dir / name).buffer
+                return load_config(run_dir / name)
             except ConfigError as err:
                 console.print(f"[yellow]ignoring {run_dir / name}: {err}[/yellow]")
-    return BufferConfig()
+    return Config()
 
 
 def _fail(message: str) -> None:

@@ -26,7 +26,7 @@ def sft(
     args: list[str] = typer.Argument(None, help="data=FILE, then [CONFIG] and key.path=value overrides."),
     config: str = typer.Option(None, "--config", "-c", help="Config file or recipe name (default: tiny)."),
     out: Path = typer.Option(None, "--out", help="Where the fine-tuned HF model goes (default: RUN_DIR/sft_model)."),
-    epochs: float = typer.Option(None, "--epochs", min=0.0, help="Epochs (default: learner.sft_epochs, or 1)."),
+    epochs: float = typer.Option(None, "--epochs", min=0.0, help="Epochs (default: learner.sft.epochs, or 1)."),
 ) -> None:
     """Fine-tune on rows with a `response` (verl/Klear format, .parquet or .jsonl) and export HF."""
     from async_rl.cli import UserError, _load
@@ -40,7 +40,7 @@ def sft(
     _, report = load_rows(data, require_response=True)
     typer.echo(report.summary())
     model_dir, _ = ensure_model(cfg.model.path, cfg.run_dir, size=cfg.model.size, seed=cfg.model.seed)
-    run_epochs = epochs if epochs is not None else (cfg.learner.sft_epochs or 1.0)
+    run_epochs = epochs if epochs is not None else (cfg.learner.sft.epochs or 1.0)
     if run_epochs <= 0:
         raise UserError(f"--epochs={run_epochs}: must be > 0")
     out_dir = out or cfg.run_dir / "sft_model"

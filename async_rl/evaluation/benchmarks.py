@@ -9,7 +9,7 @@ One reader for every layout. Per record:
   hold an answer in every record. A top-level ``solution`` is never guessed: in many datasets
   it is a worked solution, not a final answer.
 * **data source** — ``data_source`` when present, else the benchmark name; it picks the
-  reward function (``rewards.pool.reward_kind``: math unless the name says code).
+  reward function (``reward.by_data_source``: math unless the name starts with a code source's).
 
 The three files in ``../shared/data`` read as: ``aime24.qs.jsonl`` → ``meta.answer``,
 ``aime25.qs.jsonl`` → ``meta.solution``, ``HMMT-202502.jsonl`` → ``answer``. Malformed

@@ -26,7 +26,6 @@ from pathlib import Path
 from async_rl.config import ActorsConfig, ModelConfig, RewardConfig
 from async_rl.evaluation.benchmarks import Benchmark, Problem, with_instruction
 from async_rl.evaluation.metrics import ProblemResult, SampleResult, response_digest, summarize
-from async_rl.rewards.pool import reward_kind
 
 RESULT_FORMAT = "async-rl-eval/1"
 # DeepSeek-R1's evaluation length; the default when the context allows it.
@@ -163,8 +162,8 @@ async def evaluate_problems(
 
     async def one(problem: Problem, ids: Sequence[int]) -> ProblemResult:
         samples = await engine.generate(ids, n=n, **(sampling or {}))
-        kind = reward_kind(problem.data_source)
-        futures = [rewards.submit(kind, s.text, problem.answer, problem.extra_info) for s in samples]
+        futures = [rewards.submit_for(problem.data_source, s.text, problem.answer, problem.extra_info)
+                   for s in samples]
         records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         result = ProblemResult(problem.problem_id, problem.answer, [
             SampleResult(len(s.token_ids), s.finish_reason, r.status, r.parsed, r.correct,
@@ -203,9 +202,9 @@ def run_eval(
     actors, model = engine_configs(settings, plan_, on_gpu=torch.cuda.is_available())
     if on_start is not None:
         on_start(plan_)
-    kinds = tuple(sorted({reward_kind(p.data_source) for b in benchmarks for p in b.problems}))
     reward_cfg = RewardConfig(correct=1.0, wrong=0.0, workers=settings.reward_workers,
                               timeout_s=settings.reward_timeout_s)
+    kinds = tuple(sorted({reward_cfg.reward_for(p.data_source) for b in benchmarks for p in b.problems}))
     start = time.monotonic()
     loop = BackgroundLoop(name="eval-loop")
     engine = None
@@ -224,9 +223,10 @@ def run_eval(
     return document
 
 
-def votes_on(benchmark: Benchmark) -> bool:
+def votes_on(benchmark: Benchmark, rewards: RewardConfig | None = None) -> bool:
     """Majority voting needs comparable final answers: math yes, code (whole programs) no."""
-    return all(reward_kind(p.data_source) == "math" for p in benchmark.problems)
+    rewards = rewards or RewardConfig()
+    return all(rewards.reward_for(p.data_source) == "math" for p in benchmark.problems)
 
 
 async def _all_benchmarks(engine, pool, benchmarks, plan_: Plan, n: int, on_done) -> list[list[ProblemResult]]:

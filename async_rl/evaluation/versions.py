@@ -53,7 +53,7 @@ def reproduce_args(cfg: Config, model_dir: Path | str, heldout: Path | str) -> l
     return ["eval", "--model", str(model_dir), "--data", str(heldout), "--n", "1", "--temperature", "0",
             "--top-p", "1", "--top-k", "-1", "--max-tokens", str(s.max_tokens), "--dtype", str(s.dtype),
             "--kv-cache-gib", f"{s.kv_cache_gib:g}", "--reward-workers", "1",
-            "--limit", str(cfg.learner.eval_prompts)]
+            "--limit", str(cfg.learner.eval.prompts)]
 
 
 def is_due(version: int, *, every: int, final: int) -> bool:
@@ -77,7 +77,7 @@ class VersionEvaluator:
     def start(cls, model_dir: Path, heldout: Path, cfg: Config, *, version: int,
               work_dir: Path | None = None) -> VersionEvaluator:
         """Start an engine on ``model_dir`` (labelled ``version``) for the first
-        ``learner.eval_prompts`` problems of ``heldout``."""
+        ``learner.eval.prompts`` problems of ``heldout``."""
         import torch
         from transformers import AutoTokenizer
 
@@ -87,14 +87,15 @@ class VersionEvaluator:
         from async_rl.rewards.pool import RewardPool
 
         settings = eval_settings(cfg)
-        benchmark = load_benchmark(heldout, limit=cfg.learner.eval_prompts)
+        benchmark = load_benchmark(heldout, limit=cfg.learner.eval.prompts)
         plan_ = plan(model_dir, [benchmark], settings, AutoTokenizer.from_pretrained(str(model_dir)))
         actors, model = engine_configs(settings, plan_, on_gpu=torch.cuda.is_available())
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="async-rl-evaluator-"))
         loop = BackgroundLoop(name="evaluator-loop")
         engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work, version=version))
         rewards = RewardPool(RewardConfig(correct=1.0, wrong=0.0, workers=settings.reward_workers,
-                                          timeout_s=settings.reward_timeout_s))
+                                          timeout_s=settings.reward_timeout_s,
+                                          by_data_source=cfg.reward.by_data_source, default=cfg.reward.default))
         return cls(engine, loop, rewards, benchmark, plan_, settings, Path(model_dir))
 
     @property

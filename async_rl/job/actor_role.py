@@ -66,8 +66,8 @@ class ActorWorker:
             weights=cfg.weights,
             work_dir=run_dir / "actors" / self.actor_id,
             # sync: generate one batch per policy version, then wait for the next version.
-            max_staleness=0 if sync else cfg.buffer.max_staleness,
-            groups_per_version=cfg.learner.groups_per_step / max(cfg.actors.count, 1),
+            max_staleness=0 if sync else cfg.algorithm.staleness.max_staleness,
+            groups_per_version=cfg.learner.batch.groups_per_step / max(cfg.actors.count, 1),
             sampling_stream=tuple(payload.get("sampling_stream", (cfg.run.seed, payload["actor_id"]))),
             release_uninformative=cfg.buffer.filter_zero_advantage,
             lease=lease, settle=settle, first_version=int(payload.get("first_version", 0)),

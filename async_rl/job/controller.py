@@ -77,7 +77,8 @@ class Controller:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.launch = next_launch(self.run_dir)
         self.buffer = start_service(
-            self.run_dir / "buffer", self.cfg.buffer, host=host, seed=self.cfg.run.seed,
+            self.run_dir / "buffer", self.cfg.buffer, max_staleness=self.cfg.algorithm.staleness.max_staleness,
+            host=host, seed=self.cfg.run.seed,
             log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
         )
         self._open_cursor()
@@ -85,7 +86,7 @@ class Controller:
         self._start_learners(self.learner_ranks)
         for _ in range(self.cfg.actors.count):
             self._start_actor()
-        if self.cfg.learner.eval_every > 0:
+        if self.cfg.learner.eval.every > 0:
             self._start_evaluator()
         return self.addresses()
 

@@ -2,7 +2,7 @@
 
 Reads top to bottom:
 1. prepare the run folder (config, model, data) — cached;
-2. SFT warm start on the synthetic SFT split when ``learner.sft_epochs > 0`` (once per run);
+2. SFT warm start on the synthetic SFT split when ``learner.sft.epochs > 0`` (once per run);
 3. Ray (private and loopback-bound, or the cluster at ``--ray-address``) and the controller;
 4. the controller starts buffer → learner group → actors → evaluator;
 5. until the learner group finishes or a stop arrives (Ctrl-C, ``async-rl stop``, STOP
@@ -39,7 +39,7 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
         )
     prepared = prepare_run(cfg)
     run_dir = prepared.run_dir
-    _check_cursor(cfg, run_dir)
+    _check_train_data(cfg, run_dir)
     clear_stop(run_dir)
     clear_stop(run_dir, "learner")
     policy_dir = warm_start(cfg, prepared, console)
@@ -71,8 +71,9 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     return 1 if status.get("failure") else 0
 
 
-def _check_cursor(cfg: Config, run_dir: Path) -> None:
-    """A run folder's data cursor must match the data it continues with (one line if not)."""
+def _check_train_data(cfg: Config, run_dir: Path) -> None:
+    """Every training row's data source has a reward, and a run folder's data cursor matches the
+    data it continues with (one line if not)."""
     from async_rl.job.actor_role import train_prompts
     from async_rl.seeds import prompt_order_seed
     from async_rl.tasks.dataset import DatasetError, load_rows
@@ -80,6 +81,8 @@ def _check_cursor(cfg: Config, run_dir: Path) -> None:
 
     rows, _ = load_rows(train_prompts(cfg, run_dir))
     try:
+        for source in sorted({row.data_source for row in rows}):
+            cfg.reward.reward_for(source)
         check_record(run_dir / "buffer", n_prompts=len(rows), seed=prompt_order_seed(cfg.run.seed, cfg.data.seed))
     except ValueError as err:
         raise DatasetError(str(err)) from None
@@ -88,14 +91,14 @@ def _check_cursor(cfg: Config, run_dir: Path) -> None:
 def warm_start(cfg: Config, prepared, console) -> Path:
     """The policy the job starts from: the SFT'd model when configured, else the base model."""
     sft_dir = prepared.run_dir / "sft_model"
-    if cfg.learner.sft_epochs <= 0 or "sft" not in prepared.data:
+    if cfg.learner.sft.epochs <= 0 or "sft" not in prepared.data:
         return prepared.model_dir
     if (sft_dir / "config.json").is_file():
         console.print(f"sft: reusing {sft_dir}")
         return sft_dir
     from learners.sft import run_sft
 
-    console.print(f"sft: warm start, {cfg.learner.sft_epochs:g} epoch(s) on {prepared.data['sft']}")
+    console.print(f"sft: warm start, {cfg.learner.sft.epochs:g} epoch(s) on {prepared.data['sft']}")
     run_sft(cfg, model_dir=prepared.model_dir, data=prepared.data["sft"], out_dir=sft_dir, console=console)
     return sft_dir
 

@@ -1,7 +1,7 @@
 """The job's evaluator: held-out greedy accuracy at exact policy versions.
 
 It subscribes to the learner's weights like an actor, but loads only the versions due for
-evaluation (0, every ``learner.eval_every``-th, the last) and evaluates each on an engine of its
+evaluation (0, every ``learner.eval.every``-th, the last) and evaluates each on an engine of its
 own while its subscriber thread is held, so no other version loads meanwhile (see
 ``evaluation/versions.py``). Each evaluation appends one record to ``metrics/eval.jsonl`` naming
 its version and writes the full result document to ``eval/vNNNNNN.json``.
@@ -83,7 +83,7 @@ class EvaluatorWorker:
 
     def _on_weights(self, version: int, named_tensors) -> None:
         """The subscriber's callback: evaluate a due version; the thread is held until done."""
-        every, final = self.cfg.learner.eval_every, self.cfg.learner.max_steps
+        every, final = self.cfg.learner.eval.every, self.cfg.learner.max_steps
         if version in self.records or not is_due(version, every=every, final=final):
             return
         with self._lock:

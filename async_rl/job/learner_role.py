@@ -4,7 +4,7 @@ Per step: rank 0 samples a batch of whole groups from the buffer (blocking on th
 ``min_size_to_sample`` and rate limiter) and broadcasts it as Arrow IPC bytes to the other
 ranks (every rank trains on its share of the SAME table); all ranks train; every
 ``publish_every`` steps all ranks gather the weights and rank 0 publishes them over ZeroMQ and
-tells the buffer the new policy version; every ``checkpoint_every`` steps all ranks checkpoint.
+tells the buffer the new policy version; every ``learner.checkpoint.every`` steps all ranks checkpoint.
 
 Shutdown order: rank 0 sees the stop request (STOP file or step budget) and broadcasts it in
 place of a batch; every rank checkpoints, rank 0 exports the HF model, closes the publisher
@@ -64,9 +64,9 @@ class LearnerLoop:
         self.trainer = Trainer(
             self.engine,
             cfg.algorithm,
-            max_staleness=cfg.buffer.max_staleness,
-            mini_batches=cfg.learner.mini_batches_per_step,
-            micro_batch_tokens=cfg.learner.micro_batch_tokens,
+            max_staleness=cfg.algorithm.staleness.max_staleness,
+            mini_batches=cfg.learner.batch.mini_batches_per_step,
+            micro_batch_tokens=cfg.learner.batch.micro_batch_tokens,
             temperature=cfg.actors.temperature,
             max_tokens=cfg.actors.max_tokens,
             stop_token_ids=payload.get("stop_token_ids", ()),
@@ -111,7 +111,7 @@ class LearnerLoop:
             if self.version % self.cfg.weights.publish_every == 0:
                 with self.timer.phase("publish"):
                     self.publish()
-            if self.cfg.learner.checkpoint_every and self.version % self.cfg.learner.checkpoint_every == 0:
+            if self.cfg.learner.checkpoint.every and self.version % self.cfg.learner.checkpoint.every == 0:
                 with self.timer.phase("checkpoint"):
                     self.save()
             step_s = time.monotonic() - start
@@ -133,7 +133,7 @@ class LearnerLoop:
             if self.should_stop():
                 return self.broadcast_bytes(None, STOP)
             with self.timer.phase("sample_wait"):
-                table = self.client.sample(self.cfg.learner.groups_per_step, timeout_s=SAMPLE_POLL_S)
+                table = self.client.sample(self.cfg.learner.batch.groups_per_step, timeout_s=SAMPLE_POLL_S)
             if table is None or table.num_rows == 0:
                 return self.broadcast_bytes(None, IDLE)
         with self.timer.phase("broadcast"):
@@ -182,7 +182,7 @@ class LearnerLoop:
             self.engine,
             self.run_dir / "checkpoints",
             version=self.version,
-            keep=self.cfg.learner.keep_checkpoints,
+            keep=self.cfg.learner.checkpoint.keep,
         )
 
     def export(self) -> None:

@@ -4,11 +4,11 @@ Ground truth (``ground_truth``, a JSON string) — two formats, as in LiveCodeBe
 
 * stdin/stdout cases: ``{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}``; the
   program reads stdin and its stdout is compared line by line, ignoring trailing
-  whitespace and trailing blank lines, numeric tokens within ``code_float_tol``.
+  whitespace and trailing blank lines, numeric tokens within ``reward.code.float_tol``.
 * function-call cases: ``{"fn_name": "add", "inputs": [[1, 2], ...], "outputs": [3, ...]}``;
   the program defines ``add`` (top level, or as a method of a LeetCode-style
   ``Solution`` class), each input is the argument list, and the return value is compared
-  as JSON (tuples as lists, floats within ``code_float_tol``). An input may also be a
+  as JSON (tuples as lists, floats within ``reward.code.float_tol``). An input may also be a
   string of newline-separated JSON arguments and an output a JSON string (LiveCodeBench
   "functional"); an output ``[v]`` also accepts ``v`` (TACO wraps return values).
 
@@ -17,9 +17,9 @@ A TACO row's ``{"input_output": "<json of the above>"}`` is unwrapped.
 The program is the last fenced ```python block after ``</think>`` (the whole response when
 there is no think block; none when the think block never closes).
 
-Reward (Klear): at most ``code_max_tests`` tests are sampled — the same ones for every
+Reward (Klear): at most ``reward.code.max_tests`` tests are sampled — the same ones for every
 response to a problem, so a group's rewards are comparable — and the score is
-passed/total (``code_soft``) or 1.0 only if all pass. ``info`` holds the per-test verdicts
+passed/total (``reward.code.soft``) or 1.0 only if all pass. ``info`` holds the per-test verdicts
 (passed, wrong_answer, timeout, runtime_error, memory_limit, output_limit), the counts,
 the isolation level and the first error, truncated.
 """
@@ -210,7 +210,7 @@ def judge(run: CaseRun, expected: Any, suite: CaseSet, float_tol: float) -> str:
 def warm_up(cfg) -> str:
     """Chooses (and reports) the isolation level now; a pool worker initializer calls it so
     the first scored program does not pay the probe. Returns the level."""
-    return select_isolation(cfg.code_isolation, cfg.code_sandbox_user)[0]
+    return select_isolation(cfg.code.isolation, cfg.code.sandbox_user)[0]
 
 
 def score(response: str, ground_truth: str, extra_info: dict, cfg) -> RewardRecord:
@@ -223,9 +223,9 @@ def score(response: str, ground_truth: str, extra_info: dict, cfg) -> RewardReco
         suite = parse_tests(ground_truth)
     except (ValueError, TypeError) as exc:
         return failure(0.0, "error", f"bad code ground truth: {exc}")
-    chosen = sample_indices(len(suite.inputs), cfg.code_max_tests, ground_truth)
+    chosen = sample_indices(len(suite.inputs), cfg.code.max_tests, ground_truth)
     try:
-        level, ident = select_isolation(cfg.code_isolation, cfg.code_sandbox_user)
+        level, ident = select_isolation(cfg.code.isolation, cfg.code.sandbox_user)
         run = run_program(
             program,
             [suite.inputs[i] for i in chosen],
@@ -238,10 +238,10 @@ def score(response: str, ground_truth: str, extra_info: dict, cfg) -> RewardReco
     except SandboxUnavailable as exc:
         return failure(0.0, "error", str(exc))
     verdicts = [
-        judge(r, suite.outputs[i], suite, cfg.code_float_tol)
+        judge(r, suite.outputs[i], suite, cfg.code.float_tol)
         for r, i in zip(run.runs, chosen, strict=True)
     ]
-    return _record(program, verdicts, run, chosen, cfg.code_soft)
+    return _record(program, verdicts, run, chosen, cfg.code.soft)
 
 
 def _record(

@@ -12,9 +12,12 @@ workers call it from their main thread; the pool adds its own hard timeout on to
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from async_rl.config import RewardConfig
 from async_rl.rewards.base import RewardRecord, failure
+
+if TYPE_CHECKING:
+    from async_rl.config import RewardConfig
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -28,6 +31,11 @@ VERIFY_TIMEOUT_S = 3
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def warm_up(cfg: RewardConfig) -> None:
+    """Imports math-verify (and its parsers) before any timed call."""
+    import math_verify  # noqa: F401
 
 
 def score(response: str, ground_truth: str, extra_info: dict | None, cfg: RewardConfig) -> RewardRecord:
@@ -50,12 +58,12 @@ def score(response: str, ground_truth: str, extra_info: dict | None, cfg: Reward
 
 
 def _format_penalty(response: str, cfg: RewardConfig) -> RewardRecord | None:
-    if not cfg.require_think_format:
+    if not cfg.math.require_think_format:
         return None
     if THINK_OPEN not in response:
-        return RewardRecord(score=cfg.missing_think_open, status="format", error="missing <think>")
+        return RewardRecord(score=cfg.math.missing_think_open, status="format", error="missing <think>")
     if THINK_CLOSE not in response:
-        return RewardRecord(score=cfg.missing_think_close, status="format", error="missing </think>")
+        return RewardRecord(score=cfg.math.missing_think_close, status="format", error="missing </think>")
     return None
 
 

@@ -11,42 +11,30 @@ threaded process can deadlock the child.
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from async_rl.config import RewardConfig
-from async_rl.rewards.base import RewardRecord, failure
+from async_rl.rewards.base import RewardRecord, failure, load_reward
 
-REWARD_MODULES = {"math": "async_rl.rewards.math", "code": "async_rl.rewards.code"}
 # Replace each worker after this many calls to bound slow leaks in parser caches.
 MAX_TASKS_PER_WORKER = 2000
 # The hard timeout sits above the reward function's own limits so those fire first.
 HARD_TIMEOUT_MARGIN_S = 1.0
 
 
-def reward_kind(data_source: str) -> str:
-    """Which reward function scores rows of a data source (code sources contain 'code')."""
-    lowered = data_source.lower()
-    return "code" if any(word in lowered for word in ("code", "livecodebench", "taco", "apps")) else "math"
-
-
 def score_direct(kind: str, response: str, ground_truth: str, extra_info: dict | None, cfg: RewardConfig) -> RewardRecord:
     """Call a reward function in this process (no timeout protection)."""
-    module = importlib.import_module(REWARD_MODULES[kind])
-    return module.score(response, ground_truth, extra_info or {}, cfg)
+    return load_reward(kind).score(response, ground_truth, extra_info or {}, cfg)
 
 
 def _warm_up(cfg: RewardConfig, kinds: tuple[str, ...]) -> None:
     # Import the heavy parsers (and probe the code sandbox) before any timed call, so the first
     # call is not charged for them.
-    importlib.import_module("math_verify")
     for kind in kinds:
-        module = importlib.import_module(REWARD_MODULES[kind])
-        if hasattr(module, "warm_up"):
-            module.warm_up(cfg)
+        load_reward(kind).warm_up(cfg)
 
 
 class RewardPool:
@@ -66,8 +54,8 @@ class RewardPool:
         )
 
     def submit(self, kind: str, response: str, ground_truth: str, extra_info: dict | None = None) -> Future:
-        if kind not in REWARD_MODULES:
-            raise ValueError(f"reward kind={kind!r}: expected one of {sorted(REWARD_MODULES)}")
+        """Score with the reward named ``kind`` (``async_rl/rewards/KIND.py``)."""
+        load_reward(kind)
         inner = self._pool.schedule(
             score_direct,
             args=(kind, response, ground_truth, extra_info or {}, self._cfg),
@@ -76,6 +64,10 @@ class RewardPool:
         outer: Future = Future()
         inner.add_done_callback(lambda done: outer.set_result(self._resolve(done)))
         return outer
+
+    def submit_for(self, data_source: str, response: str, ground_truth: str, extra_info: dict | None = None) -> Future:
+        """Score with the reward ``reward.by_data_source`` names for ``data_source``."""
+        return self.submit(self._cfg.reward_for(data_source), response, ground_truth, extra_info)
 
     def score(self, kind: str, response: str, ground_truth: str, extra_info: dict | None = None) -> RewardRecord:
         return self.submit(kind, response, ground_truth, extra_info).result()

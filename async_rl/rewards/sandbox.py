@@ -63,12 +63,12 @@ class SandboxLimits:
         """From a ``RewardConfig``; the budget leaves the pool's timeout room for the jail's
         start-up, exit and clean-up, so the pool never has to kill a worker mid-run."""
         overhead = START_SLACK_S + EXIT_GRACE_S + REAP_MARGIN_S
-        budget = min(cfg.code_time_budget_s, max(cfg.timeout_s - overhead, 0.1))
+        budget = min(cfg.code.time_budget_s, max(cfg.timeout_s - overhead, 0.1))
         return cls(
-            test_timeout_s=min(cfg.code_test_timeout_s, budget),
+            test_timeout_s=min(cfg.code.test_timeout_s, budget),
             budget_s=budget,
-            memory_bytes=cfg.code_memory_mb << 20,
-            output_bytes=cfg.code_output_bytes,
+            memory_bytes=cfg.code.memory_mb << 20,
+            output_bytes=cfg.code.output_bytes,
         )
 
 
@@ -362,11 +362,11 @@ def select_isolation(
 def _no_sandbox_message(preference: str, failures: dict[str, str]) -> str:
     tried = "; ".join(f"{lvl}: {why}" for lvl, why in failures.items()) or "none installed"
     if preference != "auto":
-        return f"reward.code_isolation={preference!r} does not work here ({tried})"
+        return f"reward.code.isolation={preference!r} does not work here ({tried})"
     return (
-        f"reward.code_isolation='auto': no isolating sandbox works here ({tried}); untrusted "
+        f"reward.code.isolation='auto': no isolating sandbox works here ({tried}); untrusted "
         "code is not run. Install firejail or bubblewrap (scripts/install.sh, as root), or "
-        "set reward.code_isolation=rlimits to accept programs with network and file access"
+        "set reward.code.isolation=rlimits to accept programs with network and file access"
     )
 
 

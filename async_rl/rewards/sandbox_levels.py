@@ -14,10 +14,10 @@ Strongest first:
    setup runs as root.
 4. ``rlimits`` — a fresh session, a scrubbed environment, rlimits, the sandbox user when
    root. Weakest: no network isolation, and the program can signal processes of its user.
-   Never chosen by ``auto``: it runs only when ``reward.code_isolation: rlimits`` names it.
+   Never chosen by ``auto``: it runs only when ``reward.code.isolation: rlimits`` names it.
 
 Untrusted code never runs as root: when the trainer is root the program runs as
-``RewardConfig.code_sandbox_user`` or one of its numbered siblings (``USER-1`` …, all created
+``reward.code.sandbox_user`` or one of its numbered siblings (``USER-1`` …, all created
 by ``scripts/install.sh``), leased for the run so that programs checked at the same time never
 share a uid and with it the per-user process limit; otherwise as the trainer's own
 unprivileged user. Firejail's own ``--timeout`` is not used (it adds ~2 s
@@ -93,12 +93,12 @@ def sandbox_identity(user: str) -> Identity:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise SandboxUnavailable(
-            f"reward.code_sandbox_user={user!r}: no such user; run scripts/install.sh as root "
+            f"reward.code.sandbox_user={user!r}: no such user; run scripts/install.sh as root "
             "(it creates it) — untrusted code is never run as root"
         ) from None
     if entry.pw_uid == 0:
         raise SandboxUnavailable(
-            f"reward.code_sandbox_user={user!r} is root; name an unprivileged user"
+            f"reward.code.sandbox_user={user!r} is root; name an unprivileged user"
         )
     return Identity(entry.pw_uid, entry.pw_gid, user)
 
@@ -180,7 +180,7 @@ def command(level: str, workdir: Path, base: Path, ident: Identity) -> list[str]
         ]  # fmt: skip
     if level == "rlimits":
         return [python, "-I", "harness.py"]
-    raise ValueError(f"reward.code_isolation={level!r}: must be one of {LEVELS}")
+    raise ValueError(f"reward.code.isolation={level!r}: must be one of {LEVELS}")
 
 
 # Builds the unshare level's root inside its new mount namespace (as root, before the program

@@ -30,13 +30,24 @@ def test_config_errors_exit_2_with_one_line():
     assert result.stdout == ""
 
 
+def test_config_validate_names_the_new_place_of_a_moved_key_and_refuses_what_the_learner_would():
+    moved = run("config", "validate", "tiny", "buffer.max_staleness=2")
+    assert (moved.returncode, moved.stderr.strip()) == (
+        2, "error: buffer.max_staleness moved to algorithm.staleness.max_staleness")
+    kl = run("config", "validate", "tiny", "algorithm.kl_coef=0.1")
+    assert kl.returncode == 2 and kl.stderr.startswith("error: algorithm.kl_coef=0.1: a KL penalty needs")
+    field = run("config", "validate", "tiny", "algorithm.loss.cispo_two_sided=true")
+    assert field.returncode == 2
+    assert field.stderr.startswith("error: algorithm.loss.cispo_two_sided: not a field of the gppo objective")
+
+
 def test_config_show_prints_the_resolved_yaml():
     import yaml
 
-    result = run("config", "show", "klear-math-8b", "learner.lr=2e-6")
+    result = run("config", "show", "klear-math-8b", "learner.optimizer.lr=2e-6")
     assert result.returncode == 0
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["learner"]["lr"] == 2e-6 and resolved["algorithm"]["loss"]["type"] == "gppo"
+    assert resolved["learner"]["optimizer"]["lr"] == 2e-6 and resolved["algorithm"]["loss"]["type"] == "gppo"
 
 
 def test_data_synth_writes_valid_rows_and_validate_reports_them(tmp_path):
@@ -88,7 +99,7 @@ def test_train_refuses_a_run_folder_whose_data_cursor_counts_other_data(tmp_path
     from buffer.cursor import PromptCursor
 
     PromptCursor.open(tmp_path / "run" / "buffer", n_prompts=7, seed=1)
-    result = run("train", f"run.dir={tmp_path / 'run'}", "data.synth.n_train=20", "learner.sft_epochs=0")
+    result = run("train", f"run.dir={tmp_path / 'run'}", "data.synth.n_train=20", "learner.sft.epochs=0")
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
     assert line.startswith("error: ") and "\n" not in line

@@ -61,7 +61,7 @@ def test_train_joins_a_cluster_started_with_ray_start(ray_head, user_env, tmp_pa
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [str(BIN), "train", f"run.dir={run_dir}", "--ray-address", f"127.0.0.1:{ray_head}",
-         *JOB_ARGS, "learner.max_steps=2", "learner.checkpoint_every=0"],
+         *JOB_ARGS, "learner.max_steps=2", "learner.checkpoint.every=0"],
         capture_output=True, text=True, timeout=600, env=user_env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -21,14 +21,14 @@ import pytest
 
 BIN = Path(sys.executable).with_name("async-rl")
 JOB_ARGS = [
-    "learner.sft_epochs=0",
+    "learner.sft.epochs=0",
     "learner.max_steps=0",
-    "learner.groups_per_step=2",
-    "learner.checkpoint_every=2",
-    "learner.eval_every=0",
+    "learner.batch.groups_per_step=2",
+    "learner.checkpoint.every=2",
+    "learner.eval.every=0",
     "buffer.min_size_to_sample=2",
     "buffer.filter_zero_advantage=false",
-    "buffer.max_staleness=2",
+    "algorithm.staleness.max_staleness=2",
     "actors.n_samples_per_prompt=4",
     "actors.prompts_in_flight=4",
     "actors.max_tokens=12",
@@ -206,8 +206,8 @@ def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     assert rows > 0 and version >= 4
     # The resumed job also evaluates (every version, 8 problems): at exact versions, the last one
     # included even though the learner exits right after publishing it.
-    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", "learner.eval_every=1",
-                        "learner.eval_prompts=8", resume=True)
+    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", "learner.eval.every=1",
+                        "learner.eval.prompts=8", resume=True)
     try:
         assert resumed.wait(timeout=600) == 0
     finally:

@@ -31,12 +31,12 @@ EPOCH = 24  # prompts in the training file
 GROUPS_PER_STEP = 2
 ARGS = [
     f"data.synth.n_train={EPOCH}",
-    f"learner.groups_per_step={GROUPS_PER_STEP}",
-    "learner.checkpoint_every=1",  # the job's kill loses at most the step in progress
+    f"learner.batch.groups_per_step={GROUPS_PER_STEP}",
+    "learner.checkpoint.every=1",  # the job's kill loses at most the step in progress
     "buffer.max_times_sampled=1",
     "buffer.filter_zero_advantage=false",
     # The actors run at most (5 + versions) x 2 groups ahead: the job dies inside epoch 0.
-    "buffer.max_staleness=4",
+    "algorithm.staleness.max_staleness=4",
     "actors.prompts_in_flight=4",
     # The random model stops on "u" (in ~5% of its tokens): short and long responses in flight.
     "actors.stop=[u]",
@@ -82,7 +82,7 @@ def in_flight(run_dir: Path) -> list[str]:
     """Group ids the cursor handed out that the buffer does not hold (read-only: job dead)."""
     record = read_record(run_dir / "buffer")
     ids = [group_id(record.cursor_id, key) for key in record.outstanding]
-    store = ReplayStore(run_dir / "buffer", BufferConfig(), read_only=True)
+    store = ReplayStore(run_dir / "buffer", BufferConfig(), max_staleness=4, read_only=True)
     return [g for g, durable in zip(ids, store.holds_groups(ids).tolist(), strict=True) if not durable]
 
 
@@ -129,7 +129,7 @@ def test_one_epoch_through_a_learner_kill_and_a_job_kill_trains_every_prompt_onc
     # After the resume no group may age out: a group past the staleness cap is retired untrained
     # by design (the cap's doing, not the cursor's), and the learner of the tiny model makes
     # several versions a second, so at cap 4 a stored group can age out before its turn.
-    resumed = start_job(run_dir, *ARGS, "buffer.max_staleness=1000000", resume=True)
+    resumed = start_job(run_dir, *ARGS, "algorithm.staleness.max_staleness=1000000", resume=True)
     try:
         cursor_id = read_record(run_dir / "buffer").cursor_id
         epoch0 = [group_id(cursor_id, (0, row)) for row in range(EPOCH)]

@@ -67,13 +67,12 @@ def make_table(
     return pa.Table.from_pylist(rows)
 
 
-def learner_config(zero_stage: int, **overrides):
+def learner_config(zero_stage: int, *, fused_logprobs: bool = True, **overrides):
     from async_rl.config import LearnerConfig
 
-    base = dict(zero_stage=zero_stage, lr=1e-3, weight_decay=0.1, grad_clip=1.0, micro_batch_tokens=48,
-                logprob_chunk_tokens=16, warmup_steps=2, lr_schedule="cosine", max_steps=10)
-    base.update(overrides)
-    return LearnerConfig(**base)
+    optimizer = dict(lr=1e-3, weight_decay=0.1, grad_clip=1.0, warmup_steps=2, lr_schedule="cosine")
+    batch = dict(micro_batch_tokens=48, logprob_chunk_tokens=16, fused_logprobs=fused_logprobs)
+    return LearnerConfig(zero_stage=zero_stage, max_steps=10, optimizer=optimizer, batch=batch, **overrides)
 
 
 def build_trainer(model_dir: Path, zero_stage: int, *, mini_batches: int = 1, algorithm: dict | None = None,
@@ -85,7 +84,7 @@ def build_trainer(model_dir: Path, zero_stage: int, *, mini_batches: int = 1, al
     cfg = learner_config(zero_stage, **overrides)
     engine = LearnerEngine(model_dir, cfg, ds_overrides=SHARD_EVERYTHING if zero_stage == 3 else None)
     return Trainer(engine, AlgorithmConfig.model_validate(algorithm or {}), max_staleness=4,
-                   mini_batches=mini_batches, micro_batch_tokens=cfg.micro_batch_tokens)
+                   mini_batches=mini_batches, micro_batch_tokens=cfg.batch.micro_batch_tokens)
 
 
 def save_weights(trainer, path: Path) -> None:
@@ -103,7 +102,7 @@ def write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------- scenarios
 
 TABLE_A = dict(seed=0, version=0)
-# Objectives stepped with learner.fused_logprobs on and off (the default one is the reference).
+# Objectives stepped with learner.batch.fused_logprobs on and off (the default one is the reference).
 FUSED_CASES = {
     "gppo": {},
     "cispo_entropy": {"loss": {"type": "cispo"}, "entropy_coef": 0.05, "aggregation": "seq-mean-token-mean"},
@@ -209,7 +208,7 @@ def gpu_scenario(payload: dict) -> None:
     out, model = Path(payload["out"]), Path(payload["model"])
     cfg = learner_config(3, backend="nccl")
     engine = LearnerEngine(model, cfg, dtype="bfloat16", ds_overrides=SHARD_EVERYTHING)
-    trainer = Trainer(engine, AlgorithmConfig(), max_staleness=4, micro_batch_tokens=cfg.micro_batch_tokens)
+    trainer = Trainer(engine, AlgorithmConfig(), max_staleness=4, micro_batch_tokens=cfg.batch.micro_batch_tokens)
     before = dict(trainer.weights_for_publishing())
     step = trainer.train_step(make_table(**TABLE_A), 0)
     after = dict(trainer.weights_for_publishing())

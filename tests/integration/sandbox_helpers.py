@@ -13,10 +13,14 @@ from async_rl.config import RewardConfig
 DAEMON_TAG = "987.6543"  # a daemon's `sleep` argument, unique enough to find it on the host
 
 
-def fast_config(**overrides) -> RewardConfig:
+def fast_config() -> RewardConfig:
     """Short limits so adversarial programs time out quickly."""
-    base = dict(code_test_timeout_s=1.0, code_time_budget_s=2.5, timeout_s=4.5, code_memory_mb=256)
-    return RewardConfig(**{**base, **overrides})
+    return RewardConfig(timeout_s=4.5, code={"test_timeout_s": 1.0, "time_budget_s": 2.5, "memory_mb": 256})
+
+
+def with_code(cfg: RewardConfig, **code) -> RewardConfig:
+    """``cfg`` with some ``reward.code`` fields changed."""
+    return cfg.model_copy(update={"code": cfg.code.model_copy(update=code)})
 
 
 def fenced(program: str) -> str:
@@ -33,7 +37,7 @@ def sandbox_uids() -> set[int]:
         return set()
     from async_rl.rewards.sandbox_levels import pool, sandbox_identity
 
-    return {member.uid for member in pool(sandbox_identity(RewardConfig().code_sandbox_user))}
+    return {member.uid for member in pool(sandbox_identity(RewardConfig().code.sandbox_user))}
 
 
 # The kernel tears a pid namespace down asynchronously after its init dies (bwrap, unshare):

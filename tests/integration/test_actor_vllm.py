@@ -192,7 +192,7 @@ def read_all_rows(address: str) -> list[dict]:
 def buffer_service(tmp_path):
     from buffer.service import start_service
 
-    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1))
+    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1), max_staleness=4)
     yield handle
     handle.stop()
 

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def test_writer_resends_to_a_restarted_buffer_and_nothing_is_stored_twice(tmp_path):
     port, cfg = free_port(), BufferConfig(min_size_to_sample=1)
-    service = start_service(tmp_path / "buf", cfg, port=port)
+    service = start_service(tmp_path / "buf", cfg, max_staleness=4, port=port)
     loop = BackgroundLoop()
     writer = loop.run(_started(BufferWriter(service.address, max_pending=4, insert_timeout_s=1.0)))
     try:
@@ -41,7 +41,7 @@ def test_writer_resends_to_a_restarted_buffer_and_nothing_is_stored_twice(tmp_pa
         loop.run(writer.put(group("g2")))
         restarted = {}
         threading.Timer(2.0, lambda: restarted.update(
-            handle=start_service(tmp_path / "buf", cfg, port=port))).start()
+            handle=start_service(tmp_path / "buf", cfg, max_staleness=4, port=port))).start()
         assert loop.run(writer.flush(120))
         loop.run(writer.put(group("g1")))  # a re-send after a lost ack
         assert loop.run(writer.flush(60))
@@ -62,7 +62,7 @@ async def _started(writer: BufferWriter) -> BufferWriter:
 
 
 def test_writer_blocks_producers_while_batches_are_unacknowledged(tmp_path):
-    service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1))
+    service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1), max_staleness=4)
     service.kill()  # nothing acknowledges: the queue must fill and hold the producer
     loop = BackgroundLoop()
     writer = loop.run(_started(BufferWriter(service.address, max_pending=1, insert_timeout_s=0.5)))
@@ -80,7 +80,7 @@ def test_writer_blocks_producers_while_batches_are_unacknowledged(tmp_path):
 
 
 def test_writer_drops_a_refused_batch_reports_it_keeps_draining_and_reports_only_acks_stored(tmp_path):
-    service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1, max_message_bytes=64 << 10))
+    service = start_service(tmp_path / "buf", BufferConfig(min_size_to_sample=1, max_message_bytes=64 << 10), max_staleness=4)
     loop = BackgroundLoop()
     writer = loop.run(_started(BufferWriter(service.address, max_pending=2, insert_timeout_s=5.0)))
     try:

@@ -40,7 +40,7 @@ def durable(monkeypatch):
 @pytest.fixture
 def service(tmp_path):
     cfg = BufferConfig(fsync="batch", min_size_to_sample=1, filter_zero_advantage=False)
-    service = BufferService(ReplayStore(tmp_path, cfg), cfg, learner_token="t")
+    service = BufferService(ReplayStore(tmp_path, cfg, max_staleness=4), cfg, learner_token="t")
     service.bind("127.0.0.1", 0)
     loop = threading.Thread(target=service.serve)
     loop.start()
@@ -118,5 +118,5 @@ def test_a_failed_append_reaches_the_writer_as_retryable_and_its_retry_is_stored
         assert refused.value.retry and failures
         assert client.insert(synthetic_batch(groups=["b"]))["accepted"] == 4
         assert client.insert(synthetic_batch(groups=["c"]))["accepted"] == 4
-    reopened = ReplayStore(service.store.dir, service.cfg, read_only=True)  # as after a crash
+    reopened = ReplayStore(service.store.dir, service.cfg, max_staleness=4, read_only=True)  # as after a crash
     assert reopened.recovery == [] and reopened.index.n_rows == 12

@@ -26,8 +26,8 @@ SMALL_MESSAGES = 1 << 20  # max_message_bytes for the shared service: oversized 
 def service(tmp_path_factory):
     directory = tmp_path_factory.mktemp("buffer-service")
     cfg = BufferConfig(min_size_to_sample=1, max_message_bytes=SMALL_MESSAGES,
-                       filter_zero_advantage=False, max_staleness=100)
-    handle = start_service(directory, cfg)
+                       filter_zero_advantage=False)
+    handle = start_service(directory, cfg, max_staleness=100)
     yield handle
     handle.stop()
 
@@ -100,7 +100,7 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(service):
 
 
 def test_a_blocked_sample_is_answered_when_groups_arrive(tmp_path):
-    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=2))
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=2), max_staleness=4)
     try:
         with BufferClient(handle.address, learner_token=handle.learner_token) as learner, \
                 BufferClient(handle.address) as actor:
@@ -135,7 +135,7 @@ def _ingest_until_killed(address, acked, stop):
 
 def test_kill_9_mid_ingest_then_restart_keeps_every_acknowledged_row_once(tmp_path):
     cfg = BufferConfig(min_size_to_sample=1, segment_bytes=1 << 20)
-    handle = start_service(tmp_path, cfg)
+    handle = start_service(tmp_path, cfg, max_staleness=4)
     acked, stop = [], threading.Event()
     writers = [threading.Thread(target=_ingest_until_killed, args=(handle.address, acked, stop))
                for _ in range(2)]
@@ -148,7 +148,7 @@ def test_kill_9_mid_ingest_then_restart_keeps_every_acknowledged_row_once(tmp_pa
     stop.set()
     for thread in writers:
         thread.join(30)
-    restarted = start_service(tmp_path, cfg)
+    restarted = start_service(tmp_path, cfg, max_staleness=4)
     try:
         with BufferClient(restarted.address) as client:
             stored = client.head(100_000).column("traj_id").to_pylist()
@@ -163,7 +163,7 @@ def test_kill_9_mid_ingest_then_restart_keeps_every_acknowledged_row_once(tmp_pa
     newest = max(tmp_path.glob("seg-*.arrows"))
     with open(newest, "ab") as handle_file:
         handle_file.write(synthetic_batch(groups=["torn"]).serialize().to_pybytes()[:-64])
-    again = start_service(tmp_path, cfg)
+    again = start_service(tmp_path, cfg, max_staleness=4)
     try:
         with BufferClient(again.address) as client:
             reports = client.stats()["recovery"]
@@ -178,7 +178,7 @@ def test_kill_9_mid_ingest_then_restart_keeps_every_acknowledged_row_once(tmp_pa
 
 
 def test_the_cli_inspects_a_live_service_and_the_same_folder_offline(tmp_path):
-    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1))
+    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1), max_staleness=4)
     runner = CliRunner()
     try:
         with BufferClient(handle.address, learner_token=handle.learner_token) as client:
@@ -201,7 +201,7 @@ def test_the_cli_inspects_a_live_service_and_the_same_folder_offline(tmp_path):
 
 
 def test_a_crafted_batch_is_refused_and_the_service_serves_and_restarts_with_every_row(tmp_path):
-    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4)
     try:
         with BufferClient(handle.address, timeout_s=20) as client:
             assert client.insert(synthetic_batch(groups=["a"]))["accepted"] == 4
@@ -213,7 +213,7 @@ def test_a_crafted_batch_is_refused_and_the_service_serves_and_restarts_with_eve
             assert client.insert(synthetic_batch(groups=["b"]))["accepted"] == 4
     finally:
         assert handle.stop() == 0
-    again = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    again = start_service(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4)
     try:
         with BufferClient(again.address) as client:
             stats = client.stats()
@@ -224,7 +224,7 @@ def test_a_crafted_batch_is_refused_and_the_service_serves_and_restarts_with_eve
 
 
 def test_only_the_learner_sets_the_version_and_only_upward(tmp_path):
-    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4)
     try:
         with BufferClient(handle.address) as stranger, \
                 BufferClient(handle.address, learner_token=handle.learner_token) as learner:
@@ -266,7 +266,7 @@ def test_absurd_values_and_arguments_get_error_replies_and_stats_keep_working(se
 
 
 def test_parked_samples_are_capped_and_the_excess_is_refused(tmp_path, monkeypatch):
-    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1))
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4)
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(handle.address)
     try:

@@ -49,7 +49,7 @@ def job_folder(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval-run")
     rows = arith.make_rows(arith.ArithSpec(1, 1, 2, 3, ("+", "-")), PROMPTS, seed=0, split="heldout")
     write_rows(rows, run_dir / "data" / "heldout.parquet")
-    cfg = load_config("tiny", [f"run.dir={run_dir}", "learner.eval_every=1", f"learner.eval_prompts={PROMPTS}",
+    cfg = load_config("tiny", [f"run.dir={run_dir}", "learner.eval.every=1", f"learner.eval.prompts={PROMPTS}",
                                "actors.max_tokens=24", "actors.kv_cache_gib=0.25", "learner.max_steps=0"])
     return cfg, run_dir
 

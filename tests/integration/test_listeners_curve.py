@@ -34,7 +34,7 @@ def keys(tmp_path_factory):
 
 def test_the_buffer_with_keys_serves_the_job_and_never_answers_others(tmp_path, keys):
     job, stranger = keys
-    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1), curve_keys_dir=job)
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4, curve_keys_dir=job)
     try:
         for outsider in (None, stranger):
             with BufferClient(handle.address, timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider) as client:
@@ -174,7 +174,7 @@ def test_the_buffer_cli_reads_a_keyed_live_buffer_with_the_keys_named_in_run_jso
     from async_rl.job.runfolder import update_run_json
 
     job, _ = keys
-    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1), curve_keys_dir=job)
+    handle = start_service(tmp_path / "buffer", BufferConfig(min_size_to_sample=1), max_staleness=4, curve_keys_dir=job)
     try:
         with BufferClient(handle.address, curve_keys_dir=job) as client:
             client.insert(synthetic_batch(groups=["a"]))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from sandbox_helpers import DAEMON_TAG, fast_config, fenced, stdin_cases, stray_processes
+from sandbox_helpers import DAEMON_TAG, fast_config, fenced, stdin_cases, stray_processes, with_code
 
 from async_rl.rewards.code import score
 from async_rl.rewards.sandbox import select_isolation, sweep_stale_workdirs
@@ -46,7 +46,7 @@ def check(program: str, cfg, ground_truth: str = ONE_CASE):
 
 
 def test_the_strongest_isolation_is_firejail_on_a_machine_set_up_by_install(cfg):
-    level, _ = select_isolation(cfg.code_isolation, cfg.code_sandbox_user)
+    level, _ = select_isolation(cfg.code.isolation, cfg.code.sandbox_user)
     assert level == "firejail"
 
 
@@ -82,7 +82,7 @@ def test_a_program_holding_the_process_limit_does_not_starve_one_checked_beside_
         "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
         "time.sleep(60)"
     )
-    slow = cfg.model_copy(update={"code_test_timeout_s": 25.0, "code_time_budget_s": 25.0, "timeout_s": 30.0})
+    slow = with_code(cfg, test_timeout_s=25.0, time_budget_s=25.0).model_copy(update={"timeout_s": 30.0})
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(score, fenced(hog), ONE_CASE, {}, slow)
         busiest = wait_for_a_user_with(MAX_PROCESSES - 16)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from pebble import ProcessPool
-from sandbox_helpers import DAEMON_TAG, fast_config, fenced, stdin_cases, stray_processes
+from sandbox_helpers import DAEMON_TAG, fast_config, fenced, stdin_cases, stray_processes, with_code
 
 from async_rl.rewards.code import score, warm_up
 
@@ -38,7 +38,7 @@ def test_a_program_passing_half_the_tests_scores_a_half(cfg):
 
 def test_the_binary_variant_gives_nothing_for_half(cfg):
     program = "a, b = map(int, input().split())\nprint(a + b if a < 5 else a * b)"
-    record = score(fenced(program), ADD_CASES, {}, cfg.model_copy(update={"code_soft": False}))
+    record = score(fenced(program), ADD_CASES, {}, with_code(cfg, soft=False))
     assert record.score == 0.0
 
 
@@ -75,7 +75,7 @@ def test_function_call_cases_compare_return_values(cfg):
 
 def test_at_most_k_tests_are_run(cfg):
     cases = stdin_cases([(f"{i} 1\n", f"{i + 1}\n") for i in range(20)])
-    record = score(fenced(ADD), cases, {}, cfg.model_copy(update={"code_max_tests": 4}))
+    record = score(fenced(ADD), cases, {}, with_code(cfg, max_tests=4))
     assert record.info["total"] == 4 and record.score == 1.0
 
 
@@ -84,7 +84,7 @@ def test_float_tolerance_accepts_close_answers_only_when_configured(cfg):
     program = "print(round(1 / 3, 7))"
     assert score(fenced(program), truth, {}, cfg).score == 0.0
     assert (
-        score(fenced(program), truth, {}, cfg.model_copy(update={"code_float_tol": 1e-6})).score
+        score(fenced(program), truth, {}, with_code(cfg, float_tol=1e-6)).score
         == 1.0
     )
 
@@ -120,7 +120,7 @@ WEAK_CASES = {
 @pytest.mark.parametrize("case", sorted(WEAK_CASES))
 def test_the_weaker_isolation_levels_still_contain_the_basic_attacks(cfg, level, case):
     program, truth, expected = WEAK_CASES[case]
-    record = score(fenced(program), truth, {}, cfg.model_copy(update={"code_isolation": level}))
+    record = score(fenced(program), truth, {}, with_code(cfg, isolation=level))
     assert record.info["isolation"] == level
     assert record.score == expected, record.info
     assert stray_processes() == []
@@ -134,7 +134,7 @@ def test_the_namespaced_levels_have_no_network(cfg, level):
         fenced(program),
         stdin_cases([("", "1\n")]),
         {},
-        cfg.model_copy(update={"code_isolation": level}),
+        with_code(cfg, isolation=level),
     )
     assert record.score == 0.0
     assert (
@@ -174,7 +174,7 @@ def test_the_isolating_levels_neither_read_nor_write_the_hosts_files(cfg, level,
     host = [Path(folder, probe) for folder in ("/tmp", "/dev/shm", "/var/tmp")]
     try:
         record = score(fenced(program), stdin_cases([("", "hidden\n")]), {},
-                       cfg.model_copy(update={"code_isolation": level}))
+                       with_code(cfg, isolation=level))
         written = [str(path) for path in host if path.exists()]  # a private /tmp leaves nothing
     finally:
         for path in host:

@@ -64,7 +64,7 @@ buffer_requests = st.tuples(
 def buffer_service(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzzed-buffer")
     cfg = BufferConfig(min_size_to_sample=1, max_times_sampled=10**6, filter_zero_advantage=False)
-    handle = start_service(directory, cfg)
+    handle = start_service(directory, cfg, max_staleness=4)
     with BufferClient(handle.address) as client:
         acked = synthetic_batch(groups=["kept-a", "kept-b"], seed=7)
         assert client.insert(acked)["accepted"] == 8
@@ -97,7 +97,7 @@ def test_after_the_fuzz_the_buffer_restarts_with_every_acknowledged_row(buffer_s
     with BufferClient(handle.address) as client:
         assert client.ping()["pid"] == handle.pid
     assert handle.stop() == 0
-    again = start_service(handle.directory, cfg)
+    again = start_service(handle.directory, cfg, max_staleness=4)
     try:
         with BufferClient(again.address) as client:
             assert client.stats()["recovery"] == []

@@ -7,9 +7,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from async_rl.config import AlgorithmConfig, LossConfig
-from learners.objectives import LossInputs
-from learners.surrogates import OBJECTIVES, TokenBatch
+from async_rl.config import AlgorithmConfig
+from learners.loss import LossInputs
+from learners.objectives import OBJECTIVES, TokenBatch
 
 DT = torch.float64
 ALL_TYPES = list(OBJECTIVES)
@@ -31,8 +31,9 @@ def token_grad(
         eps_low=torch.full_like(r, eps_low),
         eps_high=torch.full_like(r, eps_high),
     )
-    cfg = LossConfig.model_construct(**{**LossConfig().model_dump(), "type": kind, **loss_kw})
-    loss, _ = OBJECTIVES[kind](tb, cfg)
+    objective = OBJECTIVES[kind]
+    cfg = objective.config.model_construct(**{**objective.config().model_dump(), **loss_kw})
+    loss, _ = objective.loss(tb, cfg)
     (grad,) = torch.autograd.grad(loss.sum(), lp)
     return loss.detach().flatten(), grad.flatten()
 
@@ -67,7 +68,7 @@ def loss_inputs(
 
 def objective_grad(cfg: AlgorithmConfig, inp: LossInputs, *, max_staleness: int = 4):
     """(loss, ∂loss/∂logp, metrics) of the built objective."""
-    from learners.objectives import build_objective
+    from learners.loss import build_objective
 
     loss, metrics = build_objective(cfg, max_staleness=max_staleness)(inp)
     (grad,) = torch.autograd.grad(loss, inp.logp)
@@ -95,7 +96,7 @@ class TorchEngine:
             tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=0,
         )
         torch.manual_seed(seed)
-        self.module = TokenLogprobModel(Qwen2ForCausalLM(config), chunk_tokens=cfg.logprob_chunk_tokens)
+        self.module = TokenLogprobModel(Qwen2ForCausalLM(config), chunk_tokens=cfg.batch.logprob_chunk_tokens)
         self.cfg = cfg
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0)
         self.device = torch.device("cpu")

@@ -19,7 +19,7 @@ ONE, THOUSAND = np.float32(1.0).tobytes(), np.float32(1000.0).tobytes()
 
 def _store(path, **cfg):
     cfg.setdefault("min_size_to_sample", 1)
-    return ReplayStore(path, BufferConfig(**cfg))
+    return ReplayStore(path, BufferConfig(**cfg), max_staleness=4)
 
 
 def _groups(table):
@@ -84,7 +84,7 @@ def test_a_segment_with_another_schema_is_set_aside_whole_never_truncated(tmp_pa
 
 def test_read_only_recovery_leaves_a_foreign_segment_where_it_is(tmp_path):
     data = _foreign_segment(tmp_path / "seg-000001.arrows", rows=3)
-    store = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    store = ReplayStore(tmp_path, BufferConfig(), max_staleness=4, read_only=True)
     assert store.recovery[0]["segment_quarantined"] and store.recovery[0]["moved_to"] is None
     assert (tmp_path / "seg-000001.arrows").read_bytes() == data
 

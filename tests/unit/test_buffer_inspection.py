@@ -14,7 +14,7 @@ from buffer.testing import synthetic_batch
 
 @pytest.fixture
 def store(tmp_path):
-    store = ReplayStore(tmp_path, BufferConfig(min_size_to_sample=1, max_staleness=5))
+    store = ReplayStore(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=5)
     store.insert(synthetic_batch(groups=["a", "b"], version=0, rewards=[1, 0, 0, 0, -1, -1, 1, 1],
                                  actor_id="actor-0", data_source="math"))
     store.insert(synthetic_batch(groups=["c"], version=2, rewards=[1, 1, 1, 0], correct=[True, False, False, False],

@@ -17,7 +17,7 @@ from buffer.testing import synthetic_batch
 MAX_TIMES = 1  # the default; reuse counts > 1 are covered in test_buffer_store.py
 MAX_STALENESS = 2
 CFG = BufferConfig(
-    min_size_to_sample=1, max_times_sampled=MAX_TIMES, max_staleness=MAX_STALENESS,
+    min_size_to_sample=1, max_times_sampled=MAX_TIMES,
     sampler="uniform", filter_zero_advantage=False, segment_bytes=6000,
 )
 
@@ -72,7 +72,7 @@ def _apply(store: ReplayStore, model: Model, op: tuple, directory: Path) -> Repl
         store.set_learner_version(model.learner_version)
     elif kind == "restart":
         store.close()
-        store = ReplayStore(directory, CFG)
+        store = ReplayStore(directory, CFG, max_staleness=MAX_STALENESS)
     elif kind == "crash":
         store = _crash(store, directory, torn=op[1])
     return store
@@ -110,7 +110,7 @@ def _crash(store, directory: Path, *, torn: bool) -> ReplayStore:
         garbage = synthetic_batch(groups=["torn"]).serialize().to_pybytes()
         with open(newest, "ab") as handle:
             handle.write(garbage[: len(garbage) // 2])
-    return ReplayStore(directory, CFG)
+    return ReplayStore(directory, CFG, max_staleness=MAX_STALENESS)
 
 
 def _check_nothing_lost(store: ReplayStore, model: Model) -> None:
@@ -128,12 +128,12 @@ def _check_nothing_lost(store: ReplayStore, model: Model) -> None:
 def test_no_operation_sequence_loses_a_row_or_overuses_one(sequence):
     directory = Path(tempfile.mkdtemp(prefix="buffer-property-"))
     try:
-        store = ReplayStore(directory, CFG)
+        store = ReplayStore(directory, CFG, max_staleness=MAX_STALENESS)
         model = Model()
         for op in sequence:
             store = _apply(store, model, op, directory)
             _check_nothing_lost(store, model)
         store.close()
-        _check_nothing_lost(ReplayStore(directory, CFG), model)
+        _check_nothing_lost(ReplayStore(directory, CFG, max_staleness=MAX_STALENESS), model)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

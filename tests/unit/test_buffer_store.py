@@ -16,9 +16,9 @@ from buffer.store import RateLimited, ReplayStore
 from buffer.testing import synthetic_batch, with_broken_offsets
 
 
-def _store(path, **cfg):
+def _store(path, *, max_staleness: int = 4, **cfg):
     cfg.setdefault("min_size_to_sample", 1)
-    return ReplayStore(path, BufferConfig(**cfg))
+    return ReplayStore(path, BufferConfig(**cfg), max_staleness=max_staleness)
 
 
 def _groups(table):
@@ -366,7 +366,7 @@ def test_read_only_open_changes_no_file(tmp_path):
     with open(segment, "ab") as handle:
         handle.write(b"torn")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    store = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    store = ReplayStore(tmp_path, BufferConfig(), max_staleness=4, read_only=True)
     assert store.recovery[0]["truncated"] is False
     assert store.index.n_rows == 4
     with pytest.raises(PermissionError):
@@ -477,7 +477,7 @@ def test_read_only_recovery_skips_a_bad_batch_and_changes_no_file(tmp_path):
     writer.append(synthetic_batch(groups=["a"]))
     writer.close()
     before = (tmp_path / "seg-000001.arrows").read_bytes()
-    store = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    store = ReplayStore(tmp_path, BufferConfig(), max_staleness=4, read_only=True)
     assert store.recovery[0]["batches_quarantined"] == 1 and store.recovery[0]["moved_to"] == []
     assert store.index.n_rows == 4
     assert (tmp_path / "seg-000001.arrows").read_bytes() == before

@@ -123,7 +123,7 @@ def test_record_scores_passed_over_total_or_all_or_nothing():
 
 
 def test_limits_leave_the_pool_timeout_room_for_sandbox_start_up():
-    limits = SandboxLimits.from_config(RewardConfig(timeout_s=3.0, code_time_budget_s=10.0))
+    limits = SandboxLimits.from_config(RewardConfig(timeout_s=3.0, code={"time_budget_s": 10.0}))
     assert limits.budget_s == pytest.approx(1.0)
     assert limits.test_timeout_s <= limits.budget_s
     default = SandboxLimits.from_config(RewardConfig())

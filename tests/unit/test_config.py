@@ -1,8 +1,11 @@
+import typing
+
 import pytest
 import yaml
 
 from async_rl.config import Config
 from async_rl.config_io import ConfigError, dump_config, load_config, resolve_config_path
+from learners.objectives import ObjectiveConfig
 
 
 def error_of(*overrides, config="tiny"):
@@ -18,14 +21,15 @@ def test_embedded_default_and_klear_recipe_validate():
     assert klear.algorithm.loss.type == "gppo"
     assert (klear.algorithm.loss.eps_low, klear.algorithm.loss.eps_high) == (0.2, 0.28)
     assert klear.algorithm.loss.dual_clip_c == 10.0
-    assert klear.learner.lr == 1e-6 and klear.learner.weight_decay == 0.1
-    assert klear.learner.groups_per_step == 128 and klear.actors.n_samples_per_prompt == 8
+    assert klear.learner.optimizer.lr == 1e-6 and klear.learner.optimizer.weight_decay == 0.1
+    assert klear.learner.batch.groups_per_step == 128 and klear.actors.n_samples_per_prompt == 8
+    assert klear.reward.math.require_think_format and klear.algorithm.staleness.max_staleness == 4
     assert klear.algorithm.sft_coef == 0.1 and klear.algorithm.kl_coef == 0.0
 
 
 def test_dotted_overrides_are_typed_by_yaml():
-    cfg = load_config("tiny", ["learner.lr=1e-6", "actors.count=4", "actors.stop=['x', 'y']", "buffer.fsync=never"])
-    assert cfg.learner.lr == 1e-6
+    cfg = load_config("tiny", ["learner.optimizer.lr=1e-6", "actors.count=4", "actors.stop=['x', 'y']", "buffer.fsync=never"])
+    assert cfg.learner.optimizer.lr == 1e-6
     assert cfg.actors.count == 4
     assert cfg.actors.stop == ["x", "y"]
     assert cfg.buffer.fsync == "never"
@@ -33,14 +37,14 @@ def test_dotted_overrides_are_typed_by_yaml():
 
 def test_out_of_range_value_names_key_value_and_bound():
     assert error_of("learner.zero_stage=4") == "learner.zero_stage=4: must be 0, 1, 2 or 3"
-    assert error_of("buffer.max_staleness=-1") == "buffer.max_staleness=-1: must be >= 0"
-    assert error_of("learner.micro_batch_tokens=0") == "learner.micro_batch_tokens=0: must be > 0"
+    assert error_of("algorithm.staleness.max_staleness=-1") == "algorithm.staleness.max_staleness=-1: must be >= 0"
+    assert error_of("learner.batch.micro_batch_tokens=0") == "learner.batch.micro_batch_tokens=0: must be > 0"
     assert error_of("algorithm.loss.eps_low=1.5") == "algorithm.loss.eps_low=1.5: must be < 1"
 
 
 def test_unknown_key_suggests_the_close_match():
-    message = error_of("learner.lrr=0.1")
-    assert message.startswith("learner.lrr: unknown key")
+    message = error_of("learner.optimizer.lrr=0.1")
+    assert message.startswith("learner.optimizer.lrr: unknown key")
     assert "did you mean 'lr'?" in message
 
 
@@ -64,7 +68,7 @@ def test_literal_lists_the_allowed_values():
 
 def test_cross_field_checks():
     assert "actors.max_tokens=5000 must be below model.max_model_len=256" in error_of("actors.max_tokens=5000")
-    assert "multiple of learner.mini_batches_per_step" in error_of("learner.mini_batches_per_step=3")
+    assert "multiple of learner.batch.mini_batches_per_step" in error_of("learner.batch.mini_batches_per_step=3")
     assert "min_digits=5 > max_digits=3" in error_of("data.synth.max_digits=3", "data.synth.min_digits=5")
 
 
@@ -130,7 +134,7 @@ def test_invalid_yaml_reports_the_line(tmp_path):
 
 
 def test_dump_round_trips_to_the_same_config():
-    cfg = load_config("klear-math-8b", ["learner.lr=3e-6"])
+    cfg = load_config("klear-math-8b", ["learner.optimizer.lr=3e-6"])
     again = Config.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
 
@@ -141,8 +145,12 @@ def test_every_field_is_documented():
             annotation = field.annotation
             if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
                 yield from walk(annotation)
-            else:
+            elif name != "type" or not issubclass(model, ObjectiveConfig):  # the tag: see algorithm.loss
                 yield f"{model.__name__}.{name}", field.description
+            for member in typing.get_args(annotation):  # the objectives of algorithm.loss
+                variant = (typing.get_args(member) or (member,))[0]
+                if isinstance(variant, type) and issubclass(variant, ObjectiveConfig):
+                    yield from walk(variant)
 
     missing = [name for name, doc in walk(Config) if not doc]
     assert missing == []
@@ -151,3 +159,94 @@ def test_every_field_is_documented():
 def test_recipe_names_resolve_to_files():
     assert resolve_config_path("tiny").name == "tiny.yaml"
     assert resolve_config_path(None).name == "tiny.yaml"
+
+
+# --------------------------------------------------------------------------- moved keys
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("buffer.max_staleness=4", "buffer.max_staleness moved to algorithm.staleness.max_staleness"),
+    ("learner.lr=1e-6", "learner.lr moved to learner.optimizer.lr"),
+    ("learner.groups_per_step=4", "learner.groups_per_step moved to learner.batch.groups_per_step"),
+    ("learner.sft_lr=0.01", "learner.sft_lr moved to learner.sft.lr"),
+    ("learner.checkpoint_every=5", "learner.checkpoint_every moved to learner.checkpoint.every"),
+    ("reward.code_soft=false", "reward.code_soft moved to reward.code.soft"),
+    ("reward.require_think_format=true", "reward.require_think_format moved to reward.math.require_think_format"),
+    ("algorithm.staleness_schedule.kappa=1", "algorithm.staleness_schedule moved to algorithm.staleness.schedule"),
+])
+def test_a_moved_key_names_its_new_place_in_one_line(override, message):
+    assert error_of(override) == message
+
+
+def test_a_moved_key_in_a_yaml_file_names_its_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("learner:\n  eval_every: 5\n")
+    with pytest.raises(ConfigError, match=r"^learner.eval_every moved to learner.eval.every$"):
+        load_config(path)
+
+
+def test_every_moved_key_lands_on_a_field_of_the_tree():
+    from async_rl.config_io import MOVED_KEYS
+
+    for new in MOVED_KEYS.values():
+        node = Config()
+        for part in new.split("."):
+            node = getattr(node, part)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def test_a_field_of_another_objective_is_an_error_naming_the_objective():
+    message = error_of("algorithm.loss.cispo_two_sided=true")
+    assert message.startswith("algorithm.loss.cispo_two_sided: not a field of the gppo objective")
+    assert "beta1" in message and "\n" not in message
+    message = error_of("algorithm.loss={type: reinforce_tis, eps_low: 0.1}")
+    assert message.startswith("algorithm.loss.eps_low: not a field of the reinforce_tis objective")
+
+
+def test_each_objective_keeps_its_own_fields_and_a_loss_without_type_is_gppo(tmp_path):
+    cfg = load_config("tiny", ["algorithm.loss={type: cispo, eps_high: 0.5, cispo_two_sided: true}"])
+    assert (cfg.algorithm.loss.type, cfg.algorithm.loss.eps_high, cfg.algorithm.loss.cispo_two_sided) == (
+        "cispo", 0.5, True)
+    path = tmp_path / "untyped.yaml"
+    path.write_text("algorithm:\n  loss: {eps_low: 0.1, beta1: 0.5}\n")
+    loss = load_config(path).algorithm.loss
+    assert (loss.type, loss.eps_low, loss.beta1, loss.eps_high) == ("gppo", 0.1, 0.5, 0.28)
+    assert error_of("algorithm.loss={type: ppo, eps_low: 2}") == "algorithm.loss.eps_low=2: must be < 1"
+
+
+def test_loading_the_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, async_rl.config_io as c; c.load_config('tiny'); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- checks at load time
+
+
+def test_a_kl_penalty_is_refused_at_load():
+    message = error_of("algorithm.kl_coef=0.1")
+    assert message.startswith("algorithm.kl_coef=0.1: a KL penalty needs reference-policy logprobs")
+
+
+def test_a_cosine_schedule_without_a_horizon_is_refused_at_load():
+    message = error_of("learner.optimizer.lr_schedule=cosine", "learner.max_steps=0")
+    assert message == "learner.optimizer.lr_schedule=cosine needs learner.max_steps > 0 (the decay horizon)"
+    assert load_config("tiny", ["learner.optimizer.lr_schedule=cosine"]).learner.max_steps == 60
+
+
+def test_staleness_schedule_bounds_are_checked_at_load():
+    message = error_of("algorithm.staleness.schedule.eps_min=0.5", "algorithm.staleness.schedule.eps_max=0.1")
+    assert message == "algorithm.staleness.schedule: eps_min=0.5 > eps_max=0.1: min must be <= max"
+
+
+def test_sft_uses_the_rl_optimizer_with_its_own_lr_and_a_cosine_decay():
+    learner = load_config("tiny").learner
+    sft = learner.sft_optimizer
+    assert (sft.lr, sft.lr_schedule) == (learner.sft.lr, "cosine")
+    assert sft.model_dump(exclude={"lr", "lr_schedule"}) == learner.optimizer.model_dump(exclude={"lr", "lr_schedule"})
+    assert learner.optimizer.lr == 5e-5 and learner.optimizer.lr_schedule == "constant"

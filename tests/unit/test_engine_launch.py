@@ -63,6 +63,6 @@ def test_the_rank_entry_point_needs_the_distributed_env(monkeypatch):
 
 
 def test_sft_command_takes_data_apart_from_the_config_overrides():
-    assert split_data_arg(["data=rows.jsonl", "learner.sft_lr=0.01", "tiny"]) == (
-        "rows.jsonl", ["learner.sft_lr=0.01", "tiny"])
+    assert split_data_arg(["data=rows.jsonl", "learner.sft.lr=0.01", "tiny"]) == (
+        "rows.jsonl", ["learner.sft.lr=0.01", "tiny"])
     assert split_data_arg(["data.seed=3"]) == (None, ["data.seed=3"])

@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 
-from async_rl.config import LearnerConfig
+from async_rl.config import LearnerConfig, OptimizerConfig
 from learners.engine import FiniteGuardAdamW, ds_config, lr_factor, param_groups
 from learners.sft import batches
 
 
 def test_warmup_is_linear_then_constant():
-    cfg = LearnerConfig(warmup_steps=4, lr_schedule="constant")
+    cfg = OptimizerConfig(warmup_steps=4, lr_schedule="constant")
     assert [lr_factor(s, cfg, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
 def test_cosine_decays_from_one_to_the_floor_after_warmup():
-    cfg = LearnerConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    cfg = OptimizerConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(2, cfg, 12) == pytest.approx(1.0)
     assert lr_factor(7, cfg, 12) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(12, cfg, 12) == pytest.approx(0.1)
@@ -35,7 +35,7 @@ def test_matrices_decay_and_biases_and_norms_do_not():
 
 
 def test_deepspeed_config_lets_the_caller_own_accumulation():
-    cfg = LearnerConfig(zero_stage=3, grad_clip=0.5)
+    cfg = LearnerConfig(zero_stage=3, optimizer={"grad_clip": 0.5})
     ds = ds_config(cfg, "bfloat16", {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     assert ds["managed_gradient_accumulation"] is False
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": False,

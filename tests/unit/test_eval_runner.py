@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from async_rl.config import RewardConfig
 from async_rl.evaluation.benchmarks import Benchmark, Problem
 from async_rl.evaluation.runner import (
     EvalInputError,
@@ -40,13 +41,13 @@ class ScriptedEngine:
 
 
 class ExactMatchRewards:
-    """The reward pool's contract: submit → Future[RewardRecord]; correct iff text == answer."""
+    """The reward pool's contract: submit_for → Future[RewardRecord]; correct iff text == answer."""
 
     def __init__(self):
         self.kinds: list[str] = []
 
-    def submit(self, kind, text, answer, extra_info):
-        self.kinds.append(kind)
+    def submit_for(self, data_source, text, answer, extra_info):
+        self.kinds.append(RewardConfig().reward_for(data_source))
         future: Future = Future()
         future.set_result(RewardRecord(1.0 if text == answer else 0.0,
                                        "correct" if text == answer else "wrong", parsed=text or None))

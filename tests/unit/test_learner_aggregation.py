@@ -6,7 +6,7 @@ import pytest
 import torch
 from learner_cases import ALL_TYPES, DT, algorithm, loss_inputs, objective_grad
 
-from learners.objectives import build_objective
+from learners.loss import build_objective
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -109,7 +109,8 @@ def test_padding_contributes_exactly_zero_even_with_minus_infinity_logprobs(kind
 def test_zero_advantage_gives_zero_loss_and_zero_gradient_for_every_objective(kind):
     logp, logp_old, w, _, mask = batch(seed=5)
     logp = logp.requires_grad_()
-    cfg = algorithm(loss={"type": kind, "cispo_two_sided": True}, sft_coef=0.0)
+    loss = {"type": kind, **({"cispo_two_sided": True} if kind == "cispo" else {})}
+    cfg = algorithm(loss=loss, sft_coef=0.0)
     loss, g, _ = objective_grad(cfg, loss_inputs(logp, logp_old=logp_old, w=w, adv=torch.zeros(6), mask=mask))
     assert loss.item() == 0.0
     assert g.abs().max().item() == 0.0

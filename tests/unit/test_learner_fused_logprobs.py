@@ -11,14 +11,14 @@ import torch
 from learner_cases import algorithm
 
 from learners.logprobs import fused_token_objective, naive_token_logprobs
-from learners.objectives import (
+from learners.loss import (
     LossInputs,
     build_objective,
     chunk_coefficients,
     token_coefficients,
     token_local,
 )
-from learners.surrogates import OBJECTIVES, TOKEN_LOCAL
+from learners.objectives import OBJECTIVES, TOKEN_LOCAL
 
 LENGTHS = [13, 7, 20, 9]  # 49 tokens: chunks of 16 leave a ragged last chunk of 1
 HIDDEN, VOCAB = 24, 500
@@ -186,7 +186,7 @@ def test_the_trainer_fuses_only_token_local_objectives_and_only_when_enabled(kin
     from learners.trainer import Trainer
 
     for enabled in (True, False):
-        engine = SimpleNamespace(cfg=LearnerConfig(fused_logprobs=enabled))  # the flag is all it reads
+        engine = SimpleNamespace(cfg=LearnerConfig(batch={"fused_logprobs": enabled}))  # the flag is all it reads
         trainer = Trainer(engine, algorithm(loss={"type": kind}), max_staleness=1)
         assert trainer.fused == (enabled and kind in TOKEN_LOCAL)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from learner_cases import ALL_TYPES, DT, token_grad
+from objective_oracles import gppo_clamp_oracle, gppo_general_oracle
 
-from async_rl.config import LossConfig
-from learners.objective_oracles import gppo_clamp_oracle, gppo_general_oracle
+from learners.objectives.gppo import GPPOConfig
 
 RATIOS = torch.logspace(-3, 3, 241, dtype=DT)
 ADVS = (-2.0, -0.5, 0.0, 0.5, 2.0)
@@ -99,7 +99,7 @@ def test_gppo_gradient_is_bounded_by_a_times_max_of_upper_bound_and_c(adv):
 
 
 # 9 ----------------------------------------------------------------------------------------
-def oracle_grad(oracle, ratios: torch.Tensor, adv: torch.Tensor, cfg: LossConfig):
+def oracle_grad(oracle, ratios: torch.Tensor, adv: torch.Tensor, cfg: GPPOConfig):
     lp = ratios.log().reshape(-1, 1).requires_grad_()
     loss = oracle(lp, torch.zeros_like(lp), adv.reshape(-1, 1), cfg)
     (g,) = torch.autograd.grad(loss.sum(), lp)
@@ -115,7 +115,7 @@ def random_cases(seed: int, n: int = 4000):
 
 def test_coefficient_form_gradient_equals_the_stop_gradient_clamp_oracle():
     ratios, adv = random_cases(0)
-    cfg = LossConfig()
+    cfg = GPPOConfig()
     _, g = token_grad("gppo", ratios, adv)
     value_oracle, g_oracle = oracle_grad(gppo_clamp_oracle, ratios, adv, cfg)
     torch.testing.assert_close(g, g_oracle, rtol=0, atol=1e-6)
@@ -125,7 +125,7 @@ def test_coefficient_form_gradient_equals_the_stop_gradient_clamp_oracle():
 
 def test_general_form_with_unit_betas_equals_plain_gppo_in_value_and_gradient():
     ratios, adv = random_cases(1)
-    cfg = LossConfig()
+    cfg = GPPOConfig()
     v_plain, g_plain = oracle_grad(gppo_clamp_oracle, ratios, adv, cfg)
     v_general, g_general = oracle_grad(gppo_general_oracle, ratios, adv, cfg)
     torch.testing.assert_close(v_general, v_plain, rtol=0, atol=1e-9)
@@ -135,10 +135,28 @@ def test_general_form_with_unit_betas_equals_plain_gppo_in_value_and_gradient():
 @pytest.mark.parametrize("kw", [{"beta1": 0.25}, {"beta1": 0.5, "beta2": 0.75}, {"only_high": True}])
 def test_coefficient_form_gradient_equals_the_general_beta_oracle(kw):
     ratios, adv = random_cases(2)
-    cfg = LossConfig(**kw)
+    cfg = GPPOConfig(**kw)
     _, g = token_grad("gppo", ratios, adv, **kw)
     _, g_oracle = oracle_grad(gppo_general_oracle, ratios, adv, cfg)
     torch.testing.assert_close(g, g_oracle, rtol=0, atol=1e-6)
+
+
+def test_gppo_logged_value_scales_the_clipped_sides_by_beta_as_eq_17_and_klears_general_form():
+    ratios, adv = random_cases(3)
+    kw = {"beta1": 0.25, "beta2": 0.75}
+    value, g = token_grad("gppo", ratios, adv, **kw)
+    v_oracle, g_oracle = oracle_grad(gppo_general_oracle, ratios, adv, GPPOConfig(**kw))
+    torch.testing.assert_close(value, v_oracle, rtol=0, atol=1e-9)
+    torch.testing.assert_close(g, g_oracle, rtol=0, atol=1e-6)
+    low, _ = token_grad("gppo", [0.5], -1.0, beta1=0.25)  # PPO's value here is 0.8
+    high, _ = token_grad("gppo", [2.0], 1.0, beta2=0.75)  # PPO's value here is -1.28
+    assert low.item() == pytest.approx(0.25 * 0.8, abs=1e-12)
+    assert high.item() == pytest.approx(0.75 * -1.28, abs=1e-12)
+
+
+def test_only_high_keeps_ppos_value_on_the_low_side_as_klears_clamp_form():
+    value, g = token_grad("gppo", [0.5], -1.0, beta1=0.25, only_high=True)
+    assert value.item() == pytest.approx(0.8, abs=1e-12) and g.item() == 0.0
 
 
 # 10 ---------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 from learner_cases import DT, algorithm, loss_inputs, objective_grad
 
-from async_rl.config import LossConfig, OffPolicyConfig, StalenessScheduleConfig
+from async_rl.config import OffPolicyConfig, StalenessScheduleConfig
+from learners.objectives.gppo import GPPOConfig
 from learners.offpolicy import behavior_weights, clip_centre, m2po_mask
 from learners.staleness import clip_bounds, eps_schedule
 
@@ -106,13 +107,13 @@ def test_every_schedule_at_zero_staleness_equals_the_constant_schedule_exactly(s
     outs = []
     for kind in ("constant", schedule):
         leaf = (3 * logp).clone().requires_grad_()  # ratios far outside the band
-        cfg = algorithm(staleness_schedule={"type": kind, "kappa": 0.5}, sft_coef=0.0)
+        cfg = algorithm(staleness={"schedule": {"type": kind, "kappa": 0.5}}, sft_coef=0.0)
         outs.append(objective_grad(cfg, loss_inputs(leaf, logp_old=prox, adv=adv, mask=mask)))
     assert outs[0][0].item() == outs[1][0].item()
     assert torch.equal(outs[0][1], outs[1][1])
     for dtype in (torch.float32, DT):
-        low, high = clip_bounds(LossConfig(), StalenessScheduleConfig(type=schedule), torch.zeros(3, dtype=torch.int64), dtype)
-        c_low, c_high = clip_bounds(LossConfig(), StalenessScheduleConfig(), torch.zeros(3, dtype=torch.int64), dtype)
+        low, high = clip_bounds(GPPOConfig(), StalenessScheduleConfig(type=schedule), torch.zeros(3, dtype=torch.int64), dtype)
+        c_low, c_high = clip_bounds(GPPOConfig(), StalenessScheduleConfig(), torch.zeros(3, dtype=torch.int64), dtype)
         assert torch.equal(low, c_low) and torch.equal(high, c_high)
 
 
@@ -122,7 +123,7 @@ def test_linear_widens_and_inverse_tightens_within_the_clamp():
     inverse = eps_schedule(0.2, s, StalenessScheduleConfig(type="inverse", kappa=0.25, eps_min=0.05), ceiling=1.0, dtype=DT)
     torch.testing.assert_close(linear, torch.tensor([0.2, 0.4, 0.5], dtype=DT))
     torch.testing.assert_close(inverse, torch.tensor([0.2, 0.1, 0.05], dtype=DT))
-    low, _ = clip_bounds(LossConfig(eps_low=0.5), StalenessScheduleConfig(type="linear", kappa=10, eps_max=5.0), s, DT)
+    low, _ = clip_bounds(GPPOConfig(eps_low=0.5), StalenessScheduleConfig(type="linear", kappa=10, eps_max=5.0), s, DT)
     assert (low < 1).all()
 
 

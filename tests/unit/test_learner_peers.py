@@ -8,8 +8,8 @@ import pytest
 import torch
 from learner_cases import DT, algorithm, loss_inputs, objective_grad, token_grad
 
-from async_rl.config import LossConfig
-from learners.surrogates import OBJECTIVES
+from async_rl.config import AlgorithmConfig
+from learners.objectives import OBJECTIVES, TOKEN_LOCAL
 
 RATIOS = torch.tensor([0.3, 0.5, 0.9, 1.0, 1.1, 1.5, 4.0, 30.0], dtype=DT)
 
@@ -46,7 +46,7 @@ def gspo_case(kind: str, diffs: list[float], adv: float):
     """One sequence with per-token lp − lp_old = diffs, GSPO bounds 3e-4/4e-4, seq-mean-token-mean."""
     lp = torch.tensor([diffs], dtype=DT).requires_grad_()
     cfg = algorithm(
-        loss={"type": kind, "eps_low": 3e-4, "eps_high": 4e-4, "dual_clip_c": None},
+        loss={"type": kind, "eps_low": 3e-4, "eps_high": 4e-4},
         aggregation="seq-mean-token-mean",
     )
     return objective_grad(cfg, loss_inputs(lp, adv=[adv]))
@@ -80,5 +80,13 @@ def test_gspo_sequence_ratio_is_the_geometric_mean_over_the_row():
 
 
 def test_every_configurable_loss_type_has_an_objective():
-    names = typing.get_args(LossConfig.model_fields["type"].annotation)
+    members = typing.get_args(AlgorithmConfig.model_fields["loss"].annotation)
+    names = [typing.get_args(member)[0].model_fields["type"].default for member in members]
     assert sorted(names) == sorted(OBJECTIVES)
+    assert sorted(OBJECTIVES) == ["cispo", "dapo", "gppo", "gspo", "gspo_token", "ppo", "reinforce_tis"]
+    assert TOKEN_LOCAL == {"cispo", "dapo", "gppo", "ppo", "reinforce_tis"}
+
+
+def test_each_objective_lives_in_the_module_named_by_its_type():
+    for name, objective in OBJECTIVES.items():
+        assert objective.config.__module__ == objective.loss.__module__ == f"learners.objectives.{name}"

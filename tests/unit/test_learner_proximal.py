@@ -1,6 +1,6 @@
 """The first mini-batch's training forward doubles as its proximal pass: exactly the loss, the
 metrics and the gradients of a separate no-grad pass, with fewer forwards. And a step on padded
-micro-batches (``learner.micro_batch_layout: padded``) equals the step on packed ones.
+micro-batches (``learner.batch.micro_batch_layout: padded``) equals the step on packed ones.
 
 The trainer runs here on a plain-torch stand-in for ``LearnerEngine`` (one process, SGD,
 ``learner_cases.TorchEngine``), so the test isolates the trainer's bookkeeping; the DeepSpeed
@@ -23,7 +23,8 @@ from learners.trainer import RolloutBatch, Trainer, list_column
 
 @functools.cache  # each configuration runs once per session; the tests only read the results
 def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None, layout: str = "packed"):
-    cfg = LearnerConfig(micro_batch_tokens=40, logprob_chunk_tokens=16, fused_logprobs=fused, micro_batch_layout=layout)
+    cfg = LearnerConfig(batch={"micro_batch_tokens": 40, "logprob_chunk_tokens": 16, "fused_logprobs": fused,
+                               "micro_batch_layout": layout})
     engine = TorchEngine(seed=0, cfg=cfg)
     algo = algorithm(off_policy={"mode": "decoupled", "tis_cap": 1.5, "m2po_tau": m2po_tau}, sft_coef=0.1)
     trainer = Trainer(engine, algo, max_staleness=2, mini_batches=mini_batches, micro_batch_tokens=40,

@@ -20,7 +20,7 @@ from learners.packing import build_micro_batch, empty_micro_batch, input_length,
 from learners.sft import SFTExample, SFTTrainer
 from learners.trainer import Trainer
 
-CFG = LearnerConfig(micro_batch_tokens=40, logprob_chunk_tokens=16)
+CFG = LearnerConfig(batch={"micro_batch_tokens": 40, "logprob_chunk_tokens": 16})
 
 
 def rl_step(table, *, sft_coef: float = 0.1) -> dict[str, float]:
@@ -59,7 +59,7 @@ def per_micro_batch_sft_step(engine, batch: list[SFTExample], micro_batch_tokens
     global_tokens = float(sum(len(r) for r in responses))
     stats = torch.zeros(2, dtype=torch.float64)
     for rows in plan[0]:
-        mb = build_micro_batch(rows, prompts, responses, engine.cfg.micro_batch_layout) if rows else empty_micro_batch()
+        mb = build_micro_batch(rows, prompts, responses, engine.cfg.batch.micro_batch_layout) if rows else empty_micro_batch()
         logp, _ = engine.forward(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 1.0, False)
         loss = -logp.sum() / global_tokens if rows else logp.sum() * 0.0
         finite = bool(torch.isfinite(loss))
@@ -72,7 +72,7 @@ def per_micro_batch_sft_step(engine, batch: list[SFTExample], micro_batch_tokens
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_an_sft_step_logs_and_applies_exactly_what_its_per_micro_batch_loop_did(layout):
-    cfg = LearnerConfig(micro_batch_tokens=24, logprob_chunk_tokens=16, micro_batch_layout=layout)
+    cfg = LearnerConfig(batch={"micro_batch_tokens": 24, "logprob_chunk_tokens": 16, "micro_batch_layout": layout})
     shared, own = TorchEngine(seed=0, cfg=cfg), TorchEngine(seed=0, cfg=cfg)
     trainer = SFTTrainer(shared, micro_batch_tokens=24)
     for seed in (1, 2):

@@ -145,7 +145,7 @@ class FakeRewards:
     def __init__(self):
         self.calls = 0
 
-    def submit(self, kind, text, truth, extra):
+    def submit_for(self, data_source, text, truth, extra):
         future: Future = Future()
         self.calls += 1
         correct = truth == "same" or self.calls % 2 == 0

@@ -6,7 +6,7 @@ import pytest
 
 from async_rl.config import RewardConfig
 from async_rl.rewards.math import extract_answer, last_boxed
-from async_rl.rewards.pool import RewardPool, reward_kind
+from async_rl.rewards.pool import RewardPool
 
 CASES = [
     # (response, ground truth, expected status)
@@ -47,7 +47,7 @@ def test_reward_table(pool):
 
 
 def test_think_format_penalties_follow_the_klear_values():
-    cfg = RewardConfig(require_think_format=True, workers=1)
+    cfg = RewardConfig(math={"require_think_format": True}, workers=1)
     with RewardPool(cfg) as pool:
         no_open = pool.score("math", "\\boxed{46}", "46")
         no_close = pool.score("math", "<think> 12+34 \\boxed{46}", "46")
@@ -98,8 +98,3 @@ def test_record_serialises_to_reward_info_json():
     info = json.loads(RewardRecord(1.0, "correct", parsed="46", error="x" * 2000).to_json())
     assert info["status"] == "correct" and info["parsed"] == "46" and len(info["error"]) == 500
 
-
-def test_code_sources_route_to_the_code_reward():
-    assert reward_kind("livecodebench_v5") == "code"
-    assert reward_kind("synthetic/arith") == "math"
-    assert reward_kind("aime24") == "math"

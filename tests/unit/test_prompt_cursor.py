@@ -105,7 +105,7 @@ def test_buffer_stats_count_prompts_done_in_flight_and_pending_from_the_durable_
     skipped = handed[6]
     cursor.settle([skipped], skipped=True)
     cursor.save()
-    store = ReplayStore(tmp_path, BufferConfig(min_size_to_sample=1))
+    store = ReplayStore(tmp_path, BufferConfig(min_size_to_sample=1), max_staleness=4)
     # Three groups stored; the actor's reports for them were lost (the record still lists them).
     store.insert(synthetic_batch(groups=handed[:3]))
     assert store.holds_groups(handed).tolist() == [True] * 3 + [False] * 4
@@ -119,7 +119,7 @@ def test_buffer_stats_count_prompts_done_in_flight_and_pending_from_the_durable_
                        "skipped": 1, "in_flight_earlier_epochs": 0}
     store.close()
     # The same counts from the folder opened read-only, as `async-rl buffer stats RUN` does.
-    reader = ReplayStore(tmp_path, BufferConfig(), read_only=True)
+    reader = ReplayStore(tmp_path, BufferConfig(), max_staleness=4, read_only=True)
     assert inspection.stats(reader)["prompts"] == prompts
 
 
@@ -131,7 +131,7 @@ def test_buffer_stats_cli_prints_the_epochs_prompts_done_in_flight_and_pending(t
     run = tmp_path / "run"
     cursor = PromptCursor.open(run / "buffer", n_prompts=N, seed=4)
     handed = lease_all(cursor, "actor-0", 4)
-    store = ReplayStore(run / "buffer", BufferConfig())
+    store = ReplayStore(run / "buffer", BufferConfig(), max_staleness=4)
     store.insert(synthetic_batch(groups=handed[:1]))
     store.close()
     shown = CliRunner().invoke(buffer_cli, ["stats", str(run)])

@@ -42,8 +42,8 @@ def test_auto_refuses_with_one_error_when_no_isolating_level_works(scripted):
     with pytest.raises(SandboxUnavailable) as info:
         sandbox.select_isolation("auto", "nobody")
     message = str(info.value)
-    assert message.startswith("reward.code_isolation='auto': no isolating sandbox works here")
-    assert "set reward.code_isolation=rlimits" in message and "\n" not in message
+    assert message.startswith("reward.code.isolation='auto': no isolating sandbox works here")
+    assert "set reward.code.isolation=rlimits" in message and "\n" not in message
     assert [level for level, _ in calls] == ["firejail", "bwrap", "unshare"]  # never rlimits
 
 

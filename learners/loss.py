@@ -1,5 +1,5 @@
-"""The learner's objective: sanitise a micro-batch, apply staleness and clip schedules, run the
-configured surrogate (``learners/surrogates.py``), aggregate with the global normaliser, add the
+"""The learner's loss: sanitise a micro-batch, apply staleness and clip schedules, run the
+configured objective (``learners/objectives/``), aggregate with the global normaliser, add the
 Klear SFT term and the entropy bonus, and report metrics. Chosen once from config.
 """
 
@@ -15,8 +15,9 @@ from async_rl.config import AlgorithmConfig
 from learners.advantages import sft_nll
 from learners.aggregation import Aggregation, build_aggregation
 from learners.logprobs import CoefficientFn
+from learners.objectives import OBJECTIVES, TOKEN_LOCAL, TokenBatch
+from learners.ratios import MIN_COUNT, log_ratio
 from learners.staleness import clip_bounds, fresh_rows
-from learners.surrogates import MIN_COUNT, OBJECTIVES, TOKEN_LOCAL, TokenBatch, log_ratio
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def token_batch(inp: LossInputs, keep: Tensor, cfg: AlgorithmConfig) -> TokenBat
     """Sanitise one micro-batch: values outside ``keep`` become 0 (``where``, never multiply,
     so a ``-inf`` padding logprob cannot turn into a NaN gradient)."""
     zero = torch.zeros_like(inp.logp).detach()
-    eps_low, eps_high = clip_bounds(cfg.loss, cfg.staleness_schedule, inp.staleness, inp.logp.dtype)
+    eps_low, eps_high = clip_bounds(cfg.loss, cfg.staleness.schedule, inp.staleness, inp.logp.dtype)
     return TokenBatch(
         lp=torch.where(keep, inp.logp, zero),
         lp_old=torch.where(keep, inp.logp_old.detach().to(zero.dtype), zero),
@@ -122,12 +123,7 @@ def build_objective(cfg: AlgorithmConfig, *, max_staleness: int) -> Objective:
     ``approx_kl`` (k3), ``entropy``, ``staleness/{mean,max}``, ``tokens/grad``,
     ``tokens/masked_stale``, ``tokens/masked_offpolicy`` (IcePop/M2PO-masked, still counted in N).
     """
-    if cfg.kl_coef > 0:
-        raise ValueError(
-            f"algorithm.kl_coef={cfg.kl_coef}: a KL penalty needs reference-policy logprobs, "
-            "which the learner does not compute; set it to 0 (Klear and DAPO use 0)"
-        )
-    token_loss = OBJECTIVES[cfg.loss.type]
+    token_loss = OBJECTIVES[cfg.loss.type].loss
     aggregate = build_aggregation(cfg.aggregation, norm_tokens=cfg.sum_norm_tokens)
 
     def objective(inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:

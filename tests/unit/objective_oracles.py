@@ -1,4 +1,4 @@
-"""Klear's released stop-gradient GPPO forms, kept only as test oracles for ``gppo_loss``.
+"""Klear's released stop-gradient GPPO forms, test oracles for ``learners.objectives.gppo``.
 
 Both take constant ε and w = 1 and return the per-token loss [B, T] with autograd gradients.
 They reproduce ``verl/trainer/ppo/core_algos.py`` of KlearReasoner without its defects
@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from async_rl.config import LossConfig
+from learners.objectives.gppo import GPPOConfig
 
 
-def _dual_clip(loss: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+def _dual_clip(loss: Tensor, adv: Tensor, cfg: GPPOConfig) -> Tensor:
     c = float("inf") if cfg.dual_clip_c is None else cfg.dual_clip_c
     dual = torch.minimum(loss, -adv * torch.full_like(loss, c))
     return torch.where(adv < 0, dual, loss)
 
 
-def gppo_clamp_oracle(lp: Tensor, lp_old: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+def gppo_clamp_oracle(lp: Tensor, lp_old: Tensor, adv: Tensor, cfg: GPPOConfig) -> Tensor:
     """``compute_gppo_loss``: −A·clamp(r, (1−ε_l)·r/sg(r), (1+ε_h)·r/sg(r)), pessimistic max with
     −A·r, then the dual clip. The tensor bounds route gradient b·∇lp to the active bound.
     adv: [B, 1]."""
@@ -33,7 +33,7 @@ def gppo_clamp_oracle(lp: Tensor, lp_old: Tensor, adv: Tensor, cfg: LossConfig) 
     return _dual_clip(loss, adv, cfg)
 
 
-def gppo_general_oracle(lp: Tensor, lp_old: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+def gppo_general_oracle(lp: Tensor, lp_old: Tensor, adv: Tensor, cfg: GPPOConfig) -> Tensor:
     """``compute_gppo_loss_general_beta``: explicit low/high masks, −β1(1−ε_l)·r/sg(r)·A below
     (0 with ``only_high``), −β2(1+ε_h)·r/sg(r)·A above, −r·A elsewhere, then the dual clip.
     Its forward on the clipped sides is β times PPO's value; gradients are Eq. 18. adv: [B, 1]."""
