@@ -1,7 +1,7 @@
 """Sampling through the vLLM actor engine and scoring through the reward pool.
 
 ``evaluate_problems`` is the core: it needs only an engine (``await generate(ids, n=)``) and a
-reward pool (``submit(kind, text, answer, extra_info) -> Future``), so a training job can call
+reward pool (``submit_for(data_source, text, answer, extra_info) -> Future``), so a training job can call
 it on an actor's running engine for held-out evaluation. ``run_eval`` is the standalone path
 behind ``async-rl eval``: it plans the context (prompt lengths, ``max_tokens``, RoPE scaling),
 starts an engine with the evaluation sampling settings, evaluates every benchmark, and shuts

@@ -219,7 +219,7 @@ def test_actor_loop_fills_a_real_buffer_with_well_formed_groups_leased_from_a_da
     prompts = LeasedPrompts(arith_rows(8), lease=lease, settle=settle)
     with RewardPool(RewardConfig(workers=1)) as pool:
         actor = Actor(actor_id="actor-7", engine=engine, loop=loop, prompts=prompts,
-                      score=pool.submit, buffer_address=buffer_service.address, cfg=cfg, reward_timeout_s=5.0)
+                      score=pool.submit_for, buffer_address=buffer_service.address, cfg=cfg, reward_timeout_s=5.0)
         actor.run(max_groups=5, timeout_s=300)
     metrics = actor.metrics()
     rows = read_all_rows(buffer_service.address)
@@ -251,7 +251,7 @@ class FlakyScorer:
     def __init__(self, pool):
         self.pool = pool
 
-    def __call__(self, kind, response, truth, extra):
+    def __call__(self, data_source, response, truth, extra):
         if truth == "raise":
             raise RuntimeError("scorer exploded")
         if truth == "hang":
@@ -260,7 +260,7 @@ class FlakyScorer:
             future = Future()
             future.set_exception(ValueError("bad reward"))
             return future
-        return self.pool.submit(kind, response, truth, extra)
+        return self.pool.submit_for(data_source, response, truth, extra)
 
 
 def test_rewards_that_hang_or_raise_give_failure_rewards_and_the_actor_keeps_going(served, buffer_service):
