@@ -83,8 +83,9 @@ def test_every_configurable_loss_type_has_an_objective():
     members = typing.get_args(AlgorithmConfig.model_fields["loss"].annotation)
     names = [typing.get_args(member)[0].model_fields["type"].default for member in members]
     assert sorted(names) == sorted(OBJECTIVES)
-    assert sorted(OBJECTIVES) == ["cispo", "dapo", "gppo", "gspo", "gspo_token", "ppo", "reinforce_tis"]
-    assert TOKEN_LOCAL == {"cispo", "dapo", "gppo", "ppo", "reinforce_tis"}
+    assert {"cispo", "dapo", "gppo", "gspo", "gspo_token", "ppo", "reinforce_tis"} <= set(OBJECTIVES)
+    assert {"cispo", "dapo", "gppo", "ppo", "reinforce_tis"} <= TOKEN_LOCAL
+    assert not {"gspo", "gspo_token"} & TOKEN_LOCAL
 
 
 def test_each_objective_lives_in_the_module_named_by_its_type():
