@@ -139,7 +139,10 @@ def format_validation_error(err: ValidationError, *, source: str) -> str:
     path = ".".join(loc)
     value = first.get("input")
     if first["type"] == "extra_forbidden" and variant is not None:
-        return f"{path}: not a field of the {variant} objective (its fields: {', '.join(_known_keys(loc[:-1], variant))})"
+        section = ".".join(loc[:-1])
+        return (f"{path}: not a field of the {variant} objective (its fields: "
+                f"{', '.join(_known_keys(loc[:-1], variant))}); to switch objectives give the "
+                f"section whole, e.g. {section}='{{type: {variant}}}'")
     if first["type"] == "extra_forbidden":
         expected = _known_keys(loc[:-1])
         close = difflib.get_close_matches(loc[-1], expected, n=1)
