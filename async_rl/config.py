@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from buffer.samplers import SAMPLERS
 from learners.objectives import LossConfig, default_loss
 
 
@@ -275,10 +276,10 @@ class BufferConfig(Section):
     fsync_interval_s: float = Field(
         1.0, gt=0, description="fsync: interval — how often, so the most a power loss may lose."
     )
-    sampler: Literal["fifo", "freshest", "uniform", "prioritized"] = Field(
+    sampler: Literal[tuple(SAMPLERS)] = Field(
         "fifo",
-        description="Which groups a sample returns first: fifo = oldest stored first (a queue), "
-        "freshest = newest policy version first (LIFO), uniform, prioritized = freshness and reuse.",
+        description="Which groups a sample returns first (buffer/samplers.py): "
+        + "; ".join(f"{name} = {fn.__doc__.split(':')[0].lower()}" for name, fn in SAMPLERS.items()),
     )
     max_times_sampled: int = Field(1, ge=1, description="Times a group may be returned (1 = once).")
     min_size_to_sample: int = Field(4, ge=1, description="Groups stored before sampling starts.")

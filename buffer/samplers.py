@@ -3,6 +3,8 @@
 Each sampler gets the candidate group numbers (ascending = insertion order), the per-group
 columns of oldest policy version and times sampled (indexed by group number, so a sampler
 that ignores them costs nothing per group), and returns at most ``n`` distinct group numbers.
+Adding a sampler is a function here and its entry in ``SAMPLERS``: ``buffer.sampler`` takes
+its choices (and their descriptions, from each docstring's first clause) from that map.
 """
 
 from __future__ import annotations
@@ -27,21 +29,21 @@ def fifo(candidates, min_versions, times_sampled, learner_version, n, rng) -> np
 
 
 def freshest(candidates, min_versions, times_sampled, learner_version, n, rng) -> np.ndarray:
-    """Freshest first (last in, first out): the groups of the newest policy version, the most
+    """Newest policy version first (last in, first out): the groups of the newest policy version, the most
     recently stored first among equals. Older groups wait and age out at ``max_staleness``."""
     order = np.lexsort((-candidates, -min_versions[candidates]))
     return np.sort(candidates[order[:n]])
 
 
 def uniform(candidates, min_versions, times_sampled, learner_version, n, rng) -> np.ndarray:
-    """Every candidate group equally likely, without replacement."""
+    """Uniformly: every candidate group equally likely, without replacement."""
     if len(candidates) <= n:
         return candidates
     return np.sort(rng.choice(candidates, size=n, replace=False))
 
 
 def prioritized(candidates, min_versions, times_sampled, learner_version, n, rng) -> np.ndarray:
-    """Fresher and less-reused groups are likelier, without replacement."""
+    """By freshness and reuse: fresher and less-reused groups are likelier, without replacement."""
     if len(candidates) <= n:
         return candidates
     lag = np.maximum(staleness(learner_version, min_versions[candidates]), 0)

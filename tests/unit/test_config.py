@@ -250,3 +250,17 @@ def test_sft_uses_the_rl_optimizer_with_its_own_lr_and_a_cosine_decay():
     assert (sft.lr, sft.lr_schedule) == (learner.sft.lr, "cosine")
     assert sft.model_dump(exclude={"lr", "lr_schedule"}) == learner.optimizer.model_dump(exclude={"lr", "lr_schedule"})
     assert learner.optimizer.lr == 5e-5 and learner.optimizer.lr_schedule == "constant"
+
+
+def test_buffer_sampler_choices_are_the_samplers_map():
+    """A sampler added to buffer/samplers.py is a valid buffer.sampler with no config edit."""
+    from pydantic import ValidationError
+
+    from async_rl.config import BufferConfig
+    from buffer.samplers import SAMPLERS
+
+    choices = typing.get_args(BufferConfig.model_fields["sampler"].annotation)
+    assert set(choices) == set(SAMPLERS)
+    assert all(name in BufferConfig.model_fields["sampler"].description for name in SAMPLERS)
+    with pytest.raises(ValidationError):
+        BufferConfig(sampler="lifo")

@@ -16,9 +16,10 @@ LIBRARY = ("async_rl.config", "async_rl.config_io", "async_rl.seeds", "async_rl.
            "async_rl.records", "async_rl.rewards", "async_rl.tasks", "async_rl.weights")
 # What a stage may take from another stage: the buffer's contracts (its schema and its client).
 BUFFER_CONTRACTS = ("buffer.schema", "buffer.client", "buffer.wire")
-# The config takes algorithm.loss's union from the objectives, each declared beside its loss
-# (torch-free to import): the one stage package a library part may import, and only the config.
-CONFIG_FROM_STAGES = {"async_rl.config": ("learners.objectives",)}
+# The config takes its choice sets from where each choice is implemented, so one is declared
+# once: algorithm.loss's union from the objectives (each beside its loss, torch-free to import)
+# and buffer.sampler's names from the samplers. The only stage code a library part may import.
+CONFIG_FROM_STAGES = {"async_rl.config": ("learners.objectives", "buffer.samplers")}
 
 # module prefix -> import prefixes it must never use (checked after the library rule).
 FORBIDDEN = {
@@ -111,6 +112,8 @@ def test_the_walk_sees_every_stage_and_function_level_imports():
         ("async_rl.job.controller", "vllm", False),
         ("async_rl.config", "learners.objectives", True),
         ("async_rl.config", "learners.engine", False),
+        ("async_rl.config", "buffer.samplers", True),
+        ("async_rl.config", "buffer.store", False),
         ("async_rl.rewards.math", "learners.objectives", False),
     ],
 )
