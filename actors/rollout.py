@@ -142,7 +142,7 @@ class Actor:
             "groups_skipped": s.groups_skipped,
             "weight_version": self.engine.version,
             "weight_updates": s.updates,
-            "update_latency_s": s.last_update_s,
+            "weight_update_s": s.last_update_s,
             "reward_mean": s.reward_sum / s.reward_count if s.reward_count else None,
             "reward_failures": s.reward_failures,
             "finish_reasons": dict(s.finish_reasons),

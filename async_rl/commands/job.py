@@ -34,6 +34,7 @@ def status(
 
     from async_rl.job.control import request
     from async_rl.job.display import render, snapshot
+    from async_rl.records import JobStatus
 
     live = None
     try:
@@ -42,9 +43,9 @@ def status(
         if address:
             raise
         typer.echo(f"job not answering ({err}); showing the run folder's last figures", err=True)
-    snap = snapshot(run_dir, live)
+    snap = snapshot(run_dir, JobStatus.model_validate(live) if live else None)
     if as_json:
-        typer.echo(json.dumps({"live": live, "snapshot": snap}, default=str, indent=2))
+        typer.echo(json.dumps({"live": live, "snapshot": snap.shown()}, default=str, indent=2))
         return
     Console().print(render(snap, 0.0))
 
@@ -57,9 +58,10 @@ def scale_actors(
 ) -> None:
     """Add or remove actors while training runs (new ones get the current weights on join)."""
     from async_rl.job.control import request
+    from async_rl.records import JobStatus
 
-    result = request(verb="scale_actors", count=count, **_target(run_dir, address))
-    typer.echo(f"actors now: {result['actors']}")
+    result = JobStatus.model_validate(request(verb="scale_actors", count=count, **_target(run_dir, address)))
+    typer.echo(f"actors now: {result.actors}")
 
 
 @scale_app.command("learners")
@@ -70,9 +72,11 @@ def scale_learners(
 ) -> None:
     """Checkpoint, restart the learner group with COUNT ranks, resume; actors keep generating."""
     from async_rl.job.control import request
+    from async_rl.records import JobStatus
 
-    result = request(verb="scale_learners", count=count, timeout_s=900, **_target(run_dir, address))
-    typer.echo(f"learner ranks now: {result['learner_ranks']}")
+    result = JobStatus.model_validate(request(verb="scale_learners", count=count, timeout_s=900,
+                                              **_target(run_dir, address)))
+    typer.echo(f"learner ranks now: {result.learner_ranks}")
 
 
 def stop(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from async_rl.config import Config
 from async_rl.job.metrics import MetricsWriter
+from async_rl.records import ActorLaunch, ActorMetricsRecord, ActorResult
 
 # Seconds between the actor's metric records.
 METRICS_EVERY_S = 5.0
@@ -44,22 +44,22 @@ def _cursor_calls(holder: str):
 
 
 class ActorWorker:
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, launch: ActorLaunch):
         from actors.runtime import ActorRuntime
 
-        cfg = Config.model_validate(payload["config"])
+        cfg = launch.config
         self.cfg = cfg
-        self.actor_id = f"actor-{payload['actor_id']}"
-        run_dir = Path(payload["run_dir"])
+        self.actor_id = f"actor-{launch.actor_id}"
+        run_dir = launch.run_dir
         prompts = train_prompts(cfg, run_dir)
         sync = cfg.algorithm.mode == "sync"
         lease, settle = _cursor_calls(self.actor_id)
         self.runtime = ActorRuntime.start(
             actor_id=self.actor_id,
-            model_dir=Path(payload["model_dir"]),
+            model_dir=launch.model_dir,
             prompts_path=prompts,
-            buffer_address=payload["buffer_address"],
-            weights_address=payload["weights_address"],
+            buffer_address=launch.buffer_address,
+            weights_address=launch.weights_address,
             actors=cfg.actors,
             model=cfg.model,
             reward=cfg.reward,
@@ -68,15 +68,15 @@ class ActorWorker:
             # sync: generate one batch per policy version, then wait for the next version.
             max_staleness=0 if sync else cfg.algorithm.staleness.max_staleness,
             groups_per_version=cfg.learner.batch.groups_per_step / max(cfg.actors.count, 1),
-            sampling_stream=tuple(payload.get("sampling_stream", (cfg.run.seed, payload["actor_id"]))),
+            sampling_stream=launch.sampling_stream,
             release_uninformative=cfg.buffer.filter_zero_advantage,
-            lease=lease, settle=settle, first_version=int(payload.get("first_version", 0)),
+            lease=lease, settle=settle, first_version=launch.first_version,
         )
         self.metrics = MetricsWriter(run_dir, self.actor_id)
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report, name=f"{self.actor_id}-metrics", daemon=True)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ActorResult:
         self._reporter.start()
         try:
             self.runtime.actor.run()
@@ -85,7 +85,7 @@ class ActorWorker:
             self._write_metrics()
             self.runtime.close()
             self.metrics.close()
-        return {"actor": self.actor_id, "groups": self.runtime.actor.stats.groups_done}
+        return ActorResult(actor=self.actor_id, groups=self.runtime.actor.stats.groups_done)
 
     def stop(self) -> None:
         self.runtime.actor.stop()
@@ -95,16 +95,8 @@ class ActorWorker:
             self._write_metrics()
 
     def _write_metrics(self) -> None:
-        m = self.runtime.actor.metrics()
-        self.metrics.write({
-            "tokens_per_s": m["tokens_per_s"], "groups_done": m["groups_done"],
-            "weight_version": m["weight_version"], "weight_update_s": m["update_latency_s"],
-            "reward_mean": m["reward_mean"], "groups_in_flight": m["groups_in_flight"],
-            "rows_acked": m["rows_acked"], "reward_failures": m["reward_failures"],
-            "staleness_gate_waits": m["staleness_gate_waits"],
-            "buffer_batches_refused": m["buffer_batches_refused"], "buffer_stalled_s": m["buffer_stalled_s"],
-            **self._weight_deliveries(), "time": time.time(),
-        })
+        record = ActorMetricsRecord.pick(self.runtime.actor.metrics(), **self._weight_deliveries(), time=time.time())
+        self.metrics.write(record)
 
     def _weight_deliveries(self) -> dict:
         """How the versions this actor loaded arrived: streamed over the socket, or mapped from the

@@ -1,13 +1,6 @@
-"""The controller: a named Ray actor that places, supervises, scales and stops the roles.
-
-Start order: buffer service → data cursor (``buffer/cursor.py``: prompts in flight when the
-job last died and not durable in the buffer are handed out again first) → learner group (rank 0 binds the weight publisher on a port the
-controller chose, so actors can connect before it is up) → actors → the held-out evaluator. Supervision restarts a dead
-actor (its acknowledged trajectories are already durable in the buffer; the prompts it held and
-had not stored go back to the cursor, to be handed out before anything new) and a dead learner group
-(from its last checkpoint; the buffer is untouched). Stop order: learners (they checkpoint) →
-evaluator → actors → buffer (it flushes) — so nothing acknowledged is lost and no trajectory is trained
-twice.
+"""The controller: a named Ray actor that starts, supervises, scales, stops and reports on the
+roles. Where each role runs is ``placement.py``'s; the held-out evaluator's handling is
+``heldout.py``'s; fault injection for drills is ``faults.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +13,20 @@ from typing import Any
 
 from async_rl.config import Config
 from async_rl.job import placement
+from async_rl.job.heldout import HeldoutEvaluator
+from async_rl.job.placement import PlacementError
+from async_rl.job.roles import kill_roles
 from async_rl.job.runfolder import clear_stop, next_launch, request_stop
+from async_rl.records import (
+    ActorLaunch,
+    BufferSummary,
+    EvaluatorLaunch,
+    HeldoutRecord,
+    JobAddresses,
+    JobStatus,
+    LearnerLaunch,
+    LearnerResult,
+)
 
 log = logging.getLogger("async_rl.controller")
 # Restarts of one role within this window beyond MAX_RESTARTS stop the job instead of looping.
@@ -30,17 +36,25 @@ MAX_RESTARTS = 5
 BUFFER_STATS_EVERY_S = 10.0
 # How long a graceful stop waits for each role before killing it.
 STOP_GRACE_S = 120.0
-# How long a learner group may wait for its resources before the start fails.
-PLACEMENT_TIMEOUT_S = 120.0
-# The last held-out evaluation (the exported policy) gets this long before the job stops anyway.
-FINAL_EVAL_TIMEOUT_S = 300.0
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot give a role the resources its config asks for."""
 
 
 class Controller:
+    """Start: buffer service → data cursor (``buffer/cursor.py``: prompts in flight when the job
+    last died and not durable in the buffer are handed out again first) → learner group (rank 0
+    binds the weight publisher on a port the controller chose, so actors can connect before it
+    is up) → actors → the held-out evaluator.
+
+    Supervise: a dead actor is restarted (its acknowledged trajectories are already durable in
+    the buffer; the prompts it held and had not stored go back to the cursor, to be handed out
+    before anything new), a dead learner group restarts from its last checkpoint (the buffer is
+    untouched), a dead evaluator restarts.
+
+    Stop, in this order: learners (asked through the STOP file; they checkpoint and export) →
+    evaluator → actors (each drains its groups and flushes acknowledged rows) → their processes
+    end → the data cursor is saved → the buffer service flushes and stops. So nothing
+    acknowledged is lost and no trajectory is trained twice.
+    """
+
     def __init__(self, cfg: dict[str, Any], run_dir: str, model_dir: str, stop_token_ids: list[int]):
         self.cfg = Config.model_validate(cfg)
         self.run_dir = Path(run_dir)
@@ -61,7 +75,7 @@ class Controller:
         self.finished = False
         self.failure: str | None = None
         self.learner_group = None  # the learner ranks' placement group
-        self.evaluator: tuple[Any, Any] | None = None  # (handle, run ref) of the held-out evaluator
+        self.heldout: HeldoutEvaluator | None = None
         self.final_version: int | None = None
         self.rendezvous = ""  # the learner group's rendezvous file ("" when ranks span machines)
         self.cursor = None  # the data cursor: which prompts are handed out, to whom
@@ -70,7 +84,7 @@ class Controller:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, resume: bool) -> dict[str, Any]:
+    def start(self, resume: bool) -> JobAddresses:
         from buffer.service import start_service
 
         host = self.cfg.cluster.bind_host
@@ -82,12 +96,16 @@ class Controller:
             log_file=self.run_dir / "logs" / "buffer.log", curve_keys_dir=self.cfg.weights.curve_keys_dir,
         )
         self._open_cursor()
-        self.resume = resume
         self._start_learners(self.learner_ranks)
         for _ in range(self.cfg.actors.count):
             self._start_actor()
         if self.cfg.learner.eval.every > 0:
-            self._start_evaluator()
+            self.heldout = HeldoutEvaluator(
+                EvaluatorLaunch(config=self.cfg, run_dir=self.run_dir, model_dir=self.model_dir,
+                                weights_address=self.weights_address, resume=resume),
+                event=self._event, allow_restart=self._allow_restart,
+            )
+            self.heldout.start()
         return self.addresses()
 
     def _open_cursor(self) -> None:
@@ -141,7 +159,10 @@ class Controller:
                 self.cursor.release(again)
             self._event(f"actor {actor_id}: {len(again)} prompt(s) it held go out again first")
 
-    def addresses(self) -> dict[str, Any]:
+    def addresses(self) -> JobAddresses:
+        return JobAddresses(**self._address_fields())
+
+    def _address_fields(self) -> dict[str, Any]:
         return {
             "buffer_address": self.buffer.address if self.buffer else None,
             "weights_address": self.weights_address,
@@ -149,25 +170,12 @@ class Controller:
         }
 
     def _start_learners(self, ranks: int) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from async_rl.job.roles import LearnerRank
         from learners.launch import RENDEZVOUS_ENV, remove_rendezvous, rendezvous_file
 
         clear_stop(self.run_dir, "learner")
         cfg = self.cfg.model_copy(deep=True)
         cfg.learner.ranks = ranks
-        group = placement.learner_placement_group(self.cfg.cluster, cfg.learner)
-        try:
-            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(group)
-            raise PlacementError(
-                f"learner.ranks={ranks}: {ranks} bundle(s) of {cfg.learner.cpus:g} CPU / {cfg.learner.gpus:g} GPU "
-                f"could not be placed within {PLACEMENT_TIMEOUT_S:.0f} s (free now: "
-                f"{ray.available_resources().get('CPU', 0):g} CPU, {ray.available_resources().get('GPU', 0):g} GPU)"
-            ) from None
+        group = placement.reserve_learner_group(self.cfg.cluster, cfg.learner)
         # Rank 0's node: the learner group's master, and (the first group's) weight publisher.
         node_host, (master_port, weights_port) = placement.node_ports(
             group, 0, count=2, here=self.cfg.cluster.bind_host)
@@ -179,61 +187,36 @@ class Controller:
         remove_rendezvous(self.rendezvous)  # the previous group's, if it was killed
         same_machine = len(set(placement.bundle_nodes(group))) == 1  # every rank on one node
         self.rendezvous = rendezvous_file(node_host, same_machine=same_machine)
-        payload = {
-            "config": cfg.model_dump(mode="json"),
-            "run_dir": str(self.run_dir),
-            "model_dir": self.model_dir,
-            "buffer_address": self.buffer.address,
-            "stop_token_ids": self.stop_token_ids,
-            "resume": True,
-        }
-        resources = placement.learner_resources(cfg.learner)
-        extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if same_machine else {}  # else gloo listens on the node's address
+        launch = LearnerLaunch(config=cfg, run_dir=self.run_dir, model_dir=self.model_dir,
+                               buffer_address=self.buffer.address, stop_token_ids=self.stop_token_ids,
+                               resume=True)
         self.learners, self.learner_refs = [], []
         for rank in range(ranks):
-            handle = ray.remote(LearnerRank).options(
-                **resources.options(),
-                max_concurrency=2,  # pid() is answered while run() trains
-                runtime_env=placement.role_env(extra_env),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-            ).remote()
+            handle = placement.start_learner_rank(group, rank, cfg.learner, same_machine=same_machine)
             env = {
                 "MASTER_ADDR": node_host, "MASTER_PORT": str(master_port),
                 "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0",
                 **({RENDEZVOUS_ENV: self.rendezvous} if self.rendezvous else {}),
             }
             self.learners.append(handle)
-            self.learner_refs.append(handle.run.remote(env, payload))
+            self.learner_refs.append(handle.run.remote(env, launch))
             self.pid_refs[f"learner-{rank}"] = handle.pid.remote()
         self.learner_group = group
         self.learner_ranks = ranks
         self._event(f"learner group started with {ranks} rank(s)")
 
     def _start_actor(self, actor_id: int | None = None) -> int:
-        import ray
-
-        from async_rl.job.roles import ActorRole
-
         if actor_id is None:
             actor_id, self.next_actor_id = self.next_actor_id, self.next_actor_id + 1
         incarnation = self.actor_starts.get(actor_id, 0)
         self.actor_starts[actor_id] = incarnation + 1
-        payload = {
-            "config": self.cfg.model_dump(mode="json"),
-            "actor_id": actor_id,
-            # A restarted or resumed actor samples new streams instead of replaying its last ones.
-            "sampling_stream": [self.cfg.run.seed, actor_id, self.launch, incarnation],
-            "run_dir": str(self.run_dir),
-            "model_dir": self.model_dir,
-            "buffer_address": self.buffer.address,
-            "weights_address": self.weights_address,
-            "first_version": self._checkpointed_version(),
-        }
-        handle = ray.remote(ActorRole).options(
-            **placement.actor_resources(self.cfg.actors).options(),
-            runtime_env=placement.role_env(),
-            max_concurrency=4,
-        ).remote(payload)
+        launch = ActorLaunch(
+            config=self.cfg, actor_id=actor_id,
+            sampling_stream=(self.cfg.run.seed, actor_id, self.launch, incarnation),
+            run_dir=self.run_dir, model_dir=self.model_dir, buffer_address=self.buffer.address,
+            weights_address=self.weights_address, first_version=self._checkpointed_version(),
+        )
+        handle = placement.start_actor(self.cfg.actors, launch)
         self.actors[actor_id] = (handle, handle.run.remote())
         self.pid_refs[f"actor-{actor_id}"] = handle.pid.remote()
         self._event(f"actor {actor_id} started")
@@ -246,23 +229,9 @@ class Controller:
         tag = latest_tag(self.run_dir / "checkpoints")
         return version_of(tag) if tag else 0
 
-    def _start_evaluator(self) -> None:
-        import ray
-
-        from async_rl.job.roles import EvaluatorRole
-
-        payload = {"config": self.cfg.model_dump(mode="json"), "run_dir": str(self.run_dir),
-                   "model_dir": self.model_dir, "weights_address": self.weights_address, "resume": self.resume}
-        handle = ray.remote(EvaluatorRole).options(
-            **placement.SERVICE_RESOURCES.options(), runtime_env=placement.role_env(), max_concurrency=4,
-        ).remote(payload)
-        self.evaluator = (handle, handle.run.remote())
-        self.pid_refs["evaluator"] = handle.pid.remote()
-        self._event("evaluator started")
-
     # ------------------------------------------------------------------ supervise
 
-    def supervise(self) -> dict[str, Any]:
+    def supervise(self) -> JobStatus:
         """One pass: restart what died; mark the job finished when the learner group is done."""
         import ray
 
@@ -274,8 +243,8 @@ class Controller:
             done, _ = ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=0)
             if done and not self.finished:
                 self._learners_exited(done)
-            if self.evaluator is not None and ray.wait([self.evaluator[1]], timeout=0)[0]:
-                self._evaluator_exited()
+            if self.heldout is not None:
+                self.heldout.check()
         return self.status()
 
     def _actor_exited(self, actor_id: int, ref) -> None:
@@ -284,29 +253,18 @@ class Controller:
         del self.actors[actor_id]
         try:
             result = ray.get(ref)
-            self._event(f"actor {actor_id} finished: {result}")
+            self._event(f"actor {actor_id} finished: {result.model_dump()}")
         except Exception as err:  # RayActorError when killed, or the loop raised
             self._event(f"actor {actor_id} died ({type(err).__name__}); restarting", detail=str(err))
             self._release_prompts(actor_id)
             if self._allow_restart(f"actor-{actor_id}"):
                 self._start_actor(actor_id)
 
-    def _evaluator_exited(self) -> None:
-        import ray
-
-        ref, self.evaluator = self.evaluator[1], None
-        try:
-            self._event(f"evaluator finished: {ray.get(ref)}")
-        except Exception as err:  # killed, or its engine failed
-            self._event(f"evaluator died ({type(err).__name__}); restarting", detail=str(err))
-            if self._allow_restart("evaluator"):
-                self._start_evaluator()
-
     def _learners_exited(self, done: list) -> None:
         import ray
 
         try:
-            results = ray.get(done)
+            results: list[LearnerResult] = ray.get(done)
         except Exception as err:
             self._event(
                 f"learner group failed ({type(err).__name__}: {str(err)[:200]}); restarting from checkpoint",
@@ -317,8 +275,8 @@ class Controller:
                 self._start_learners(self.learner_ranks)
             return
         if len(done) == len(self.learner_refs):
-            self._event(f"learner group finished: {results[0]}")
-            self.final_version = results[0].get("version")
+            self._event(f"learner group finished: {results[0].model_dump()}")
+            self.final_version = results[0].version
             self.finished = True
 
     def _allow_restart(self, role: str) -> bool:
@@ -331,16 +289,19 @@ class Controller:
             return False
         return True
 
-    # ------------------------------------------------------------------ operate
+    # ------------------------------------------------------------------ report
 
     def pids(self) -> dict[str, int]:
         """PIDs of the live roles whose processes have started (for drills and status)."""
         import ray
 
         live = {f"actor-{i}" for i in self.actors} | {f"learner-{r}" for r in range(len(self.learners))}
-        live |= {"evaluator"} if self.evaluator is not None else set()
+        refs = dict(self.pid_refs)
+        if self.heldout is not None and self.heldout.running:
+            live.add("evaluator")
+            refs["evaluator"] = self.heldout.pid_ref
         out = {}
-        for role, ref in list(self.pid_refs.items()):
+        for role, ref in refs.items():
             if role not in live:
                 continue
             done, _ = ray.wait([ref], timeout=0)
@@ -351,7 +312,7 @@ class Controller:
                     pass
         return out
 
-    def buffer_stats(self) -> dict[str, Any] | None:
+    def buffer_stats(self) -> BufferSummary | None:
         """The buffer service's summary (rows, groups, …), or None if it does not answer."""
         if self.buffer is None:
             return None
@@ -364,9 +325,7 @@ class Controller:
             except Exception:  # a restarting buffer; the next tick asks again
                 self._drop_buffer_client()
                 return None
-        keys = ("rows", "groups", "groups_live", "groups_sampleable", "bytes", "learner_version",
-                "groups_sampled_total", "evicted_rows", "prompts")
-        summary = {k: stats.get(k) for k in keys}
+        summary = BufferSummary.pick(stats)
         self._buffer_stats = (time.monotonic(), summary)
         return summary
 
@@ -384,20 +343,22 @@ class Controller:
             self._buffer_client.close()
             self._buffer_client = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pids": self.pids(),
-            "buffer_stats": self.buffer_stats(),
-            "actors": sorted(self.actors),
-            "learner_ranks": self.learner_ranks,
-            "finished": self.finished,
-            "failure": self.failure,
-            "restarts": {k: len(v) for k, v in self.restarts.items()},
-            "events": self.events[-20:],
-            **self.addresses(),
-        }
+    def status(self) -> JobStatus:
+        return JobStatus(
+            pids=self.pids(),
+            buffer_stats=self.buffer_stats(),
+            actors=sorted(self.actors),
+            learner_ranks=self.learner_ranks,
+            finished=self.finished,
+            failure=self.failure,
+            restarts={k: len(v) for k, v in self.restarts.items()},
+            events=self.events[-20:],
+            **self._address_fields(),
+        )
 
-    def scale_actors(self, count: int) -> dict[str, Any]:
+    # ------------------------------------------------------------------ scale
+
+    def scale_actors(self, count: int) -> JobStatus:
         import ray
 
         with self._lock:
@@ -408,12 +369,12 @@ class Controller:
                 handle, ref = self.actors.pop(actor_id)
                 ray.get(handle.stop.remote(), timeout=STOP_GRACE_S)
                 ray.wait([ref], timeout=STOP_GRACE_S)
-                self._kill([handle])
+                kill_roles([handle])
                 self._event(f"actor {actor_id} removed")
                 self._release_prompts(actor_id)
         return self.status()
 
-    def scale_learners(self, ranks: int) -> dict[str, Any]:
+    def scale_learners(self, ranks: int) -> JobStatus:
         """Checkpoint, stop the group, restart it with ``ranks`` ranks from that checkpoint."""
         import ray
 
@@ -430,20 +391,24 @@ class Controller:
                 raise
         return self.status()
 
-    def stop(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ stop
+
+    def stop(self) -> JobStatus:
+        """Stop everything in the order of the class docstring; returns the last status."""
         import ray
 
         with self._lock:
             request_stop(self.run_dir)
             ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=STOP_GRACE_S)
-            self._stop_evaluator()
+            if self.heldout is not None:
+                self.heldout.stop(STOP_GRACE_S)
             for handle, ref in self.actors.values():
                 try:
                     ray.get(handle.stop.remote(), timeout=STOP_GRACE_S)
                 except Exception as err:  # an actor already dead needs no stopping
                     self._event(f"actor stop: {type(err).__name__}")
                 ray.wait([ref], timeout=STOP_GRACE_S)
-            self._kill([h for h, _ in self.actors.values()] + self.learners)
+            kill_roles([h for h, _ in self.actors.values()] + self.learners)
             self.actors.clear()
             if self.cursor is not None:  # what the actors reported stored leaves the record
                 with self._cursor_lock:
@@ -458,69 +423,24 @@ class Controller:
             self._event("stopped")
         return self.status()
 
-    def final_evaluation(self, timeout_s: float = FINAL_EVAL_TIMEOUT_S) -> dict[str, Any] | None:
-        """Evaluate the finished learner's exported policy unless its version was evaluated from
-        the wire already (the learner exits right after its last publish)."""
-        import ray
-
-        if self.evaluator is None or self.final_version is None:
+    def final_evaluation(self) -> HeldoutRecord | None:
+        """The held-out evaluation of the finished learner's exported policy (``heldout.py``)."""
+        if self.heldout is None or self.final_version is None:
             return None
-        model = self.run_dir / "final_model"
-        try:
-            return ray.get(self.evaluator[0].evaluate_exported.remote(self.final_version, str(model)),
-                           timeout=timeout_s)
-        except Exception as err:  # the job's result stands without its last evaluation
-            self._event(f"final evaluation failed ({type(err).__name__})", detail=str(err))
-            return None
-
-    def _stop_evaluator(self) -> None:
-        import ray
-
-        if self.evaluator is None:
-            return
-        handle, ref = self.evaluator
-        self.evaluator = None
-        try:
-            handle.stop.remote()
-            ray.wait([ref], timeout=STOP_GRACE_S)
-        finally:
-            self._kill([handle])
-
-    def kill_role(self, role: str) -> int:
-        """Fault injection for tests and drills: SIGKILL one role's process; returns its PID."""
-        import os
-        import signal
-
-        import ray
-
-        handle = self.learners[0] if role == "learner" else self.actors[int(role.split("-")[1])][0]
-        pid = ray.get(handle.pid.remote())
-        os.kill(pid, signal.SIGKILL)
-        return pid
+        return self.heldout.final(self.final_version, self.run_dir / "final_model")
 
     def _release_learners(self) -> None:
         """Kill the learner ranks and free their placement group: the next group needs its CPUs."""
-        import ray
-
         from learners.launch import remove_rendezvous
 
-        self._kill(self.learners)
+        kill_roles(self.learners)
         if self.learner_group is not None:
             try:
-                ray.util.remove_placement_group(self.learner_group)
+                placement.release_learner_group(self.learner_group)
             except Exception as err:  # already removed with a dead node
                 self._event(f"placement group removal: {type(err).__name__}")
             self.learner_group = None
         remove_rendezvous(self.rendezvous)
-
-    def _kill(self, handles: list) -> None:
-        import ray
-
-        for handle in handles:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:  # already gone
-                pass
 
     def _event(self, text: str, detail: str = "") -> None:
         """Record an event for `status` and append it, with any detail, to logs/controller.log."""

@@ -7,44 +7,52 @@ from pathlib import Path
 from typing import Any
 
 from async_rl.job.metrics import read_metrics
+from async_rl.records import (
+    ActorMetricsRecord,
+    HeldoutRecord,
+    JobStatus,
+    LearnerStepRecord,
+    Snapshot,
+)
 
 
-def snapshot(run_dir: Path, status: dict[str, Any] | None = None) -> dict[str, Any]:
+def snapshot(run_dir: Path, status: JobStatus | None = None) -> Snapshot:
     """The figures the display and ``async-rl status`` show, from the run folder's metrics."""
     records = read_metrics(run_dir)
-    learner = [r for r in records if r.get("role") == "learner"]
-    evals = [r for r in records if r.get("role") == "eval"]
-    actors: dict[str, dict] = {}
+    learner = [LearnerStepRecord.read(r) for r in records if r.get("role") == "learner"]
+    evals = [HeldoutRecord.read(r) for r in records if r.get("role") == "eval"]
+    actors: dict[str, ActorMetricsRecord] = {}
     for record in records:
         if record.get("role", "").startswith("actor"):
-            actors[record["role"]] = record
-    last = learner[-1] if learner else {}
-    out = {
-        "version": last.get("version", 0),
-        "step_s": last.get("step_s"),
-        "reward_mean": last.get("reward_mean"),
-        "train_accuracy": last.get("accuracy"),
-        "staleness_mean": last.get("staleness_mean"),
-        "staleness_max": last.get("staleness_max"),
-        "learner_busy": last.get("busy_fraction"),
-        "publish_s": last.get("publish_s"),
-        "heldout_accuracy": evals[-1].get("accuracy") if evals else None,
-        "heldout_version": evals[-1].get("version") if evals else None,
-        "first_heldout_accuracy": evals[0].get("accuracy") if evals else None,
-        "tokens_per_s": sum(a.get("tokens_per_s") or 0 for a in actors.values()) or None,
-        "weight_update_s": max((a.get("weight_update_s") or 0 for a in actors.values()), default=None),
-        "actor_versions": {k: a.get("weight_version") for k, a in actors.items()},
-        "buffer_batches_refused": sum(a.get("buffer_batches_refused") or 0 for a in actors.values()),
-        "buffer_stalled_s": max((a.get("buffer_stalled_s") or 0 for a in actors.values()), default=0),
-    }
+            actors[record["role"]] = ActorMetricsRecord.read(record)
+    last = learner[-1] if learner else LearnerStepRecord.read({})
+    first_eval, last_eval = (evals[0], evals[-1]) if evals else (HeldoutRecord.read({}),) * 2
+    figures = dict(
+        version=last.version or 0,
+        step_s=last.step_s,
+        reward_mean=last.reward_mean,
+        train_accuracy=last.accuracy,
+        staleness_mean=last.staleness_mean,
+        staleness_max=last.staleness_max,
+        learner_busy=last.busy_fraction,
+        publish_s=last.publish_s,
+        heldout_accuracy=last_eval.accuracy,
+        heldout_version=last_eval.version,
+        first_heldout_accuracy=first_eval.accuracy,
+        tokens_per_s=sum(a.tokens_per_s or 0 for a in actors.values()) or None,
+        weight_update_s=max((a.weight_update_s or 0.0 for a in actors.values()), default=None),
+        actor_versions={k: a.weight_version for k, a in actors.items()},
+        buffer_batches_refused=sum(a.buffer_batches_refused or 0 for a in actors.values()),
+        buffer_stalled_s=max((a.buffer_stalled_s or 0.0 for a in actors.values()), default=0.0),
+    )
     if status:
-        out.update(
-            actors_alive=len(status.get("actors", [])),
-            learner_ranks=status.get("learner_ranks"),
-            buffer=status.get("buffer_stats"),
-            events=status.get("events", [])[-5:],
+        figures.update(
+            actors_alive=len(status.actors),
+            learner_ranks=status.learner_ranks,
+            buffer=status.buffer_stats,
+            events=status.events[-5:],
         )
-    return out
+    return Snapshot(**figures)
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -55,30 +63,30 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
-def render(snap: dict[str, Any], elapsed_s: float):
+def render(snap: Snapshot, elapsed_s: float):
     from rich.table import Table
 
     table = Table(title=f"async-rl — {elapsed_s / 60:.1f} min", show_header=False, expand=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    buffer = snap.get("buffer") or {}
+    buffer = snap.buffer
     rows = [
-        ("policy version", _fmt(snap["version"])),
-        ("learner step", f"{_fmt(snap['step_s'], '.2f')} s (busy {_fmt(snap['learner_busy'], '.0%')})"),
-        ("actor tokens/s", _fmt(snap["tokens_per_s"], ".0f")),
-        ("train reward / accuracy", f"{_fmt(snap['reward_mean'])} / {_fmt(snap['train_accuracy'])}"),
-        ("held-out accuracy", f"{_fmt(snap['heldout_accuracy'])} (v{_fmt(snap['heldout_version'])}; start {_fmt(snap['first_heldout_accuracy'])})"),
-        ("staleness mean / max", f"{_fmt(snap['staleness_mean'], '.2f')} / {_fmt(snap['staleness_max'], '.0f')}"),
-        ("buffer rows / groups", f"{_fmt(buffer.get('rows'))} / {_fmt(buffer.get('groups'))}"),
-        ("prompts of the epoch", _prompts(buffer.get("prompts"))),
-        ("actors alive", _fmt(snap.get("actors_alive"))),
-        ("actor buffer writes", f"{_fmt(snap.get('buffer_batches_refused'))} refused, "
-                                f"stalled {_fmt(snap.get('buffer_stalled_s'), '.0f')} s"),
-        ("last weight sync", f"publish {_fmt(snap['publish_s'], '.3f')} s, apply {_fmt(snap['weight_update_s'], '.3f')} s"),
+        ("policy version", _fmt(snap.version)),
+        ("learner step", f"{_fmt(snap.step_s, '.2f')} s (busy {_fmt(snap.learner_busy, '.0%')})"),
+        ("actor tokens/s", _fmt(snap.tokens_per_s, ".0f")),
+        ("train reward / accuracy", f"{_fmt(snap.reward_mean)} / {_fmt(snap.train_accuracy)}"),
+        ("held-out accuracy", f"{_fmt(snap.heldout_accuracy)} (v{_fmt(snap.heldout_version)}; start {_fmt(snap.first_heldout_accuracy)})"),
+        ("staleness mean / max", f"{_fmt(snap.staleness_mean, '.2f')} / {_fmt(snap.staleness_max, '.0f')}"),
+        ("buffer rows / groups", f"{_fmt(buffer and buffer.rows)} / {_fmt(buffer and buffer.groups)}"),
+        ("prompts of the epoch", _prompts(buffer and buffer.prompts)),
+        ("actors alive", _fmt(snap.actors_alive)),
+        ("actor buffer writes", f"{_fmt(snap.buffer_batches_refused)} refused, "
+                                f"stalled {_fmt(snap.buffer_stalled_s, '.0f')} s"),
+        ("last weight sync", f"publish {_fmt(snap.publish_s, '.3f')} s, apply {_fmt(snap.weight_update_s, '.3f')} s"),
     ]
     for name, value in rows:
         table.add_row(name, value)
-    for event in snap.get("events") or []:
+    for event in snap.events or []:
         table.add_row("event", event)
     return table
 
@@ -90,12 +98,12 @@ def _prompts(p: dict | None) -> str:
     return f"epoch {p['epoch']}: {p['done']} done / {p['in_flight']} in flight / {p['pending']} pending"
 
 
-def plain_line(snap: dict[str, Any], elapsed_s: float) -> str:
+def plain_line(snap: Snapshot, elapsed_s: float) -> str:
     return (
-        f"[{elapsed_s / 60:5.1f} min] v{snap['version']} reward={_fmt(snap['reward_mean'])} "
-        f"heldout={_fmt(snap['heldout_accuracy'])} staleness={_fmt(snap['staleness_mean'], '.2f')}"
-        f"/{_fmt(snap['staleness_max'], '.0f')} tok/s={_fmt(snap['tokens_per_s'], '.0f')} "
-        f"actors={_fmt(snap.get('actors_alive'))}"
+        f"[{elapsed_s / 60:5.1f} min] v{snap.version} reward={_fmt(snap.reward_mean)} "
+        f"heldout={_fmt(snap.heldout_accuracy)} staleness={_fmt(snap.staleness_mean, '.2f')}"
+        f"/{_fmt(snap.staleness_max, '.0f')} tok/s={_fmt(snap.tokens_per_s, '.0f')} "
+        f"actors={_fmt(snap.actors_alive)}"
     )
 
 
@@ -117,7 +125,7 @@ class LiveView:
             self.live.__enter__()
         return self
 
-    def update(self, snap: dict[str, Any]) -> None:
+    def update(self, snap: Snapshot) -> None:
         elapsed = time.monotonic() - self.started
         if self.live is not None:
             self.live.update(render(snap, elapsed))

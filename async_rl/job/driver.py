@@ -24,6 +24,7 @@ from typing import Any
 from async_rl.config import Config
 from async_rl.job import placement
 from async_rl.job.runfolder import clear_stop, request_stop, stop_requested, update_run_json
+from async_rl.records import JobStatus
 
 # How often the driver supervises, serves control requests and refreshes the display.
 TICK_S = 1.0
@@ -46,7 +47,7 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
     ray = placement.init_ray(cfg.cluster, num_cpus=_local_cpus(cfg))
     placement.resolve_bind_host(cfg.cluster, ray)
     controller = _start_controller(ray, cfg, run_dir, policy_dir)
-    addresses = ray.get(controller.start.remote(resume))
+    addresses = ray.get(controller.start.remote(resume)).model_dump(mode="json")
     from async_rl.job.control import ControlServer
 
     keys = cfg.weights.curve_keys_dir and str(Path(cfg.weights.curve_keys_dir).resolve())
@@ -68,7 +69,7 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
         signal.signal(signal.SIGINT, interrupted)
     summary = _summary(run_dir)
     console.print(summary)
-    return 1 if status.get("failure") else 0
+    return 1 if status.failure else 0
 
 
 def _check_train_data(cfg: Config, run_dir: Path) -> None:
@@ -108,51 +109,40 @@ def _local_cpus(cfg: Config) -> int:
 
 
 def _start_controller(ray, cfg: Config, run_dir: Path, policy_dir: Path):
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from transformers import AutoTokenizer
-
-    from async_rl.job.controller import Controller
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
-    # On this node: the buffer service it starts binds cluster.bind_host, an address of this node.
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return (
-        ray.remote(Controller)
-        .options(
-            name=placement.CONTROLLER_NAME, num_cpus=0, max_concurrency=8, runtime_env=placement.role_env(),
-            scheduling_strategy=here,
-        )
-        .remote(cfg.model_dump(mode="json"), str(run_dir), str(policy_dir), stop_ids)
-    )
+    return placement.start_controller(ray, cfg.model_dump(mode="json"), str(run_dir), str(policy_dir), stop_ids)
 
 
-def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> dict[str, Any]:
+def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> JobStatus | None:
     from async_rl.job.display import LiveView, snapshot
 
     deadline = time.monotonic() + cfg.run.max_minutes * 60 if cfg.run.max_minutes else None
-    status: dict[str, Any] = {}
+    status: JobStatus | None = None
     with LiveView(console, mode=cfg.logging.console) as view:
         while True:
             status = ray.get(controller.supervise.remote())
             control.serve_pending(lambda req: _handle(req, controller, ray, run_dir), timeout_ms=int(TICK_S * 1000))
             snap = snapshot(run_dir, status)
             view.update(snap)
-            if status.get("finished") or status.get("failure") or stop_requested(run_dir):
+            if status.finished or status.failure or stop_requested(run_dir):
                 break
             if deadline is not None and time.monotonic() > deadline:
                 console.print(f"run.max_minutes={cfg.run.max_minutes:g} reached")
                 break
-    if status.get("finished") and not status.get("failure"):
+    if status is not None and status.finished and not status.failure:
         console.print("held-out evaluation of the final policy")
         ray.get(controller.final_evaluation.remote())
     return status
 
 
 def _handle(request: dict[str, Any], controller, ray, run_dir: Path) -> Any:
+    """One control request; the reply is JSON (``JobStatus`` for status and scale)."""
     verb = request["verb"]
     if verb == "status":
-        return ray.get(controller.status.remote())
+        return ray.get(controller.status.remote()).model_dump(mode="json")
     if verb == "stop":
         request_stop(run_dir)
         return {"stopping": True}
@@ -160,7 +150,7 @@ def _handle(request: dict[str, Any], controller, ray, run_dir: Path) -> Any:
     if not isinstance(count, int) or count < (0 if verb == "scale_actors" else 1):
         raise ValueError(f"count={count!r}: expected a non-negative integer ({'>= 1 ' if verb == 'scale_learners' else ''}for {verb})")
     method = controller.scale_actors if verb == "scale_actors" else controller.scale_learners
-    return ray.get(method.remote(count))
+    return ray.get(method.remote(count)).model_dump(mode="json")
 
 
 def _install_interrupt(run_dir: Path):
@@ -186,9 +176,9 @@ def _summary(run_dir: Path) -> str:
 
     lines = [
         f"run folder: {run_dir}",
-        f"policy version {snap['version']}; held-out accuracy {accuracy(snap['first_heldout_accuracy'])} → "
-        f"{accuracy(snap['heldout_accuracy'])}",
+        f"policy version {snap.version}; held-out accuracy {accuracy(snap.first_heldout_accuracy)} → "
+        f"{accuracy(snap.heldout_accuracy)}",
         f"metrics: {run_dir / 'metrics'}; plot: async-rl plot {run_dir}",
     ]
-    (run_dir / "summary.json").write_text(json.dumps(snap, indent=2, default=str))
+    (run_dir / "summary.json").write_text(json.dumps(snap.shown(), indent=2, default=str))
     return "\n".join(lines)

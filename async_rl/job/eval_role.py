@@ -21,32 +21,33 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from async_rl.config import Config
 from async_rl.evaluation.versions import EVAL_DIR, VersionEvaluator, accuracy, is_due
 from async_rl.job.metrics import MetricsWriter
+from async_rl.records import EvaluatorLaunch, EvaluatorResult, HeldoutRecord
 
 log = logging.getLogger(__name__)
 
 
 class EvaluatorWorker:
-    def __init__(self, payload: dict[str, Any]):
-        self.cfg = cfg = Config.model_validate(payload["config"])
-        self.run_dir = Path(payload["run_dir"])
-        self.weights_address = payload["weights_address"]
+    def __init__(self, launch: EvaluatorLaunch | dict[str, Any]):
+        launch = EvaluatorLaunch.model_validate(launch)
+        self.cfg = cfg = launch.config
+        self.run_dir = launch.run_dir
+        self.weights_address = launch.weights_address
         # A resumed job's engine starts from the SFT policy, not from the learner's version: its
         # first evaluation waits for the learner's weights.
-        self.evaluate_start = not payload.get("resume", False)
+        self.evaluate_start = not launch.resume
         source = cfg.data.heldout
         heldout = self.run_dir / "data" / "heldout.parquet" if source == "synthetic" else Path(source)
-        self.evaluator = VersionEvaluator.start(Path(payload["model_dir"]), heldout, cfg, version=0,
+        self.evaluator = VersionEvaluator.start(launch.model_dir, heldout, cfg, version=0,
                                                 work_dir=self.run_dir / "actors" / "evaluator")
         self.metrics = MetricsWriter(self.run_dir, "eval")
-        self.records: dict[int, dict[str, Any]] = {}
+        self.records: dict[int, HeldoutRecord] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._subscriber = None
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> EvaluatorResult:
         from async_rl.weights.subscriber import WeightSubscriber
 
         try:
@@ -60,7 +61,7 @@ class EvaluatorWorker:
                 self._subscriber.close()
             self.evaluator.close()
             self.metrics.close()
-        return {"evaluated": sorted(self.records)}
+        return EvaluatorResult(evaluated=sorted(self.records))
 
     def stop(self) -> None:
         self._stop.set()
@@ -68,7 +69,7 @@ class EvaluatorWorker:
     def evaluated(self) -> list[int]:
         return sorted(self.records)
 
-    def evaluate_exported(self, version: int, model_dir: str) -> dict[str, Any] | None:
+    def evaluate_exported(self, version: int, model_dir: str) -> HeldoutRecord | None:
         """Evaluate the policy exported at ``version`` unless that version was evaluated already."""
         from safetensors.torch import load_file
 
@@ -99,11 +100,11 @@ class EvaluatorWorker:
         out = self.run_dir / EVAL_DIR / f"v{version:06d}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(document, indent=1))
-        record = {
-            "version": version, "accuracy": accuracy(document), "prompts": document["benchmarks"][0]["problems"],
-            "no_answer": document["benchmarks"][0]["no_answer_fraction"], "weights_from": source,
-            "eval_s": document["elapsed_s"], "result": str(out.relative_to(self.run_dir)), "time": time.time(),
-        }
+        record = HeldoutRecord(
+            version=version, accuracy=accuracy(document), prompts=document["benchmarks"][0]["problems"],
+            no_answer=document["benchmarks"][0]["no_answer_fraction"], weights_from=source,
+            eval_s=document["elapsed_s"], result=str(out.relative_to(self.run_dir)), time=time.time(),
+        )
         self.records[version] = record
         self.metrics.write(record)
-        log.info("held-out v%d: %.3f (%s)", version, record["accuracy"], source)
+        log.info("held-out v%d: %.3f (%s)", version, record.accuracy, source)

@@ -24,6 +24,7 @@ import numpy as np
 from async_rl.config import Config
 from async_rl.job.metrics import MetricsWriter
 from async_rl.job.runfolder import stop_requested
+from async_rl.records import LearnerLaunch, LearnerResult, LearnerStepRecord
 
 log = logging.getLogger("async_rl.learner")
 # How long rank 0 waits for a batch before re-checking the stop request.
@@ -33,15 +34,16 @@ IDLE = 0
 TRAINED_LOG = "trained-groups.jsonl"  # in RUN_DIR/logs/: per step, the groups trained and their tokens
 
 
-def learner_main(payload: dict[str, Any]) -> dict[str, Any]:
-    """Rank entry point (``learners.launch`` / a Ray actor): ``payload`` is plain JSON."""
+def learner_main(launch: LearnerLaunch | dict[str, Any]) -> LearnerResult:
+    """Rank entry point (a Ray actor, or ``learners.launch`` with the launch spec as JSON)."""
     import torch
 
     from async_rl.job.placement import learner_threads
 
-    cfg = Config.model_validate(payload["config"])
-    torch.set_num_threads(int(payload.get("threads") or learner_threads(cfg.learner)))
-    loop = LearnerLoop(cfg, Path(payload["run_dir"]), Path(payload["model_dir"]), payload)
+    launch = LearnerLaunch.model_validate(launch)
+    cfg = launch.config
+    torch.set_num_threads(learner_threads(cfg.learner))
+    loop = LearnerLoop(cfg, launch.run_dir, launch.model_dir, launch)
     try:
         return loop.run()
     finally:
@@ -49,7 +51,7 @@ def learner_main(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class LearnerLoop:
-    def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, payload: dict[str, Any]):
+    def __init__(self, cfg: Config, run_dir: Path, model_dir: Path, launch: LearnerLaunch):
         from learners import checkpoint
         from learners.engine import LearnerEngine
         from learners.profiling import PhaseTimer
@@ -58,7 +60,7 @@ class LearnerLoop:
         self.cfg, self.run_dir = cfg, run_dir
         self.engine = LearnerEngine(model_dir, cfg.learner, dtype=cfg.model.dtype)
         self.rank = self.engine.dist.rank
-        state = checkpoint.resume(self.engine, run_dir / "checkpoints") if payload.get("resume", True) else None
+        state = checkpoint.resume(self.engine, run_dir / "checkpoints") if launch.resume else None
         self.version = state.version if state else 0
         self.timer = PhaseTimer()  # host-side only: adds no device sync (learners/profiling.py)
         self.trainer = Trainer(
@@ -69,23 +71,23 @@ class LearnerLoop:
             micro_batch_tokens=cfg.learner.batch.micro_batch_tokens,
             temperature=cfg.actors.temperature,
             max_tokens=cfg.actors.max_tokens,
-            stop_token_ids=payload.get("stop_token_ids", ()),
+            stop_token_ids=launch.stop_token_ids,
             policy_version=self.version,
             timer=self.timer,
         )
         self.client = self.publisher = self.metrics = self.trained = None
         if self.rank == 0:
-            self._open_rank0(payload)
+            self._open_rank0(launch.buffer_address)
         self.busy_s = 0.0
         self.started = time.monotonic()
 
-    def _open_rank0(self, payload: dict[str, Any]) -> None:
+    def _open_rank0(self, buffer_address: str) -> None:
         from async_rl.weights.publisher import WeightPublisher
         from buffer.client import BufferClient
         from buffer.service import learner_token
 
         token = learner_token(self.run_dir / "buffer")  # the folder the controller started it on
-        self.client = BufferClient(payload["buffer_address"], learner_token=token,
+        self.client = BufferClient(buffer_address, learner_token=token,
                                    curve_keys_dir=self.cfg.weights.curve_keys_dir)
         self.publisher = WeightPublisher(self.cfg.weights)
         self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
@@ -94,7 +96,7 @@ class LearnerLoop:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> LearnerResult:
         self.publish(restart=True)  # actors may hold older weights (a resume, a restarted learner)
         steps = 0
         while True:
@@ -122,7 +124,7 @@ class LearnerLoop:
                 self.log_step(table, {**metrics, **phases}, trained_at=trained_at, step_s=step_s, wait_s=waited)
         self.save()
         self.export()
-        return {"version": self.version, "steps": steps}
+        return LearnerResult(version=self.version, steps=steps)
 
     def next_batch(self):
         """Rank 0 samples; the batch (or STOP/IDLE) is broadcast so all ranks agree."""
@@ -198,21 +200,21 @@ class LearnerLoop:
         staleness = row_staleness(table, trained_at).astype(np.float64)
         tokens = sum(len(r) for r in table.column("response_tokens").to_pylist())
         elapsed = time.monotonic() - self.started
-        record = {
-            "step": self.version,
-            "version": self.version,
-            "ranks": self.engine.dist.world_size,
-            "reward_mean": float(rewards.mean()),
-            "accuracy": float(np.mean(table.column("correct").to_pylist())),
-            "staleness_mean": float(staleness.mean()),
-            "staleness_max": float(staleness.max()),
-            "response_tokens": tokens,
-            "step_s": step_s,
-            "sample_wait_s": wait_s,
-            "busy_fraction": self.busy_s / max(elapsed, 1e-9),
-            "publish_s": getattr(self, "last_publish_s", None),
-            **metrics,
-        }
+        record = LearnerStepRecord(
+            step=self.version,
+            version=self.version,
+            ranks=self.engine.dist.world_size,
+            reward_mean=float(rewards.mean()),
+            accuracy=float(np.mean(table.column("correct").to_pylist())),
+            staleness_mean=float(staleness.mean()),
+            staleness_max=float(staleness.max()),
+            response_tokens=tokens,
+            step_s=step_s,
+            sample_wait_s=wait_s,
+            busy_fraction=self.busy_s / max(elapsed, 1e-9),
+            publish_s=getattr(self, "last_publish_s", None),
+            train=metrics,
+        )
         if self.version % self.cfg.logging.log_every == 0:
             self.metrics.write(record, step=self.version)
         groups: dict[str, int] = {}  # group id -> its response tokens

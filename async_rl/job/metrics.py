@@ -1,7 +1,8 @@
 """Metrics: one JSONL file per role, plus TensorBoard events for the learner.
 
-Every record carries ``time`` (unix seconds) and the writer's ``role``; learner records also
-carry ``step`` and ``version``. Readers (the live display, ``async-rl status``, ``async-rl
+Each role writes its record type of ``async_rl/records.py`` (``LearnerStepRecord``,
+``ActorMetricsRecord``, ``HeldoutRecord``); every row also carries ``time`` (unix seconds) and the
+writer's ``role``. Readers (the live display, ``async-rl status``, ``async-rl
 plot``) only read these files, so they work on a live job and on a dead job's folder alike.
 """
 
@@ -12,6 +13,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from async_rl.records import Record
 
 
 class MetricsWriter:
@@ -26,8 +29,8 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / role))
 
-    def write(self, record: dict[str, Any], *, step: int | None = None) -> dict[str, Any]:
-        clean = {k: _plain(v) for k, v in record.items()}
+    def write(self, record: Record, *, step: int | None = None) -> dict[str, Any]:
+        clean = {k: _plain(v) for k, v in record.row().items()}
         clean.setdefault("time", time.time())
         clean["role"] = self.role
         self._handle.write(json.dumps(clean) + "\n")

@@ -1,9 +1,14 @@
 """Where everything runs: the one module that talks to Ray about resources and placement.
 
+Every Ray option a role is started with (CPUs, GPUs, custom resources, scheduling strategy,
+placement group, concurrency, runtime env) is decided here; the controller and the driver call
+the ``start_*`` functions below. ``tests/unit/test_placement.py`` keeps it that way.
+
 Locally (``cluster.ray_address`` unset) a private Ray is started bound to loopback. On a
 cluster, ``ray start --head`` / ``ray start --address …`` first, then ``--ray-address auto``:
 learner ranks share one placement group (so the DeepSpeed group is gang-scheduled), actors
-and the buffer are placed individually.
+and the evaluator are placed individually; the controller runs on the driver's node, where it
+starts the buffer service (a process of its own, bound to ``cluster.bind_host``).
 """
 
 from __future__ import annotations
@@ -12,13 +17,27 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from async_rl.config import AUTO_HOST, ActorsConfig, ClusterConfig, LearnerConfig, is_loopback
+from async_rl.job.roles import ActorRole, EvaluatorRole, LearnerRank
+
+if TYPE_CHECKING:
+    from async_rl.records import ActorLaunch, EvaluatorLaunch
 
 CONTROLLER_NAME = "async_rl_controller"
 NAMESPACE = "async_rl"
 # Roles set their own thread counts; oversubscribing 2 cores with OpenMP threads thrashes.
 ROLE_THREADS = "1"
+# How long a learner group may wait for its resources before the start fails.
+PLACEMENT_TIMEOUT_S = 120.0
+# Ray threads per role: calls answered while the role's ``run`` blocks one thread (``pid``,
+# ``stop``, ``evaluate_exported``; the controller's scale and stop while the driver supervises).
+CONCURRENCY = {"learner": 2, "actor": 4, "evaluator": 4, "controller": 8}
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot give a role the resources its config asks for."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,78 @@ def learner_placement_group(cluster: ClusterConfig, learner: LearnerConfig):
 
     bundles = [learner_resources(learner).bundle()] * learner.ranks
     return placement_group(bundles, strategy=cluster.placement_strategy)
+
+
+def reserve_learner_group(cluster: ClusterConfig, learner: LearnerConfig, *, timeout_s: float = PLACEMENT_TIMEOUT_S):
+    """The learner ranks' placement group once every bundle is placed; ``PlacementError`` (and
+    nothing reserved) when the cluster cannot place them within ``timeout_s``."""
+    import ray
+
+    group = learner_placement_group(cluster, learner)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        free = ray.available_resources()
+        raise PlacementError(
+            f"learner.ranks={learner.ranks}: {learner.ranks} bundle(s) of {learner.cpus:g} CPU / {learner.gpus:g} GPU "
+            f"could not be placed within {timeout_s:.0f} s (free now: "
+            f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)"
+        ) from None
+    return group
+
+
+def release_learner_group(group) -> None:
+    """Free a learner group's resources (its ranks must be gone: the next group needs them)."""
+    import ray
+
+    ray.util.remove_placement_group(group)
+
+
+def start_learner_rank(group, rank: int, learner: LearnerConfig, *, same_machine: bool):
+    """Learner rank ``rank`` in bundle ``rank`` of ``group``; returns its Ray handle."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    extra_env = {"GLOO_SOCKET_IFNAME": "lo"} if same_machine else {}  # else gloo listens on the node's address
+    return ray.remote(LearnerRank).options(
+        **learner_resources(learner).options(),
+        max_concurrency=CONCURRENCY["learner"],
+        runtime_env=role_env(extra_env),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+    ).remote()
+
+
+def start_actor(actors: ActorsConfig, launch: ActorLaunch):
+    """An actor anywhere its resources fit; returns its Ray handle."""
+    import ray
+
+    return ray.remote(ActorRole).options(
+        **actor_resources(actors).options(), runtime_env=role_env(), max_concurrency=CONCURRENCY["actor"],
+    ).remote(launch)
+
+
+def start_evaluator(launch: EvaluatorLaunch):
+    """The held-out evaluator (its engine takes no reserved CPU, like the services)."""
+    import ray
+
+    return ray.remote(EvaluatorRole).options(
+        **SERVICE_RESOURCES.options(), runtime_env=role_env(), max_concurrency=CONCURRENCY["evaluator"],
+    ).remote(launch)
+
+
+def start_controller(ray, *args):
+    """The named controller actor, on this (the driver's) node: the buffer service it starts
+    binds cluster.bind_host, an address of this node. ``args`` go to ``Controller``."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from async_rl.job.controller import Controller
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(Controller).options(
+        name=CONTROLLER_NAME, **SERVICE_RESOURCES.options(), max_concurrency=CONCURRENCY["controller"],
+        runtime_env=role_env(), scheduling_strategy=here,
+    ).remote(*args)
 
 
 def bundle_nodes(group) -> list[str]:

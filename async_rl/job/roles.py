@@ -5,17 +5,28 @@ role's plain code, so the same code also runs outside Ray (tests, ``learners.lau
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from async_rl.records import (
+        ActorLaunch,
+        ActorResult,
+        EvaluatorLaunch,
+        EvaluatorResult,
+        HeldoutRecord,
+        LearnerLaunch,
+        LearnerResult,
+    )
 
 
 class LearnerRank:
     """One learner rank: sets the torch.distributed variables, then runs the learner loop."""
 
-    def run(self, env: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
+    def run(self, env: dict[str, str], launch: LearnerLaunch) -> LearnerResult:
         os.environ.update(env)
         from async_rl.job.learner_role import learner_main
 
-        return learner_main(payload)
+        return learner_main(launch)
 
     def pid(self) -> int:
         return os.getpid()
@@ -24,12 +35,12 @@ class LearnerRank:
 class ActorRole:
     """One vLLM actor (threaded Ray actor: ``run`` blocks while the others are served)."""
 
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, launch: ActorLaunch):
         from async_rl.job.actor_role import ActorWorker
 
-        self.worker = ActorWorker(payload)
+        self.worker = ActorWorker(launch)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ActorResult:
         return self.worker.run()
 
     def stop(self) -> None:
@@ -42,15 +53,15 @@ class ActorRole:
 class EvaluatorRole:
     """Held-out evaluation at exact versions (threaded: ``run`` blocks while the others are served)."""
 
-    def __init__(self, payload: dict[str, Any]):
+    def __init__(self, launch: EvaluatorLaunch):
         from async_rl.job.eval_role import EvaluatorWorker
 
-        self.worker = EvaluatorWorker(payload)
+        self.worker = EvaluatorWorker(launch)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> EvaluatorResult:
         return self.worker.run()
 
-    def evaluate_exported(self, version: int, model_dir: str) -> dict[str, Any] | None:
+    def evaluate_exported(self, version: int, model_dir: str) -> HeldoutRecord | None:
         return self.worker.evaluate_exported(version, model_dir)
 
     def evaluated(self) -> list[int]:
@@ -61,3 +72,14 @@ class EvaluatorRole:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def kill_roles(handles: list) -> None:
+    """End role processes at once (after their graceful stop, or when they are past one)."""
+    import ray
+
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # already gone
+            pass

@@ -10,7 +10,6 @@ is exercised end to end.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from async_rl.job.faults import kill_role
 
 BIN = Path(sys.executable).with_name("async-rl")
 JOB_ARGS = [
@@ -152,9 +153,9 @@ def test_scale_actors_up_then_down_while_training(job):
 
 def test_a_killed_actor_is_restarted_and_training_continues(job):
     run_dir, _ = job
-    pid = wait_for("the actor's pid", lambda: status(run_dir).get("pids", {}).get("actor-0"))
+    wait_for("the actor's pid", lambda: status(run_dir).get("pids", {}).get("actor-0"))
     version = learner_version(run_dir)
-    os.kill(pid, signal.SIGKILL)
+    pid = kill_role(status(run_dir)["pids"], "actor-0")
     wait_for("the restart event", lambda: any("actor 0 died" in e for e in status(run_dir)["events"]))
     wait_for("a new actor process", lambda: status(run_dir).get("pids", {}).get("actor-0") not in (None, pid))
     wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
@@ -164,9 +165,9 @@ def test_a_killed_learner_resumes_from_its_checkpoint(job):
     """Also when it dies before its first checkpoint (this test run alone): it then restarts
     from the initial weights at version 0 and trains on from there."""
     run_dir, _ = job
-    pid = wait_for("the learner's pid", lambda: status(run_dir).get("pids", {}).get("learner-0"))
+    wait_for("the learner's pid", lambda: status(run_dir).get("pids", {}).get("learner-0"))
     steps_before = len(metrics(run_dir, "learner"))
-    os.kill(pid, signal.SIGKILL)
+    kill_role(status(run_dir)["pids"], "learner-0")
     wait_for("the learner restart event", lambda: any("learner group failed" in e for e in status(run_dir)["events"]))
     checkpointed = checkpointed_version(run_dir)  # the dead learner writes nothing more
 

@@ -89,8 +89,8 @@ def test_an_update_published_during_an_evaluation_waits_and_offline_rescoring_ag
     assert published_during == [2]
     assert worker.evaluated() == [1, 2]
     records = [worker.records[1], worker.records[2]]
-    assert [r["version"] for r in records] == [1, 2]
-    assert all(r["weights_from"] == "publisher" and r["prompts"] == PROMPTS for r in records)
+    assert [r.version for r in records] == [1, 2]
+    assert all(r.weights_from == "publisher" and r.prompts == PROMPTS for r in records)
 
     import json
 

@@ -16,22 +16,28 @@ from async_rl.job.runfolder import (
     stop_requested,
     update_run_json,
 )
+from async_rl.records import ActorMetricsRecord, HeldoutRecord, JobStatus, LearnerStepRecord
 
 
 def fill_metrics(run_dir):
     learner = MetricsWriter(run_dir, "learner")
     for version in range(1, 6):
-        learner.write({"version": version, "step": version, "reward_mean": -1 + 0.3 * version,
-                       "accuracy": 0.1 * version, "staleness_mean": 0.5, "staleness_max": 2,
-                       "step_s": 1.5, "busy_fraction": 0.8, "publish_s": 0.01, "loss": float("nan")})
+        learner.write(LearnerStepRecord(
+            version=version, step=version, ranks=1, reward_mean=-1 + 0.3 * version, accuracy=0.1 * version,
+            staleness_mean=0.5, staleness_max=2, response_tokens=64, step_s=1.5, sample_wait_s=0.1,
+            busy_fraction=0.8, publish_s=0.01, train={"loss": float("nan")}))
     learner.close()
     actor = MetricsWriter(run_dir, "actor-0")
-    actor.write({"tokens_per_s": 900.0, "weight_version": 5, "weight_update_s": 0.05,
-                 "buffer_batches_refused": 2, "buffer_stalled_s": 42.0})
+    actor.write(ActorMetricsRecord(
+        tokens_per_s=900.0, groups_done=3, weight_version=5, weight_update_s=0.05, reward_mean=0.1,
+        groups_in_flight=2, rows_acked=12, reward_failures=0, staleness_gate_waits=1,
+        buffer_batches_refused=2, buffer_stalled_s=42.0, weights_streamed=5, weights_from_shm=0,
+        weights_bytes_streamed=1000, time=1.0))
     actor.close()
     evals = MetricsWriter(run_dir, "eval")
-    evals.write({"version": 0, "accuracy": 0.2})
-    evals.write({"version": 5, "accuracy": 0.6})
+    for version, acc in ((0, 0.2), (5, 0.6)):
+        evals.write(HeldoutRecord(version=version, accuracy=acc, prompts=8, no_answer=0.0, weights_from="publisher",
+                                  eval_s=1.0, result=f"eval/v{version:06d}.json", time=2.0))
     evals.close()
 
 
@@ -46,11 +52,14 @@ def test_metrics_round_trip_with_roles_and_non_finite_values(tmp_path):
 
 def test_snapshot_and_plain_line_show_the_latest_figures(tmp_path):
     fill_metrics(tmp_path)
-    snap = snapshot(tmp_path, {"actors": [0, 1], "learner_ranks": 1, "events": ["x"]})
-    assert snap["version"] == 5
-    assert snap["heldout_accuracy"] == 0.6 and snap["first_heldout_accuracy"] == 0.2
-    assert snap["tokens_per_s"] == 900.0 and snap["actors_alive"] == 2
-    assert (snap["buffer_batches_refused"], snap["buffer_stalled_s"]) == (2, 42.0)
+    status = JobStatus(pids={}, buffer_stats=None, actors=[0, 1], learner_ranks=1, finished=False, failure=None,
+                       restarts={}, events=["x"], buffer_address=None, weights_address="", buffer_pid=None)
+    snap = snapshot(tmp_path, status)
+    assert snap.version == 5
+    assert snap.heldout_accuracy == 0.6 and snap.first_heldout_accuracy == 0.2
+    assert snap.tokens_per_s == 900.0 and snap.actors_alive == 2
+    assert (snap.buffer_batches_refused, snap.buffer_stalled_s) == (2, 42.0)
+    assert (snap.train_accuracy, snap.learner_busy, snap.weight_update_s) == (0.5, 0.8, 0.05)
     line = plain_line(snap, 90.0)
     assert line.startswith("[  1.5 min] v5 reward=0.500 heldout=0.600")
 

@@ -1,0 +1,226 @@
+"""The records that cross process boundaries, each key declared once.
+
+Roles are started with a launch spec (``LearnerLaunch``, ``ActorLaunch``, ``EvaluatorLaunch``)
+and end with a result; the controller reports a ``JobStatus``; every role appends its metrics
+records to ``RUN_DIR/metrics/ROLE.jsonl``; the live view and ``async-rl status`` show a
+``Snapshot``. A record refuses an unknown key and requires every key without a default, so a
+misspelt key fails where it is written, naming the key, instead of being read back as a default.
+
+Over Ray a record travels as itself; over any other wire (the control socket, the run folder,
+``learners.launch``'s command line) it is JSON (``model_dump(mode="json")``) and is read back
+with ``model_validate``, never pickle.
+
+Metrics files outlive versions of the program, so their readers take rows with ``read``: the
+declared keys a row lacks are None, the keys it has beyond them are dropped, and reading an
+undeclared key is an ``AttributeError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict
+
+from async_rl.config import Config
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def pick(cls, source: Mapping[str, Any], **more: Any) -> Self:
+        """The record's fields out of a larger mapping (plus ``more``); each one is required."""
+        return cls.model_validate({**{k: source[k] for k in cls.model_fields if k in source}, **more})
+
+    @classmethod
+    def read(cls, row: Mapping[str, Any]) -> Self:
+        """A row of a metrics file, unvalidated: declared keys it lacks are None."""
+        return cls.model_construct(**{name: row.get(name) for name in cls.model_fields})
+
+    def row(self) -> dict[str, Any]:
+        """The record as one metrics-file row."""
+        return self.model_dump()
+
+
+# ---------------------------------------------------------------------- launch specs
+
+
+class LearnerLaunch(Record):
+    """What every learner rank starts with (``job/learner_role.learner_main``)."""
+
+    config: Config
+    run_dir: Path
+    model_dir: Path
+    buffer_address: str
+    stop_token_ids: tuple[int, ...]
+    resume: bool  # load the newest checkpoint of run_dir/checkpoints, if any
+
+
+class ActorLaunch(Record):
+    """What an actor starts with (``job/actor_role.ActorWorker``)."""
+
+    config: Config
+    actor_id: int
+    # (run seed, actor id, launch, incarnation): a restarted or resumed actor samples new streams.
+    sampling_stream: tuple[int, ...]
+    run_dir: Path
+    model_dir: Path
+    buffer_address: str
+    weights_address: str
+    first_version: int  # sample only once the engine serves this version (the learner's checkpoint)
+
+
+class EvaluatorLaunch(Record):
+    """What the held-out evaluator starts with (``job/eval_role.EvaluatorWorker``)."""
+
+    config: Config
+    run_dir: Path
+    model_dir: Path
+    weights_address: str
+    resume: bool  # a resumed job's first evaluation waits for the learner's weights
+
+
+# ---------------------------------------------------------------------- role results
+
+
+class LearnerResult(Record):
+    version: int
+    steps: int
+
+
+class ActorResult(Record):
+    actor: str
+    groups: int
+
+
+class EvaluatorResult(Record):
+    evaluated: list[int]
+
+
+# ---------------------------------------------------------------------- metrics rows
+
+
+class LearnerStepRecord(Record):
+    """``metrics/learner.jsonl``: one row per logged step; ``train`` holds the trainer's own
+    figures (loss, clip fractions, phase times), written as keys of the row."""
+
+    step: int
+    version: int
+    ranks: int
+    reward_mean: float | None
+    accuracy: float | None  # of the batch's rows: reward >= reward.correct
+    staleness_mean: float | None
+    staleness_max: float | None
+    response_tokens: int
+    step_s: float
+    sample_wait_s: float
+    busy_fraction: float
+    publish_s: float | None  # None until the first publish after the start
+    train: dict[str, Any] = {}
+
+    def row(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude={"train"}), **self.train}
+
+
+class ActorMetricsRecord(Record):
+    """``metrics/actor-N.jsonl``: one row every few seconds; most keys are ``Actor.metrics()``'s."""
+
+    tokens_per_s: float
+    groups_done: int
+    weight_version: int
+    weight_update_s: float | None  # the last weight update, from receipt to serving
+    reward_mean: float | None
+    groups_in_flight: int
+    rows_acked: int
+    reward_failures: int
+    staleness_gate_waits: int
+    buffer_batches_refused: int
+    buffer_stalled_s: float
+    weights_streamed: int
+    weights_from_shm: int
+    weights_bytes_streamed: int
+    time: float
+
+
+class HeldoutRecord(Record):
+    """``metrics/eval.jsonl``: one row per evaluated version; ``result`` is the full result
+    document's path in the run folder (``eval/vNNNNNN.json``)."""
+
+    version: int
+    accuracy: float
+    prompts: int
+    no_answer: float
+    weights_from: Literal["start", "publisher", "exported"]
+    eval_s: float
+    result: str
+    time: float
+
+
+# ---------------------------------------------------------------------- status
+
+
+class JobAddresses(Record):
+    """Where the job's services listen (also in ``run.json``)."""
+
+    buffer_address: str | None
+    weights_address: str
+    buffer_pid: int | None
+
+
+class BufferSummary(Record):
+    """The part of the buffer's ``stats`` that ``async-rl status`` shows."""
+
+    rows: int
+    groups: int
+    groups_live: int
+    groups_sampleable: int
+    bytes: int
+    learner_version: int
+    groups_sampled_total: int
+    evicted_rows: dict[str, int]
+    prompts: dict[str, Any] | None  # the data cursor's progress, ``buffer/cursor.progress``
+
+
+class JobStatus(JobAddresses):
+    """The controller's answer to ``async-rl status`` (and to every scale request)."""
+
+    pids: dict[str, int]
+    buffer_stats: BufferSummary | None
+    actors: list[int]
+    learner_ranks: int
+    finished: bool
+    failure: str | None
+    restarts: dict[str, int]
+    events: list[str]
+
+
+class Snapshot(Record):
+    """The figures the live view, ``async-rl status`` and ``summary.json`` show, from the run
+    folder's metrics; the last four only when the job answered."""
+
+    version: int
+    step_s: float | None
+    reward_mean: float | None
+    train_accuracy: float | None
+    staleness_mean: float | None
+    staleness_max: float | None
+    learner_busy: float | None
+    publish_s: float | None
+    heldout_accuracy: float | None
+    heldout_version: int | None
+    first_heldout_accuracy: float | None
+    tokens_per_s: float | None
+    weight_update_s: float | None
+    actor_versions: dict[str, int | None]
+    buffer_batches_refused: int
+    buffer_stalled_s: float
+    actors_alive: int | None = None
+    learner_ranks: int | None = None
+    buffer: BufferSummary | None = None
+    events: list[str] | None = None
+
+    def shown(self) -> dict[str, Any]:
+        """As JSON: the job's figures only when it answered."""
+        return self.model_dump(mode="json", exclude_unset=True)
