@@ -3,7 +3,8 @@
 Roles are started with a launch spec (``LearnerLaunch``, ``ActorLaunch``, ``EvaluatorLaunch``)
 and end with a result; the controller reports a ``JobStatus``; every role appends its metrics
 records to ``RUN_DIR/metrics/ROLE.jsonl``; the live view and ``async-rl status`` show a
-``Snapshot``. A record refuses an unknown key and requires every key without a default, so a
+``Snapshot``; the operating commands send a ``ControlRequest`` and find the job in ``RunInfo``
+(``RUN_DIR/run.json``). A record refuses an unknown key and requires every key without a default, so a
 misspelt key fails where it is written, naming the key, instead of being read back as a default.
 
 Over Ray a record travels as itself; over any other wire (the control socket, the run folder,
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from async_rl.config import Config
 
@@ -36,12 +37,20 @@ class Record(BaseModel):
 
     @classmethod
     def read(cls, row: Mapping[str, Any]) -> Self:
-        """A row of a metrics file, unvalidated: declared keys it lacks are None."""
-        return cls.model_construct(**{name: row.get(name) for name in cls.model_fields})
+        """A row of a file this record was written to, unvalidated (files outlive versions of the
+        program): declared keys it lacks are None and stay unset, undeclared ones are dropped."""
+        return cls.model_construct(_fields_set=set(row) & set(cls.model_fields),
+                                   **{name: row.get(name) for name in cls.model_fields})
 
     def row(self) -> dict[str, Any]:
         """The record as one metrics-file row."""
         return self.model_dump()
+
+
+def one_line(err: ValidationError) -> str:
+    """A record's validation error as one line naming each bad key."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in err.errors())
+    return f"{err.title}: {problems}"
 
 
 # ---------------------------------------------------------------------- launch specs
@@ -156,6 +165,35 @@ class HeldoutRecord(Record):
     eval_s: float
     result: str
     time: float
+
+
+# ---------------------------------------------------------------------- operating a job
+
+
+Verb = Literal["status", "scale_actors", "scale_learners", "stop"]
+VERBS: tuple[str, ...] = get_args(Verb)
+
+
+class ControlRequest(Record):
+    """One request to the job's control endpoint (``job/control.py``); ``count`` for scaling."""
+
+    verb: Verb
+    count: int | None = None
+
+
+class RunInfo(Record):
+    """``RUN_DIR/run.json``: where a started job listens, for the operating commands; written
+    in parts (``runfolder.update_run_json``), so every key may be absent."""
+
+    pid: int | None = None
+    control_address: str | None = None
+    curve_keys_dir: str | None = None
+    buffer_address: str | None = None
+    weights_address: str | None = None
+    buffer_pid: int | None = None
+    policy_dir: str | None = None
+    ray_address: str | None = None
+    updated_at: float | None = None
 
 
 # ---------------------------------------------------------------------- status

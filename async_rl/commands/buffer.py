@@ -71,7 +71,7 @@ def _job_keys(path: Path) -> str | None:
 
     run_dir = path.parent if path.name == "buffer" else path
     try:
-        return read_run_json(run_dir).get("curve_keys_dir")
+        return read_run_json(run_dir).curve_keys_dir
     except FileNotFoundError:
         return None
 

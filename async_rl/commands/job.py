@@ -19,9 +19,9 @@ def _target(run_dir: Path, address: str | None) -> dict[str, str | None]:
     from async_rl.job.runfolder import read_run_json
 
     info = read_run_json(run_dir)
-    if "control_address" not in info:
+    if info.control_address is None:
         raise FileNotFoundError(f"{run_dir}/run.json: no control address (the job never started)")
-    return {"address": info["control_address"], "curve_keys_dir": info.get("curve_keys_dir")}
+    return {"address": info.control_address, "curve_keys_dir": info.curve_keys_dir}
 
 
 def status(

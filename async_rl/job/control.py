@@ -17,10 +17,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
+from async_rl.records import VERBS, ControlRequest, one_line
 from buffer.wire import int_arg
 
 MAX_REQUEST_BYTES = 64 * 1024
-VERBS = ("status", "scale_actors", "scale_learners", "stop")
 # Counts a scale request may ask for: far above any cluster this runs on (an actor is a vLLM
 # engine, a rank a GPU), low enough that a typo cannot make the controller loop for hours.
 SCALE_BOUNDS = {"scale_actors": (0, 1024), "scale_learners": (1, 1024)}
@@ -41,7 +43,7 @@ class ControlServer:
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
 
-    def serve_pending(self, handle: Callable[[dict[str, Any]], Any], timeout_ms: int = 0) -> int:
+    def serve_pending(self, handle: Callable[[ControlRequest], Any], timeout_ms: int = 0) -> int:
         """Answer the requests waiting now (or within ``timeout_ms``); returns how many."""
         import zmq
 
@@ -64,7 +66,13 @@ class ControlServer:
             if request["verb"] in SCALE_BOUNDS:
                 lo, hi = SCALE_BOUNDS[request["verb"]]
                 int_arg(request, "count", None, lo=lo, hi=hi)
-            return {"ok": True, "result": handle(request)}
+            typed = ControlRequest.model_validate(request)
+        except ValidationError as err:
+            return {"ok": False, "error": one_line(err)}
+        except ValueError as err:
+            return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        try:
+            return {"ok": True, "result": handle(typed)}
         except Exception as err:  # report, keep serving
             return {"ok": False, "error": f"{type(err).__name__}: {err}"}
 

@@ -24,7 +24,7 @@ from typing import Any
 from async_rl.config import Config
 from async_rl.job import placement
 from async_rl.job.runfolder import clear_stop, request_stop, stop_requested, update_run_json
-from async_rl.records import JobStatus
+from async_rl.records import ControlRequest, JobStatus
 
 # How often the driver supervises, serves control requests and refreshes the display.
 TICK_S = 1.0
@@ -138,18 +138,18 @@ def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> Job
     return status
 
 
-def _handle(request: dict[str, Any], controller, ray, run_dir: Path) -> Any:
+def _handle(request: ControlRequest, controller, ray, run_dir: Path) -> Any:
     """One control request; the reply is JSON (``JobStatus`` for status and scale)."""
-    verb = request["verb"]
-    if verb == "status":
+    if request.verb == "status":
         return ray.get(controller.status.remote()).model_dump(mode="json")
-    if verb == "stop":
+    if request.verb == "stop":
         request_stop(run_dir)
         return {"stopping": True}
-    count = request.get("count")
-    if not isinstance(count, int) or count < (0 if verb == "scale_actors" else 1):
-        raise ValueError(f"count={count!r}: expected a non-negative integer ({'>= 1 ' if verb == 'scale_learners' else ''}for {verb})")
-    method = controller.scale_actors if verb == "scale_actors" else controller.scale_learners
+    count = request.count
+    if not isinstance(count, int) or count < (0 if request.verb == "scale_actors" else 1):
+        raise ValueError(f"count={count!r}: expected a non-negative integer "
+                         f"({'>= 1 ' if request.verb == 'scale_learners' else ''}for {request.verb})")
+    method = controller.scale_actors if request.verb == "scale_actors" else controller.scale_learners
     return ray.get(method.remote(count)).model_dump(mode="json")
 
 

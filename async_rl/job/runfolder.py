@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from async_rl.records import RunInfo
+
 RUN_JSON = "run.json"
 STOP_FILE = "STOP"
 LAUNCHES_FILE = "launches"
@@ -36,19 +38,20 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_run_json(run_dir: Path) -> dict[str, Any]:
+def read_run_json(run_dir: Path) -> RunInfo:
     path = Path(run_dir) / RUN_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run.json (is {run_dir} a run folder of a started job?)")
-    return json.loads(path.read_text())
+    return RunInfo.read(json.loads(path.read_text()))
 
 
-def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
+def update_run_json(run_dir: Path, **fields: Any) -> RunInfo:
+    """Set some keys of run.json (a key ``RunInfo`` does not declare fails, naming it)."""
     path = Path(run_dir) / RUN_JSON
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current.update(fields, updated_at=time.time())
-    write_json_atomic(path, current)
-    return current
+    current = RunInfo.read(json.loads(path.read_text())) if path.is_file() else RunInfo()
+    info = RunInfo.model_validate({**current.model_dump(exclude_unset=True), **fields, "updated_at": time.time()})
+    write_json_atomic(path, info.model_dump(mode="json", exclude_unset=True))
+    return info
 
 
 def next_launch(run_dir: Path) -> int:

@@ -98,7 +98,7 @@ def test_one_epoch_through_a_learner_kill_and_a_job_kill_trains_every_prompt_onc
     try:
         # 1. The learner dies before its first checkpoint, before any group exists to sample.
         wait_for("the control endpoint", lambda: (run_dir / "run.json").is_file()
-                 and "control_address" in read_run_json(run_dir), every_s=0.5)
+                 and read_run_json(run_dir).control_address is not None, every_s=0.5)
         pid = wait_for("the learner's pid", lambda: status(run_dir).get("pids", {}).get("learner-0"), every_s=0.5)
         assert buffer_stats(run_dir)["rows"] == 0 and not (run_dir / "checkpoints" / "latest").exists()
         psutil.Process(pid).send_signal(signal.SIGKILL)

@@ -59,7 +59,7 @@ def control_on_a_thread():
 
     def handle(req):
         seen.append(req)
-        return {"verb": req["verb"]}
+        return {"verb": req.verb}
 
     def serve():
         while not done.is_set():
@@ -101,7 +101,7 @@ def test_control_with_keys_stops_only_for_the_job(keys):
         assert seen == [] and all("did not answer" in a for a in answers)
         sender = threading.Thread(target=send, args=(job, 30))
         sender.start()
-        server.serve_pending(lambda req: {"stopping": req["verb"] == "stop"}, timeout_ms=30_000)
+        server.serve_pending(lambda req: {"stopping": req.verb == "stop"}, timeout_ms=30_000)
         sender.join()
         assert answers[-1] == {"stopping": True}
     finally:
@@ -126,7 +126,7 @@ def test_control_answers_deeply_nested_json_and_keeps_serving(control):
         reply = _raw(address, payload)
         assert reply["ok"] is False and "not JSON" in reply["error"]
     assert request(address, "status", timeout_s=20) == {"verb": "status"}
-    assert [r["verb"] for r in seen] == ["status"]
+    assert [r.verb for r in seen] == ["status"]
 
 
 @pytest.mark.parametrize(("verb", "count"), [
@@ -159,7 +159,7 @@ def test_the_stop_command_uses_the_keys_named_in_run_json(tmp_path, keys):
         result = {}
         cli = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(app, [str(tmp_path)])))
         cli.start()
-        server.serve_pending(lambda req: seen.append(req["verb"]) or {"stopping": True}, timeout_ms=30_000)
+        server.serve_pending(lambda req: seen.append(req.verb) or {"stopping": True}, timeout_ms=30_000)
         cli.join()
         assert result["r"].exit_code == 0, result["r"].output
         assert "stop requested" in result["r"].output and seen == ["stop"]

@@ -143,8 +143,8 @@ def test_any_control_request_gets_one_reply_and_only_bounded_requests_reach_the_
         sock.close()
     assert isinstance(reply["ok"], bool)
     for req in seen[before:]:
-        if req["verb"].startswith("scale"):
-            assert type(req["count"]) is int and 0 <= req["count"] <= 1024
+        if req.verb.startswith("scale"):
+            assert type(req.count) is int and 0 <= req.count <= 1024
     assert request(address, "status", timeout_s=20) == {"verb": "status"}
 
 

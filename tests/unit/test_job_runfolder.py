@@ -4,6 +4,7 @@ import json
 import threading
 
 import pytest
+from pydantic import ValidationError
 
 from async_rl.job.control import ControlServer, request
 from async_rl.job.display import plain_line, snapshot
@@ -87,7 +88,11 @@ def test_run_json_updates_merge_and_missing_folder_is_explained(tmp_path):
     update_run_json(tmp_path, pid=1, control_address="tcp://127.0.0.1:1")
     update_run_json(tmp_path, buffer_address="tcp://127.0.0.1:2")
     info = read_run_json(tmp_path)
-    assert info["pid"] == 1 and info["buffer_address"].endswith(":2")
+    assert info.pid == 1 and info.buffer_address.endswith(":2") and info.weights_address is None
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert set(written) == {"pid", "control_address", "buffer_address", "updated_at"}
+    with pytest.raises(ValidationError, match="control_adress"):
+        update_run_json(tmp_path, control_adress="tcp://127.0.0.1:3")
     with pytest.raises(FileNotFoundError, match="no run.json"):
         read_run_json(tmp_path / "nope")
 
@@ -101,7 +106,7 @@ def test_control_endpoint_answers_json_and_survives_bad_requests():
 
     def handle(req):
         calls.append(req)
-        if req["verb"] == "scale_actors":
+        if req.verb == "scale_actors":
             raise ValueError("count=-1: expected a non-negative integer")
         return {"version": 3}
 
@@ -114,6 +119,8 @@ def test_control_endpoint_answers_json_and_survives_bad_requests():
             request(server.address, "scale_actors", count=-1)
         with pytest.raises(RuntimeError, match="unknown verb"):
             request(server.address, "reboot")
+        with pytest.raises(RuntimeError, match="ControlRequest: cnt: Extra inputs are not permitted"):
+            request(server.address, "status", cnt=3)
         raw = zmq.Context.instance().socket(zmq.REQ)
         raw.connect(server.address)
         raw.send(b"\x80not json")
@@ -125,7 +132,7 @@ def test_control_endpoint_answers_json_and_survives_bad_requests():
         stop.set()
         thread.join()
         server.close()
-    assert [c["verb"] for c in calls] == ["status", "status"]  # count=-1 never reaches the job
+    assert [c.verb for c in calls] == ["status", "status"]  # count=-1 never reaches the job
 
 
 def test_request_to_a_dead_job_says_so():
