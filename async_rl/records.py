@@ -56,6 +56,15 @@ def one_line(err: ValidationError) -> str:
 # ---------------------------------------------------------------------- launch specs
 
 
+class ControllerLaunch(Record):
+    """What the controller starts with (``job/controller.Controller``)."""
+
+    config: Config
+    run_dir: Path
+    model_dir: Path  # the policy the job starts from (the SFT'd model, or the base model)
+    stop_token_ids: tuple[int, ...]  # the tokenizer's end tokens, for the learner's rollout length
+
+
 class LearnerLaunch(Record):
     """What every learner rank starts with (``job/learner_role.learner_main``)."""
 

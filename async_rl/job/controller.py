@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from async_rl.config import Config
 from async_rl.job import placement
 from async_rl.job.heldout import HeldoutEvaluator
 from async_rl.job.placement import PlacementError
@@ -20,6 +18,7 @@ from async_rl.job.runfolder import clear_stop, next_launch, request_stop
 from async_rl.records import (
     ActorLaunch,
     BufferSummary,
+    ControllerLaunch,
     EvaluatorLaunch,
     HeldoutRecord,
     JobAddresses,
@@ -55,11 +54,11 @@ class Controller:
     acknowledged is lost and no trajectory is trained twice.
     """
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str, model_dir: str, stop_token_ids: list[int]):
-        self.cfg = Config.model_validate(cfg)
-        self.run_dir = Path(run_dir)
-        self.model_dir = model_dir
-        self.stop_token_ids = stop_token_ids
+    def __init__(self, launch: ControllerLaunch):
+        self.cfg = launch.config.model_copy(deep=True)  # the weights' address is filled in at start
+        self.run_dir = launch.run_dir
+        self.model_dir = launch.model_dir
+        self.stop_token_ids = launch.stop_token_ids
         self.buffer = None
         self.weights_address = ""
         self.learners: list = []

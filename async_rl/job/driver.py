@@ -24,7 +24,7 @@ from typing import Any
 from async_rl.config import Config
 from async_rl.job import placement
 from async_rl.job.runfolder import clear_stop, request_stop, stop_requested, update_run_json
-from async_rl.records import ControlRequest, JobStatus
+from async_rl.records import ControllerLaunch, ControlRequest, JobStatus
 
 # How often the driver supervises, serves control requests and refreshes the display.
 TICK_S = 1.0
@@ -113,7 +113,8 @@ def _start_controller(ray, cfg: Config, run_dir: Path, policy_dir: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
-    return placement.start_controller(ray, cfg.model_dump(mode="json"), str(run_dir), str(policy_dir), stop_ids)
+    return placement.start_controller(
+        ray, ControllerLaunch(config=cfg, run_dir=run_dir, model_dir=policy_dir, stop_token_ids=stop_ids))
 
 
 def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> JobStatus | None:

@@ -23,7 +23,7 @@ from async_rl.config import AUTO_HOST, ActorsConfig, ClusterConfig, LearnerConfi
 from async_rl.job.roles import ActorRole, EvaluatorRole, LearnerRank
 
 if TYPE_CHECKING:
-    from async_rl.records import ActorLaunch, EvaluatorLaunch
+    from async_rl.records import ActorLaunch, ControllerLaunch, EvaluatorLaunch
 
 CONTROLLER_NAME = "async_rl_controller"
 NAMESPACE = "async_rl"
@@ -213,9 +213,9 @@ def start_evaluator(launch: EvaluatorLaunch):
     ).remote(launch)
 
 
-def start_controller(ray, *args):
+def start_controller(ray, launch: ControllerLaunch):
     """The named controller actor, on this (the driver's) node: the buffer service it starts
-    binds cluster.bind_host, an address of this node. ``args`` go to ``Controller``."""
+    binds cluster.bind_host, an address of this node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from async_rl.job.controller import Controller
@@ -224,7 +224,7 @@ def start_controller(ray, *args):
     return ray.remote(Controller).options(
         name=CONTROLLER_NAME, **SERVICE_RESOURCES.options(), max_concurrency=CONCURRENCY["controller"],
         runtime_env=role_env(), scheduling_strategy=here,
-    ).remote(*args)
+    ).remote(launch)
 
 
 def bundle_nodes(group) -> list[str]:
