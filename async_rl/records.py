@@ -128,7 +128,7 @@ class LearnerStepRecord(Record):
     version: int
     ranks: int
     reward_mean: float | None
-    accuracy: float | None  # of the batch's rows: reward >= reward.correct
+    accuracy: float | None  # the share of the batch's rows whose stored verdict is correct
     staleness_mean: float | None
     staleness_max: float | None
     response_tokens: int

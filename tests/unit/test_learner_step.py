@@ -115,7 +115,7 @@ def test_the_learner_loop_logs_staleness_and_accuracy_of_the_trajectory_contract
     loop = SimpleNamespace(
         version=3, started=time.monotonic(), busy_s=0.0, trained=io.StringIO(),
         engine=SimpleNamespace(dist=SimpleNamespace(world_size=1)), cfg=SimpleNamespace(logging=SimpleNamespace(log_every=1)),
-        metrics=SimpleNamespace(write=lambda record, step: written.append(record)),
+        metrics=SimpleNamespace(write=lambda record, step: written.append(record.row())),
     )
     LearnerLoop.log_step(loop, table, {"loss": 0.25}, trained_at=2, step_s=1.0, wait_s=0.0)
     (record,) = written
