@@ -6,8 +6,8 @@
     weight subscriber ──► engine.update_weights      BufferWriter ──► buffer (ack)
 
 Each group is one asyncio task: take a prompt from the prompt source (in a job, a lease from
-the data cursor), tokenise it, ``engine.generate`` n samples (one vLLM request joining the
-continuous batch), score every sample in the reward pool, build the Arrow batch under the
+the data cursor), tokenise it, ``rollout_group`` (``actors/group.py``: n samples in one vLLM
+request joining the continuous batch, each scored in the reward pool), build the Arrow batch under the
 hand-out's group id, hand it to the writer; once the buffer acknowledged the batch the source
 hears the prompt is settled (``actors/prompts.py``). Reward calls never block generation:
 they run in worker processes while the engine keeps serving the other groups. A slot is freed only once the
@@ -28,31 +28,25 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from actors.aio import BackgroundLoop
 from actors.backpressure import StalenessGate
-from actors.engine import Sample, VllmEngine
+from actors.engine import VllmEngine
+from actors.group import REWARD_GRACE_S, Group, Scorer, Scoring, rollout_group
 from actors.prompts import Handout, PromptSource, StreamPrompts, encode_prompt
 from actors.trajectories import group_batch
 from actors.writer import BufferWriter
 from async_rl.config import ActorsConfig
-from async_rl.rewards.base import RewardRecord, failure
 from async_rl.tasks.dataset import PromptRow
 
 log = logging.getLogger(__name__)
 
-# A reward future unresolved this long after the pool's own timeout is abandoned: the pool
-# should have answered, so something below it is stuck; the actor must not be.
-REWARD_GRACE_S = 10.0
 # How often the loop re-checks the staleness gate and the stop flag while slots are full.
 POLL_S = 0.05
 # Running groups get this long to finish on stop before they are cancelled.
 DRAIN_S = 30.0
-
-Scorer = Callable[[str, str, str, dict], Future]  # (data_source, response, truth, extra) -> Future[RewardRecord]
 
 
 @dataclass
@@ -88,12 +82,10 @@ class Actor:
         self.loop = loop
         # A bare iterator (tests, studies) gets fresh group ids and no tracking.
         self._prompts = prompts if hasattr(prompts, "take") else StreamPrompts(prompts, actor_id=actor_id)
-        self._score = score
+        self._scoring = Scoring(score, reward_timeout_s + reward_grace_s, reward_failure_score)
         self._buffer_address = buffer_address
         self._curve_keys_dir = curve_keys_dir
         self._cfg = cfg
-        self._reward_wait_s = reward_timeout_s + reward_grace_s
-        self._failure_score = reward_failure_score
         self._gate = gate or StalenessGate(None, None)
         # A resumed job's learner starts from a checkpoint: sampling before its weights arrive
         # would spend the first groups on a policy it has left behind (and age them out).
@@ -211,19 +203,20 @@ class Actor:
                         row.prompt_id, len(prompt_ids))
             self._skip(handout)
             return
-        samples = await self.engine.generate(prompt_ids, n=self._cfg.n_samples_per_prompt)
-        if any(not s.token_ids for s in samples):
+        group = await rollout_group(self.engine, self._scoring, prompt_ids, data_source=row.data_source,
+                                    truth=row.ground_truth, extra_info=row.extra_info,
+                                    n=self._cfg.n_samples_per_prompt)
+        if not group.complete:
             self._skip(handout)
             return
-        rewards = await asyncio.gather(*(self._reward(row, s) for s in samples))
-        if self._release_uninformative and len({r.score for r in rewards}) == 1:
+        if self._release_uninformative and not group.informative:
             self._gate.release()
         batch = group_batch(
             group_id=handout.group_id, actor_id=self.actor_id, row=row,
-            prompt_tokens=prompt_ids, samples=samples, rewards=rewards, kv_on_update=self._kv_on_update,
+            prompt_tokens=prompt_ids, samples=group.samples, rewards=group.rewards, kv_on_update=self._kv_on_update,
         )
         await self._writer.put(batch, on_stored=lambda: self._prompts.settled(handout.group_id))
-        self._count(samples, rewards)
+        self._count(group)
 
     def _skip(self, handout: Handout) -> None:
         """A group that will never be stored: its slot and its prompt are given up."""
@@ -231,18 +224,8 @@ class Actor:
         self._gate.release()
         self._prompts.settled(handout.group_id, skipped=True)
 
-    async def _reward(self, row: PromptRow, sample: Sample) -> RewardRecord:
-        """Score one sample; any failure becomes the failure reward with its reason."""
-        try:
-            future = self._score(row.data_source, sample.text, row.ground_truth, row.extra_info)
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._reward_wait_s)
-        except TimeoutError:
-            return failure(self._failure_score, "timeout", f"no reward after {self._reward_wait_s:g} s")
-        except Exception as err:  # a broken scorer must not take the actor down
-            return failure(self._failure_score, "error", f"{type(err).__name__}: {err}")
-
-    def _count(self, samples: list[Sample], rewards: list[RewardRecord]) -> None:
-        s = self.stats
+    def _count(self, group: Group) -> None:
+        s, samples, rewards = self.stats, group.samples, group.rewards
         s.groups_done += 1
         s.tokens += sum(len(x.token_ids) for x in samples)
         s.finish_reasons.update(x.finish_reason for x in samples)

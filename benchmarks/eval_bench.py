@@ -24,6 +24,7 @@ from _common import machine, print_table, write_result  # noqa: E402
 
 from actors.aio import BackgroundLoop  # noqa: E402
 from actors.engine import VllmEngine  # noqa: E402
+from actors.group import Scoring  # noqa: E402
 from async_rl.config import RewardConfig  # noqa: E402
 from async_rl.evaluation.benchmarks import load_benchmark  # noqa: E402
 from async_rl.evaluation.runner import EvalSettings, engine_configs, evaluate_problems, plan  # noqa: E402
@@ -35,16 +36,16 @@ AIME24 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "aime2
 CONTENDED_LOAD_PER_CPU = 1.0
 
 
-async def one_at_a_time(engine, pool, problems, prompts, n: int) -> int:
+async def one_at_a_time(engine, scoring, problems, prompts, n: int) -> int:
     tokens = 0
     for problem, ids in zip(problems, prompts, strict=True):
-        results = await evaluate_problems(engine, pool, [problem], [ids], n=n)
+        results = await evaluate_problems(engine, scoring, [problem], [ids], n=n)
         tokens += sum(s.tokens for s in results[0].samples)
     return tokens
 
 
-async def all_in_flight(engine, pool, problems, prompts, n: int) -> int:
-    results = await evaluate_problems(engine, pool, problems, prompts, n=n)
+async def all_in_flight(engine, scoring, problems, prompts, n: int) -> int:
+    results = await evaluate_problems(engine, scoring, problems, prompts, n=n)
     return sum(s.tokens for r in results for s in r.samples)
 
 
@@ -77,11 +78,13 @@ def measure(work: Path, problems_n: int, settings: EvalSettings):
     actors, model = engine_configs(settings, sized, on_gpu=False)
     engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work / "vllm"))
     try:
-        with RewardPool(RewardConfig(workers=settings.reward_workers, timeout_s=10.0)) as pool:
+        reward_cfg = RewardConfig(workers=settings.reward_workers, timeout_s=10.0)
+        with RewardPool(reward_cfg) as pool:
+            scoring = Scoring.of(pool, reward_cfg)
             prompts = sized.prompts[0]
-            loop.run(evaluate_problems(engine, pool, bench.problems[:1], prompts[:1], n=n))  # warm up
-            base = timed(loop, one_at_a_time(engine, pool, bench.problems, prompts, n))
-            ours = timed(loop, all_in_flight(engine, pool, bench.problems, prompts, n))
+            loop.run(evaluate_problems(engine, scoring, bench.problems[:1], prompts[:1], n=n))  # warm up
+            base = timed(loop, one_at_a_time(engine, scoring, bench.problems, prompts, n))
+            ours = timed(loop, all_in_flight(engine, scoring, bench.problems, prompts, n))
     finally:
         engine.shutdown()
         loop.close()

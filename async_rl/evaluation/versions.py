@@ -68,6 +68,7 @@ class VersionEvaluator:
     engine: object  # actors.engine.VllmEngine
     loop: object  # actors.aio.BackgroundLoop
     rewards: object  # async_rl.rewards.pool.RewardPool
+    scoring: object  # actors.group.Scoring of ``rewards``
     benchmark: Benchmark
     plan: Plan
     settings: EvalSettings
@@ -83,6 +84,7 @@ class VersionEvaluator:
 
         from actors.aio import BackgroundLoop
         from actors.engine import VllmEngine
+        from actors.group import Scoring
         from async_rl.config import RewardConfig
         from async_rl.rewards.pool import RewardPool
 
@@ -93,10 +95,12 @@ class VersionEvaluator:
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="async-rl-evaluator-"))
         loop = BackgroundLoop(name="evaluator-loop")
         engine = loop.run(VllmEngine.start(model_dir, actors, model, work_dir=work, version=version))
-        rewards = RewardPool(RewardConfig(correct=1.0, wrong=0.0, workers=settings.reward_workers,
-                                          timeout_s=settings.reward_timeout_s,
-                                          by_data_source=cfg.reward.by_data_source, default=cfg.reward.default))
-        return cls(engine, loop, rewards, benchmark, plan_, settings, Path(model_dir))
+        reward_cfg = RewardConfig(correct=1.0, wrong=0.0, workers=settings.reward_workers,
+                                  timeout_s=settings.reward_timeout_s,
+                                  by_data_source=cfg.reward.by_data_source, default=cfg.reward.default)
+        rewards = RewardPool(reward_cfg)
+        return cls(engine, loop, rewards, Scoring.of(rewards, reward_cfg), benchmark, plan_, settings,
+                   Path(model_dir))
 
     @property
     def version(self) -> int:
@@ -111,7 +115,7 @@ class VersionEvaluator:
         raises ``MixedVersionError`` if any response saw another version."""
         version, start = self.engine.version, time.monotonic()
         results = self.loop.run(evaluate_problems(
-            self.engine, self.rewards, self.benchmark.problems, self.plan.prompts[0], n=self.settings.n))
+            self.engine, self.scoring, self.benchmark.problems, self.plan.prompts[0], n=self.settings.n))
         seen = {v for r in results for s in r.samples for v in (s.weight_versions or (None,))}
         if seen != {version}:
             raise MixedVersionError(f"evaluation of v{version} saw weight versions {sorted(seen, key=str)}")

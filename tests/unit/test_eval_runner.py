@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from actors.group import Scoring
 from async_rl.config import RewardConfig
 from async_rl.evaluation.benchmarks import Benchmark, Problem
 from async_rl.evaluation.runner import (
@@ -43,6 +44,8 @@ class ScriptedEngine:
 class ExactMatchRewards:
     """The reward pool's contract: submit_for → Future[RewardRecord]; correct iff text == answer."""
 
+    scoring = property(lambda self: Scoring(self.submit_for, wait_s=5.0, failure_score=0.0))
+
     def __init__(self):
         self.kinds: list[str] = []
 
@@ -63,7 +66,7 @@ def test_each_problem_gets_n_scored_samples_in_problem_order():
     problems = [problem(0, "7"), problem(1, "3"), problem(2, "y", source="livecodebench")]
     finished = []
     rewards = ExactMatchRewards()
-    results = asyncio.run(evaluate_problems(engine, rewards, problems, [[0], [1], [2]], n=3,
+    results = asyncio.run(evaluate_problems(engine, rewards.scoring, problems, [[0], [1], [2]], n=3,
                                             on_done=lambda r: finished.append(r.problem_id),
                                             sampling={"temperature": 0.6}))
     assert [r.problem_id for r in results] == ["b:0", "b:1", "b:2"]
@@ -79,7 +82,7 @@ def test_each_problem_gets_n_scored_samples_in_problem_order():
 def test_result_document_carries_settings_numbers_and_per_problem_rows():
     engine = ScriptedEngine({0: ["7", "7", "8", "7"], 1: ["1", "2", "3", "4"]})
     problems = [problem(0, "7"), problem(1, "3")]
-    results = asyncio.run(evaluate_problems(engine, ExactMatchRewards(), problems, [[0], [1]], n=4))
+    results = asyncio.run(evaluate_problems(engine, ExactMatchRewards().scoring, problems, [[0], [1]], n=4))
     bench = Benchmark("aime24", "aime24.qs.jsonl", "meta.answer", problems)
     doc = result_document("m", [bench], [results], EvalSettings(n=4), Plan([[[0], [1]]], 16, 20, 2048),
                           [1, 4], 1.5, dtype="float32")

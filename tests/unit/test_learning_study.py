@@ -1,21 +1,14 @@
-"""Pure logic of benchmarks/learning_study.py: lagged weights, curve arithmetic, arm parsing,
-the rows a lockstep step trains on, and the informative-group filter."""
+"""Pure logic of benchmarks/learning_study.py: curve arithmetic, arm parsing, the slip breakdown
+(the lockstep step itself is ``async_rl/reference.py``, tested in test_reference.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import math
 import sys
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-
-from actors.engine import Sample
-from async_rl.rewards.base import RewardRecord
-from async_rl.tasks.dataset import PromptRow
-from buffer.schema import row_staleness
 
 STUDY_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_study.py"
 
@@ -28,30 +21,6 @@ def study():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
-
-
-@pytest.mark.parametrize("staleness", [0, 2, 4, 8])
-def test_lagged_weights_serve_version_k_minus_s_and_hold_at_most_s_plus_one_sets(study, staleness):
-    lagged = study.LaggedWeights(staleness)
-    lagged.publish(0, "w0")
-    for k in range(12):
-        version, weights = lagged.weights_for(k)
-        assert version == max(0, k - staleness)
-        assert weights == f"w{version}"
-        lagged.publish(k + 1, f"w{k + 1}")
-        assert len(lagged.held) <= staleness + 1
-    assert lagged.latest == (12, "w12")
-    assert lagged.held == list(range(12 - staleness, 13))
-
-
-def test_lagged_weights_refuse_a_version_already_dropped(study):
-    lagged = study.LaggedWeights(2)
-    for version in range(6):
-        lagged.publish(version, f"w{version}")
-    with pytest.raises(KeyError, match="v1"):
-        lagged.weights_for(3)
-    with pytest.raises(ValueError, match="staleness=-1"):
-        study.LaggedWeights(-1)
 
 
 def test_first_reaching_returns_the_first_point_at_or_above_the_target(study):
@@ -111,62 +80,6 @@ def test_bad_flags_exit_with_one_line_naming_the_value(study):
     quick = study.parse_args(["--quick"])
     assert (quick.seeds, quick.steps, quick.job_min) == (1, 2, 0.0)
     assert [a.name for a in quick.arm_list] == ["gppo", "ppo"]
-
-
-def sample(tokens, version):
-    return Sample(list(tokens), [-0.5] * len(tokens), [version] * len(tokens), "stop", "x")
-
-
-def test_step_rows_carry_the_lagged_policy_version_so_staleness_is_exact(study):
-    row = PromptRow("arith:1", "synthetic/arith", [{"role": "user", "content": "1+1"}], "2")
-    records = [RewardRecord(1.0, "correct"), RewardRecord(-1.0, "wrong")]
-    engine_label = 17  # the engine's load counter, unrelated to the policy version
-    kept = [(row, [1, 2, 3], [sample([4, 5], engine_label), sample([6], engine_label)], records)] * 2
-    table = study.trajectory_table(kept, version=3, run_id="gppo-s4-0", step=7)
-    assert table.num_rows == 4
-    assert all(v == [3] * len(t) for v, t in zip(table.column("token_versions").to_pylist(),
-                                                 table.column("response_tokens").to_pylist(), strict=True))
-    assert len(set(table.column("group_id").to_pylist())) == 2
-    assert row_staleness(table, learner_version=7).tolist() == [4, 4, 4, 4]
-
-
-class FakeEngine:
-    """Stands in for the vLLM engine: each prompt's samples answer as its ground truth says."""
-
-    tokenizer = None
-
-    async def generate(self, prompt_ids, n):
-        return [sample([7, 8], 0) for _ in range(n)]
-
-
-class FakeRewards:
-    """All-correct for prompts whose truth is 'same', alternating otherwise."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def submit_for(self, data_source, text, truth, extra):
-        future: Future = Future()
-        self.calls += 1
-        correct = truth == "same" or self.calls % 2 == 0
-        future.set_result(RewardRecord(1.0 if correct else -1.0, "correct" if correct else "wrong"))
-        return future
-
-
-def test_collect_groups_replaces_zero_advantage_groups_when_filtering(study, monkeypatch):
-    monkeypatch.setattr("actors.prompts.encode_prompt", lambda tokenizer, messages: [1, 2])
-    truths = ["same", "mixed", "same", "same", "mixed", "same", "mixed", "mixed", "mixed"]
-    rows = [PromptRow(f"p{i}", "synthetic/arith", [{"role": "user", "content": "q"}], t) for i, t in enumerate(truths)]
-
-    kept, stats = asyncio.run(study.collect_groups(FakeEngine(), FakeRewards(), iter(rows), groups=3, n=2,
-                                                   informative_only=True))
-    assert [k[0].prompt_id for k in kept] == ["p1", "p4", "p6"]
-    assert stats.groups_generated == 7  # ceil(3 × 1.5) = 5 prompts keep 2, then ceil(1 × 1.5) = 2
-    assert stats.samples == 14 and stats.correct == 11
-
-    kept, _ = asyncio.run(study.collect_groups(FakeEngine(), FakeRewards(), iter(rows), groups=3, n=2,
-                                               informative_only=False))
-    assert [k[0].prompt_id for k in kept] == ["p0", "p1", "p2"]
 
 
 def test_slip_breakdown_splits_minus_answers_into_right_slipped_and_other(study):
