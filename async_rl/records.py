@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from async_rl.config import Config
 
@@ -174,6 +174,69 @@ class HeldoutRecord(Record):
     eval_s: float
     result: str
     time: float
+
+
+# ---------------------------------------------------------------------- evaluation results
+
+EVAL_RESULT_FORMAT = "async-rl-eval/1"
+
+
+class EvalRecord(Record):
+    """Keys with ``@`` in the file (``avg@n``) are fields with a plain name and that alias."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def document(self) -> dict[str, Any]:
+        """The JSON-ready mapping, keys as the file spells them."""
+        return self.model_dump(by_alias=True)
+
+
+class ProblemRow(EvalRecord):
+    """One problem of a benchmark: ``n`` samples, ``correct`` of them right."""
+
+    id: str
+    answer: Any
+    n: int
+    correct: int
+    pass_at_k: dict[str, float] = Field(alias="pass@k")
+    cons: float | None
+    majority_answer: Any
+    majority_votes: int
+    mean_tokens: float
+    truncated: int
+    statuses: dict[str, int]
+    digests: list[Any]
+
+
+class BenchmarkResult(EvalRecord):
+    """A benchmark's numbers (rates are fractions in [0, 1]) and its per-problem rows."""
+
+    name: str
+    file: str | None
+    answer_field: str | None
+    problems: int
+    samples: int
+    avg_at_n: float = Field(alias="avg@n")
+    pass_at_k: dict[str, float] = Field(alias="pass@k")
+    cons_at_n: float | None = Field(alias="cons@n")
+    mean_response_tokens: float
+    truncated_fraction: float
+    no_answer_fraction: float
+    per_problem: list[ProblemRow]
+
+
+class EvalResult(EvalRecord):
+    """An ``async-rl eval`` result file, also the job's ``eval/vNNNNNN.json``."""
+
+    format: Literal["async-rl-eval/1"]
+    model: str
+    created: str
+    settings: dict[str, Any]
+    ks: list[int]
+    elapsed_s: float
+    engine_start_s: float | None = None
+    generated_tokens: int
+    benchmarks: list[BenchmarkResult]
 
 
 # ---------------------------------------------------------------------- operating a job

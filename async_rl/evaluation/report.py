@@ -1,6 +1,7 @@
 """Result files of ``async-rl eval``: save, load, print as rich tables, compare two runs.
 
-A result file is the JSON document ``runner.result_document`` builds:
+A result file is the JSON document ``runner.result_document`` builds, declared as the
+``EvalResult`` record in ``async_rl/records.py`` (checked on write and on load):
 ``{"format": "async-rl-eval/1", "model", "created", "settings", "ks", "elapsed_s", "engine_start_s",
 "generated_tokens", "benchmarks": [{"name", "file", "answer_field", "problems", "samples",
 "avg@n", "pass@k": {"k": value}, "cons@n", "mean_response_tokens", "truncated_fraction",
@@ -14,9 +15,11 @@ import json
 import math
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.table import Table
 
 from async_rl.evaluation.runner import RESULT_FORMAT, EvalInputError
+from async_rl.records import EvalResult, one_line
 
 # Settings that change the numbers: a comparison names those that differ.
 COMPARED_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_tokens", "rope_scaling", "instruction", "dtype")
@@ -40,6 +43,10 @@ def load_result(path: str | Path) -> dict:
         raise EvalInputError(f"{path}: not a readable JSON result file ({err})") from None
     if not isinstance(document, dict) or document.get("format") != RESULT_FORMAT:
         raise EvalInputError(f"{path}: not an async-rl eval result (expected format {RESULT_FORMAT!r})")
+    try:
+        EvalResult.model_validate(document)
+    except ValidationError as err:
+        raise EvalInputError(f"{path}: {one_line(err)}") from None
     return document
 
 

@@ -26,8 +26,9 @@ from pathlib import Path
 from async_rl.config import ActorsConfig, ModelConfig, RewardConfig
 from async_rl.evaluation.benchmarks import Benchmark, Problem, with_instruction
 from async_rl.evaluation.metrics import ProblemResult, SampleResult, response_digest, summarize
+from async_rl.records import EVAL_RESULT_FORMAT, BenchmarkResult, EvalResult
 
-RESULT_FORMAT = "async-rl-eval/1"
+RESULT_FORMAT = EVAL_RESULT_FORMAT
 # DeepSeek-R1's evaluation length; the default when the context allows it.
 R1_MAX_TOKENS = 32_768
 # RoPE types whose factor extends the usable context (as in actors/engine.rope_overrides).
@@ -244,21 +245,22 @@ def result_document(
     settings: EvalSettings, plan_: Plan, ks: Sequence[int], elapsed_s: float, *, dtype: str | None = None,
     request_seed: int | None = None,
 ) -> dict:
-    """The JSON-ready result: settings, per-benchmark numbers and per-problem rows."""
+    """The JSON-ready result: settings, per-benchmark numbers and per-problem rows; built as an
+    ``EvalResult`` record, so a misspelt or missing key fails here, naming it."""
     tokens = sum(s.tokens for results in per_benchmark for r in results for s in r.samples)
     used = {**asdict(settings), "max_tokens": plan_.max_tokens, "max_model_len": plan_.max_model_len,
             "dtype": dtype or settings.dtype, "request_seed": request_seed}
-    return {
-        "format": RESULT_FORMAT,
-        "model": str(model_dir),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": used,
-        "ks": list(ks),
-        "elapsed_s": elapsed_s,
-        "generated_tokens": tokens,
-        "benchmarks": [
-            {"name": b.name, "file": b.path, "answer_field": b.answer_field,
-             **summarize(results, ks, vote=votes_on(b))}
+    return EvalResult(
+        format=RESULT_FORMAT,
+        model=str(model_dir),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        settings=used,
+        ks=list(ks),
+        elapsed_s=elapsed_s,
+        generated_tokens=tokens,
+        benchmarks=[
+            BenchmarkResult.model_validate({"name": b.name, "file": b.path, "answer_field": b.answer_field,
+                                            **summarize(results, ks, vote=votes_on(b))})
             for b, results in zip(benchmarks, per_benchmark, strict=True)
         ],
-    }
+    ).document()

@@ -104,3 +104,19 @@ def test_compare_refuses_a_file_that_is_not_a_result(cli, tmp_path):
 
 def test_an_out_path_that_is_a_folder_is_refused_before_any_work(cli, model_dir, tmp_path):
     assert_one_line_error(cli("--model", model_dir, "--data", AIME24, "--out", tmp_path), "is a folder")
+
+
+def test_a_result_file_with_a_misspelt_or_missing_key_is_refused_naming_it(tmp_path):
+    from async_rl.evaluation.report import load_result
+    from async_rl.evaluation.runner import EvalInputError
+
+    good = run_document("m", {"p0": [True, False, False, False]})
+    assert load_result(save_result(good, tmp_path / "good.json"))["benchmarks"][0]["avg@n"] == 0.25
+    misspelt = json.loads(json.dumps(good))
+    misspelt["benchmarks"][0]["avg@m"] = misspelt["benchmarks"][0].pop("avg@n")
+    with pytest.raises(EvalInputError, match=r"bad\.json: .*benchmarks\.0\.avg@n: Field required"):
+        load_result(save_result(misspelt, tmp_path / "bad.json"))
+    extra = json.loads(json.dumps(good))
+    extra["benchmarks"][0]["per_problem"][0]["corect"] = 1
+    with pytest.raises(EvalInputError, match=r"per_problem\.0\.corect: Extra inputs are not permitted"):
+        load_result(save_result(extra, tmp_path / "extra.json"))

@@ -156,3 +156,18 @@ def test_only_math_benchmarks_get_a_majority_vote():
 
     assert votes_on(Benchmark("aime24", "f", "answer", [problem(0, "1")]))
     assert not votes_on(Benchmark("lcb", "f", "answer", [problem(0, "1"), problem(1, "[]", source="livecodebench_v5")]))
+
+
+def test_result_document_refuses_a_benchmark_number_it_does_not_declare(monkeypatch):
+    from pydantic import ValidationError
+
+    import async_rl.evaluation.runner as runner
+
+    real = runner.summarize
+    monkeypatch.setattr(runner, "summarize", lambda *a, **k: {**real(*a, **k), "pass@K": {}})
+    problems = [problem(0, "7")]
+    results = asyncio.run(evaluate_problems(ScriptedEngine({0: ["7"]}), ExactMatchRewards().scoring,
+                                            problems, [[0]], n=1))
+    bench = Benchmark("aime24", "aime24.qs.jsonl", "meta.answer", problems)
+    with pytest.raises(ValidationError, match="pass@K"):
+        result_document("m", [bench], [results], EvalSettings(n=1), Plan([[[0]]], 16, 20, 2048), [1], 1.0)
