@@ -24,7 +24,7 @@ from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from async_rl.config import Config
+from async_rl.config import Config, LearnerConfig
 
 
 class Record(BaseModel):
@@ -98,6 +98,20 @@ class EvaluatorLaunch(Record):
     model_dir: Path
     weights_address: str
     resume: bool  # a resumed job's first evaluation waits for the learner's weights
+
+
+class SFTLaunch(Record):
+    """What every SFT rank starts with (``learners/sft.sft_rank``, over ``learners.launch``'s
+    command line as JSON)."""
+
+    learner: LearnerConfig
+    model_dir: Path
+    data: Path  # SFT rows: the verl format with a response
+    out_dir: Path  # the HF export (rank 0 writes it and sft_metrics.json)
+    max_len: int  # model.max_model_len: longest prompt + response kept
+    epochs: float = Field(gt=0)
+    seed: int
+    dtype: Literal["float32", "bfloat16", "float16"]
 
 
 # ---------------------------------------------------------------------- role results

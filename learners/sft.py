@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from async_rl.config import Config, LearnerConfig
+from async_rl.config import Config
 from async_rl.tasks.encoding import encode_prompt
 from learners.advantages import sft_nll
 from learners.packing import build_micro_batch, empty_micro_batch, input_length, plan_micro_batches
@@ -116,22 +116,24 @@ def sft_rank(payload: dict) -> None:
     """Rank entry point (``learners.launch``): train on the rows, then export (rank 0 writes)."""
     from transformers import AutoTokenizer
 
+    from async_rl.records import SFTLaunch
     from async_rl.tasks.dataset import load_rows
     from learners.checkpoint import export_hf
     from learners.engine import LearnerEngine
 
-    cfg = LearnerConfig.model_validate(payload["learner"])
-    rows, _ = load_rows(payload["data"], require_response=True)
-    tokenizer = AutoTokenizer.from_pretrained(payload["model_dir"])
-    examples = encode_rows(rows, tokenizer, max_len=payload["max_len"])
-    plan = batches(len(examples), cfg.sft.batch_size, payload["epochs"], payload["seed"])
-    engine = LearnerEngine(payload["model_dir"], cfg, dtype=payload.get("dtype"), total_steps=len(plan),
+    spec = SFTLaunch.model_validate(payload)
+    cfg = spec.learner
+    rows, _ = load_rows(spec.data, require_response=True)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    examples = encode_rows(rows, tokenizer, max_len=spec.max_len)
+    plan = batches(len(examples), cfg.sft.batch_size, spec.epochs, spec.seed)
+    engine = LearnerEngine(spec.model_dir, cfg, dtype=spec.dtype, total_steps=len(plan),
                            optimizer_cfg=cfg.sft_optimizer)
     trainer = SFTTrainer(engine, micro_batch_tokens=cfg.batch.micro_batch_tokens)
     history = run_steps(trainer, examples, plan, engine.dist.rank == 0)
-    export_hf(engine, Path(payload["out_dir"]))
+    export_hf(engine, spec.out_dir)
     if engine.dist.rank == 0:
-        (Path(payload["out_dir"]) / "sft_metrics.json").write_text(json.dumps(history))
+        (spec.out_dir / "sft_metrics.json").write_text(json.dumps(history))
 
 
 def run_steps(trainer: SFTTrainer, examples: list[SFTExample], plan: list[list[int]], verbose: bool) -> list[dict]:
@@ -147,27 +149,23 @@ def run_steps(trainer: SFTTrainer, examples: list[SFTExample], plan: list[list[i
     return history
 
 
-def sft_payload(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, epochs: float | None = None) -> dict:
-    return {
-        "learner": cfg.learner.model_dump(mode="json"),
-        "model_dir": str(model_dir),
-        "data": str(data),
-        "out_dir": str(out_dir),
-        "max_len": cfg.model.max_model_len,
-        "epochs": cfg.learner.sft.epochs if epochs is None else epochs,
-        "seed": cfg.run.seed,
-        "dtype": cfg.model.dtype,
-    }
+def sft_launch(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, epochs: float | None = None):
+    """The ranks' ``SFTLaunch``; ``learner.sft.epochs`` unless ``epochs`` is given (> 0)."""
+    from async_rl.records import SFTLaunch
+
+    epochs = cfg.learner.sft.epochs if epochs is None else epochs
+    if epochs <= 0:
+        raise ValueError(f"learner.sft.epochs={epochs}: must be > 0 to run SFT")
+    return SFTLaunch(learner=cfg.learner, model_dir=model_dir, data=data, out_dir=out_dir,
+                     max_len=cfg.model.max_model_len, epochs=epochs, seed=cfg.run.seed, dtype=cfg.model.dtype)
 
 
 def run_sft(cfg: Config, *, model_dir: Path, data: Path, out_dir: Path, console=None, epochs: float | None = None) -> Path:
     """SFT ``model_dir`` on ``data`` with ``learner.ranks`` ranks; the HF export goes to ``out_dir``."""
     from learners.launch import launch
 
-    payload = sft_payload(cfg, model_dir=model_dir, data=data, out_dir=out_dir, epochs=epochs)
-    if payload["epochs"] <= 0:
-        raise ValueError(f"learner.sft.epochs={payload['epochs']}: must be > 0 to run SFT")
-    launch("learners.sft:sft_rank", cfg.learner.ranks, payload)
+    spec = sft_launch(cfg, model_dir=model_dir, data=data, out_dir=out_dir, epochs=epochs)
+    launch("learners.sft:sft_rank", cfg.learner.ranks, spec.model_dump(mode="json"))
     if console is not None:
         console.print(f"sft: model written to {out_dir}")
     return Path(out_dir)
