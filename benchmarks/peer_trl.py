@@ -212,7 +212,7 @@ class Clock:
 
 
 def greedy_accuracy(model, tok, rows, cfg, batch: int = 100) -> float:
-    """Greedy answers to held-out problems, scored by the job's reward (correct = reward.correct)."""
+    """Greedy answers to held-out problems, scored by the job's reward (its verdict, as the job's evaluator counts)."""
     import torch
 
     from actors.prompts import encode_prompt
@@ -233,8 +233,7 @@ def greedy_accuracy(model, tok, rows, cfg, batch: int = 100) -> float:
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.actors.max_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-        correct += sum(score(t, r.ground_truth, None, cfg.reward).score >= cfg.reward.correct
-                       for t, r in zip(texts, chunk, strict=True))
+        correct += sum(score(t, r.ground_truth, None, cfg.reward).correct for t, r in zip(texts, chunk, strict=True))
     model.train()
     return correct / max(len(rows), 1)
 
