@@ -146,6 +146,8 @@ class LearnerStepRecord(Record):
     staleness_mean: float | None
     staleness_max: float | None
     response_tokens: int
+    groups: int  # groups in the batch
+    groups_all_equal: int  # of them, groups whose rewards are all equal: no policy-gradient signal
     step_s: float
     sample_wait_s: float
     busy_fraction: float

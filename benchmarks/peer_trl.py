@@ -1,7 +1,8 @@
 """The job against TRL's GRPOTrainer: same tiny SFT start, data, reward and batch, same machine,
 one run after the other in one invocation.
 
-    python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3] [--quick]
+    python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3]
+                                  [--systems ours,ours-all-groups,trl] [--quick]
 
 Needs the optional ``peer`` extra (``pip install -e '.[peer]'``: TRL, never on the product path).
 Per seed: ``async-rl train`` from the shared SFT start for ``--budget-min`` minutes (tiny.yaml, no
@@ -12,7 +13,14 @@ clip 0.2/0.28, β 0 (TRL's DAPO loss), the task's math-verify reward (``async_rl
 (the job's evaluator at versions 0, 10, 20, …; TRL every 10 updates, its evaluation time left out
 of its clock; ``--heldout`` problems, tiny.yaml's 500 by default).
 
-Reported per seed and system: policy updates per minute and completions per second over the
+Three systems: ``ours`` is tiny.yaml as it ships (the buffer's zero-advantage filter on: every
+group a policy update trains has unequal rewards, so one update costs ~2.3 generated groups per
+trained group on the tiny task); ``ours-all-groups`` is the same job with
+``buffer.filter_zero_advantage=false``: every generated group is trained, groups with all-equal
+rewards included, which is TRL's batch (16 prompts as sampled); ``trl`` is TRL.
+
+Reported per seed and system: policy updates per minute, groups with a learning signal (rewards
+not all equal) trained per minute and completions per second over the
 training wall-clock (the job's from the start of its first learner step, its start-up given on top
 of the budget and the records past the budget dropped; TRL's from its first step), and held-out
 accuracy against that clock. Writes ``benchmarks/results/peer_trl.json``
@@ -40,20 +48,31 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).with_name("async-rl")
 EVAL_EVERY = 10  # policy updates between held-out evaluations (tiny.yaml's learner.eval.every)
 STARTUP_MIN = 1.5  # the job's Ray, vLLM and evaluator start-up, given on top of its training budget
+# The systems compared: the job's config overrides (None: TRL).
+SYSTEMS = {
+    "ours": [],
+    "ours-all-groups": ["buffer.filter_zero_advantage=false"],  # TRL's batch: every generated group trained
+    "trl": None,
+}
 
 
 def main() -> None:
     args = parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     if args.start:
+        missing = [name for name in SHARED if not (args.start / name).is_dir()]
+        if missing:
+            raise SystemExit(f"--start {args.start}: no {', '.join(missing)} folder in it; expected a finished "
+                             f"run folder (e.g. runs/tiny after make train) holding {', '.join(SHARED)}")
         for name in SHARED:  # a finished run's model, data and SFT start, instead of a new SFT
             if not (args.root / "shared" / name).exists():
                 shutil.copytree(args.start / name, args.root / "shared" / name)
     warm_start(args.root)  # the shared SFT start (cached): model, data, sft_model
-    results = {"ours": [], "trl": []}
+    results = {system: [] for system in args.systems}
     for seed in range(args.seeds):
-        results["ours"].append(run_ours(args, seed))
-        results["trl"].append(run_trl(args, seed))
+        for system in args.systems:
+            run = run_trl(args, seed) if system == "trl" else run_ours(args, seed, system)
+            results[system].append(run)
     report(results, args)
     write_result("peer_trl" + ("_quick" if args.quick else ""), {
         "budget_min": args.budget_min, "seeds": args.seeds, "heldout": args.heldout, "runs": results,
@@ -68,8 +87,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--start", type=Path, default=None, help="a run folder whose model/data/sft_model to start from")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems per evaluation")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1.5 min each, 50 held-out problems")
     args = parser.parse_args()
+    args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = [name for name in args.systems if name not in SYSTEMS]
+    if unknown or not args.systems:
+        parser.error(f"--systems {','.join(unknown) or '(empty)'}: expected names from {', '.join(SYSTEMS)}")
     if args.quick:
         args.budget_min, args.seeds, args.heldout = 1.5, 1, 50
     return args
@@ -78,17 +102,19 @@ def parse_args() -> argparse.Namespace:
 # --------------------------------------------------------------------------- the job
 
 
-def run_ours(args, seed: int) -> dict:
-    run_dir = args.root / f"ours-s{seed}"
+def run_ours(args, seed: int, system: str = "ours") -> dict:
+    name = f"{system}-s{seed}"
+    run_dir = args.root / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(BIN), "train", f"run.dir={run_dir}", f"model.path={args.root / 'shared' / 'sft_model'}",
            "learner.sft.epochs=0", "learner.max_steps=0", f"run.max_minutes={args.budget_min + STARTUP_MIN}",
            f"run.seed={seed}",
-           f"learner.eval.prompts={args.heldout}", "learner.checkpoint.every=0", "logging.console=plain"]
-    with open(args.root / f"ours-s{seed}.log", "w") as log:
+           f"learner.eval.prompts={args.heldout}", "learner.checkpoint.every=0", "logging.console=plain",
+           *SYSTEMS[system]]
+    with open(args.root / f"{name}.log", "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
-        raise SystemExit(f"ours seed {seed} failed with exit code {code}; see {args.root / f'ours-s{seed}.log'}")
+        raise SystemExit(f"{system} seed {seed} failed with exit code {code}; see {args.root / f'{name}.log'}")
     learner, actor, evals = records(run_dir, "learner"), records(run_dir, "actor-0"), records(run_dir, "eval")
     start = learner[0]["time"] - learner[0]["step_s"] - learner[0]["sample_wait_s"]  # the first step's start
     learner = [r for r in learner if r["time"] - start <= args.budget_min * 60]  # the same training clock as TRL's
@@ -98,6 +124,8 @@ def run_ours(args, seed: int) -> dict:
     return {
         "seed": seed, "updates": learner[-1]["version"], "train_s": span,
         "updates_per_min": 60 * learner[-1]["version"] / span,
+        "signal_groups_per_min": 60 * sum(r["groups"] - r["groups_all_equal"] for r in learner) / span,
+        "groups_all_equal_share": sum(r["groups_all_equal"] for r in learner) / sum(r["groups"] for r in learner),
         "completions_per_s": actor_rate([a for a in actor if a["time"] <= learner[-1]["time"]]),
         "trained_completions_per_s": completions / span,
         "step_s_median": sorted(r["step_s"] for r in learner)[len(learner) // 2],
@@ -181,8 +209,13 @@ def trl_child(seed: int, budget_min: float, heldout: int, root: Path) -> None:
     trainer.train()
     span = clock.elapsed()
     updates = trainer.state.global_step
+    groups = cfg.learner.batch.groups_per_step
+    zero_std = [h["frac_reward_zero_std"] for h in trainer.state.log_history if "frac_reward_zero_std" in h]
+    all_equal_share = sum(zero_std) / max(len(zero_std), 1)
     result = {
         "seed": seed, "updates": updates, "train_s": span, "updates_per_min": 60 * updates / span,
+        "signal_groups_per_min": 60 * updates * groups * (1 - all_equal_share) / span,
+        "groups_all_equal_share": all_equal_share,
         "completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
         "trained_completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
         "step_s_median": span / max(updates, 1), "heldout": clock.heldout, "torch_threads": torch.get_num_threads(),
@@ -244,7 +277,8 @@ def greedy_accuracy(model, tok, rows, cfg, batch: int = 100) -> float:
 def summary(results: dict) -> dict:
     out = {}
     for system, runs in results.items():
-        out[system] = {key: mean_sd([r[key] for r in runs]) for key in ("updates_per_min", "completions_per_s")}
+        keys = ("updates_per_min", "signal_groups_per_min", "completions_per_s", "groups_all_equal_share")
+        out[system] = {key: mean_sd([r[key] for r in runs]) for key in keys}
         out[system]["heldout_last"] = mean_sd([r["heldout"][-1]["accuracy"] for r in runs])
         out[system]["heldout_start"] = mean_sd([r["heldout"][0]["accuracy"] for r in runs])
     return out
@@ -254,11 +288,12 @@ def report(results: dict, args) -> None:
     rows = []
     for system, runs in results.items():
         for r in runs:
-            rows.append([system, r["seed"], r["updates"], r["updates_per_min"], r["completions_per_s"],
-                         r["step_s_median"], r["heldout"][0]["accuracy"], r["heldout"][-1]["accuracy"],
+            rows.append([system, r["seed"], r["updates"], r["updates_per_min"], r["signal_groups_per_min"],
+                         r["groups_all_equal_share"], r["completions_per_s"], r["step_s_median"], r["heldout"][0]["accuracy"], r["heldout"][-1]["accuracy"],
                          r["heldout"][-1]["t"]])
     print_table(f"async-rl vs TRL GRPOTrainer, {args.budget_min:g} min of training each, {args.heldout} held-out",
-                ["system", "seed", "updates", "updates/min", "completions/s", "s/update", "held-out start",
+                ["system", "seed", "updates", "updates/min", "signal groups/min", "all-equal share",
+                 "completions/s", "s/update", "held-out start",
                  "held-out last", "at s"], rows)
     curve = [[system, r["seed"], " ".join(f"{h['t']:.0f}s:{h['accuracy']:.3f}" for h in r["heldout"])]
              for system, runs in results.items() for r in runs]

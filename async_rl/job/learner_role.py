@@ -198,7 +198,9 @@ class LearnerLoop:
 
         rewards = np.asarray(table.column("reward").to_pylist(), dtype=np.float64)
         staleness = row_staleness(table, trained_at).astype(np.float64)
-        tokens = sum(len(r) for r in table.column("response_tokens").to_pylist())
+        responses = table.column("response_tokens").to_pylist()
+        tokens = sum(len(r) for r in responses)
+        groups, all_equal = group_facts(table.column("group_id").to_pylist(), responses, rewards.tolist())
         elapsed = time.monotonic() - self.started
         record = LearnerStepRecord(
             step=self.version,
@@ -209,6 +211,8 @@ class LearnerLoop:
             staleness_mean=float(staleness.mean()),
             staleness_max=float(staleness.max()),
             response_tokens=tokens,
+            groups=len(groups),
+            groups_all_equal=all_equal,
             step_s=step_s,
             sample_wait_s=wait_s,
             busy_fraction=self.busy_s / max(elapsed, 1e-9),
@@ -217,15 +221,23 @@ class LearnerLoop:
         )
         if self.version % self.cfg.logging.log_every == 0:
             self.metrics.write(record, step=self.version)
-        groups: dict[str, int] = {}  # group id -> its response tokens
-        for gid, response in zip(table.column("group_id").to_pylist(), table.column("response_tokens").to_pylist(), strict=True):
-            groups[gid] = groups.get(gid, 0) + len(response)
         self.trained.write(json.dumps({"version": self.version, "groups": groups}) + "\n")
 
     def close(self) -> None:
         for resource in (self.publisher, self.client, self.metrics, self.trained):
             if resource is not None:
                 resource.close()
+
+
+def group_facts(group_ids: list[str], responses: list[list[int]], rewards: list[float]) -> tuple[dict[str, int], int]:
+    """Per group of a batch its response tokens, and how many groups have all-equal rewards
+    (no policy-gradient signal: what the zero-advantage filter keeps out)."""
+    tokens: dict[str, int] = {}
+    seen: dict[str, set[float]] = {}
+    for gid, response, reward in zip(group_ids, responses, rewards, strict=True):
+        tokens[gid] = tokens.get(gid, 0) + len(response)
+        seen.setdefault(gid, set()).add(reward)
+    return tokens, sum(len(values) == 1 for values in seen.values())
 
 
 def _to_ipc(table) -> bytes:

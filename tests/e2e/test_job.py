@@ -128,6 +128,7 @@ def test_policy_advances_weights_reach_the_actor_and_the_buffer_fills_and_drains
     assert stats["rows"] >= stats["groups_sampled_total"] * 4
     last = metrics(run_dir, "learner")[-1]
     assert last["rows"] == 2 * 4 and last["staleness_max"] <= 2
+    assert last["groups"] == 2 and 0 <= last["groups_all_equal"] <= 2
     assert (run_dir / "checkpoints" / "latest").is_file()
 
 

@@ -25,7 +25,7 @@ def fill_metrics(run_dir):
     for version in range(1, 6):
         learner.write(LearnerStepRecord(
             version=version, step=version, ranks=1, reward_mean=-1 + 0.3 * version, accuracy=0.1 * version,
-            staleness_mean=0.5, staleness_max=2, response_tokens=64, step_s=1.5, sample_wait_s=0.1,
+            staleness_mean=0.5, staleness_max=2, response_tokens=64, groups=4, groups_all_equal=0, step_s=1.5, sample_wait_s=0.1,
             busy_fraction=0.8, publish_s=0.01, train={"loss": float("nan")}))
     learner.close()
     actor = MetricsWriter(run_dir, "actor-0")
@@ -138,3 +138,12 @@ def test_control_endpoint_answers_json_and_survives_bad_requests():
 def test_request_to_a_dead_job_says_so():
     with pytest.raises(ConnectionError, match="did not answer"):
         request("tcp://127.0.0.1:9", "status", timeout_s=0.3)
+
+
+def test_the_learner_log_counts_each_groups_tokens_and_the_groups_without_a_signal():
+    from async_rl.job.learner_role import group_facts
+
+    tokens, all_equal = group_facts(
+        ["a", "a", "b", "b", "c", "c"], [[1, 2], [3], [4], [5, 6, 7], [8], [9]], [1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    assert tokens == {"a": 3, "b": 4, "c": 2}
+    assert all_equal == 2  # a (all correct) and c (all wrong); b carries a signal

@@ -68,11 +68,11 @@ def test_the_actors_metrics_carry_every_key_of_its_metrics_row():
 
 def test_a_learner_row_keeps_its_keys_with_the_trainers_figures_beside_them():
     record = LearnerStepRecord(step=4, version=4, ranks=2, reward_mean=0.5, accuracy=0.25, staleness_mean=1.0,
-                               staleness_max=2.0, response_tokens=96, step_s=1.5, sample_wait_s=0.2,
+                               staleness_max=2.0, response_tokens=96, groups=2, groups_all_equal=1, step_s=1.5, sample_wait_s=0.2,
                                busy_fraction=0.9, publish_s=None, train={"loss": 0.1, "clip_low": 0.0})
     assert list(record.row()) == [
         "step", "version", "ranks", "reward_mean", "accuracy", "staleness_mean", "staleness_max",
-        "response_tokens", "step_s", "sample_wait_s", "busy_fraction", "publish_s", "loss", "clip_low"]
+        "response_tokens", "groups", "groups_all_equal", "step_s", "sample_wait_s", "busy_fraction", "publish_s", "loss", "clip_low"]
     with pytest.raises(ValidationError, match="busy\n  Extra inputs"):
         LearnerStepRecord(**{**record.model_dump(), "busy": 0.9})
 
