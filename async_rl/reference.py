@@ -264,11 +264,7 @@ def build_trainer(cfg: Config, model_dir: Path, *, stop_token_ids, max_staleness
     # The single-rank process group must not collide with another job's default port.
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     engine = LearnerEngine(model_dir, cfg.learner, dtype=cfg.model.dtype)
-    return Trainer(
-        engine, cfg.algorithm, max_staleness=max_staleness, mini_batches=cfg.learner.batch.mini_batches_per_step,
-        micro_batch_tokens=cfg.learner.batch.micro_batch_tokens, temperature=cfg.actors.temperature,
-        max_tokens=cfg.actors.max_tokens, stop_token_ids=stop_token_ids,
-    )
+    return Trainer.for_job(engine, cfg, stop_token_ids=stop_token_ids, max_staleness=max_staleness)
 
 
 def main(argv: list[str] | None = None) -> None:

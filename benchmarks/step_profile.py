@@ -176,10 +176,9 @@ class StepRunner:
         batch = cfg.learner.batch.model_copy(update={k: setting[k] for k in ("micro_batch_tokens", "micro_batch_layout")})
         learner = cfg.learner.model_copy(update={"batch": batch})
         self.timer = PhaseTimer()
-        self.trainer = Trainer(LearnerEngine(model_dir, learner, dtype=cfg.model.dtype), cfg.algorithm,
-                               max_staleness=1 << 20, micro_batch_tokens=learner.batch.micro_batch_tokens,
-                               temperature=cfg.actors.temperature, max_tokens=cfg.actors.max_tokens,
-                               proximal_from_forward=setting["proximal_from_forward"], timer=self.timer)
+        self.trainer = Trainer.for_job(LearnerEngine(model_dir, learner, dtype=cfg.model.dtype), cfg,
+                                       max_staleness=1 << 20, micro_batch_tokens=learner.batch.micro_batch_tokens,
+                                       proximal_from_forward=setting["proximal_from_forward"], timer=self.timer)
         self.publisher = WeightPublisher(cfg.weights)
         self.steps: list[dict] = []
         self.micro_batches = 0

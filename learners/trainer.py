@@ -38,7 +38,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from async_rl.config import AlgorithmConfig
+from async_rl.config import AlgorithmConfig, Config
 from buffer.schema import row_staleness
 from learners.advantages import group_advantages, overlong_keep, overlong_penalty
 from learners.engine import LearnerEngine, accumulate, accumulate_and_step, to_host
@@ -145,6 +145,20 @@ class Trainer:
             proximal_from_forward and algorithm.off_policy.mode == "decoupled" and algorithm.off_policy.m2po_tau is None
         )
         self.timer = timer or PhaseTimer()
+
+    @classmethod
+    def for_job(cls, engine: LearnerEngine, cfg: Config, *, stop_token_ids: Sequence[int] = (),
+                max_staleness: int | None = None, **overrides) -> Trainer:
+        """The RL step as a job's learner rank runs it, from the job's config: the algorithm, the
+        batch plan, and the sampling settings the actors' behaviour logprobs were taken at."""
+        batch = cfg.learner.batch
+        settings = {
+            "mini_batches": batch.mini_batches_per_step, "micro_batch_tokens": batch.micro_batch_tokens,
+            "temperature": cfg.actors.temperature, "max_tokens": cfg.actors.max_tokens,
+            "stop_token_ids": stop_token_ids, **overrides,
+        }
+        cap = cfg.algorithm.staleness.max_staleness if max_staleness is None else max_staleness
+        return cls(engine, cfg.algorithm, max_staleness=cap, **settings)
 
     # ------------------------------------------------------------------ the step
 

@@ -63,18 +63,8 @@ class LearnerLoop:
         state = checkpoint.resume(self.engine, run_dir / "checkpoints") if launch.resume else None
         self.version = state.version if state else 0
         self.timer = PhaseTimer()  # host-side only: adds no device sync (learners/profiling.py)
-        self.trainer = Trainer(
-            self.engine,
-            cfg.algorithm,
-            max_staleness=cfg.algorithm.staleness.max_staleness,
-            mini_batches=cfg.learner.batch.mini_batches_per_step,
-            micro_batch_tokens=cfg.learner.batch.micro_batch_tokens,
-            temperature=cfg.actors.temperature,
-            max_tokens=cfg.actors.max_tokens,
-            stop_token_ids=launch.stop_token_ids,
-            policy_version=self.version,
-            timer=self.timer,
-        )
+        self.trainer = Trainer.for_job(self.engine, cfg, stop_token_ids=launch.stop_token_ids,
+                                       policy_version=self.version, timer=self.timer)
         self.client = self.publisher = self.metrics = self.trained = None
         if self.rank == 0:
             self._open_rank0(launch.buffer_address)

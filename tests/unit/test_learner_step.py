@@ -127,3 +127,15 @@ def test_the_learner_loop_logs_staleness_and_accuracy_of_the_trajectory_contract
     assert record["accuracy"] == pytest.approx(np.mean(correct))
     assert record["reward_mean"] == pytest.approx(np.mean(table.column("reward").to_pylist()))
     assert record["loss"] == 0.25
+
+
+def test_a_jobs_trainer_takes_every_setting_from_the_jobs_config():
+    from async_rl.config_io import load_config
+
+    cfg = load_config("tiny", ["algorithm.staleness.max_staleness=3", "learner.batch.mini_batches_per_step=2",
+                               "learner.batch.micro_batch_tokens=512", "actors.temperature=0.9", "actors.max_tokens=40"])
+    trainer = Trainer.for_job(TorchEngine(seed=0, cfg=CFG), cfg, stop_token_ids=[7], policy_version=5)
+    assert (trainer.max_staleness, trainer.mini_batches, trainer.micro_batch_tokens) == (3, 2, 512)
+    assert (trainer.temperature, trainer.max_tokens, trainer.stop_token_ids, trainer.policy_version) == (0.9, 40, [7], 5)
+    assert trainer.algorithm == cfg.algorithm
+    assert Trainer.for_job(TorchEngine(seed=0, cfg=CFG), cfg, max_staleness=9).max_staleness == 9
