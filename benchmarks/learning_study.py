@@ -24,7 +24,10 @@ Arms, all from the same SFT start with the same budget (steps × groups) and lea
 GPPO, DAPO clip-higher, CISPO and PPO-clip at staleness 0, and decoupled GPPO at staleness 2, 4
 and 8. Every arm runs in the job's decoupled mode (TIS C = 2); at staleness 0 the proximal and
 behaviour policies coincide, so the staleness-0 GPPO arm is also the s = 0 point of the sweep.
-Each learner step takes ``--mini-batches`` optimizer steps (default 2; Klear takes 8): with a
+An arm may carry modifiers for the ablations of issue #16, e.g. ``gppo-s8+coupled`` (behaviour
+logprobs as the clip centre), ``gppo-s8+linear`` / ``+inverse`` (a staleness-aware clip schedule),
+``gppo+sft0`` (no SFT term), ``gppo+nofilter`` (groups with all-equal rewards trained too); GSPO
+is an objective arm beside the four. Each learner step takes ``--mini-batches`` optimizer steps (default 2; Klear takes 8): with a
 single one every ratio is exactly 1 at s = 0 and the four objectives give identical gradients.
 
 Part 2, async vs sync: the real ``async-rl train`` in both modes (``e2e_bench.run_mode``) from
@@ -70,21 +73,41 @@ RUNS_LOG = "lockstep_runs{}.jsonl"
 QUICK_ARMS = "gppo,ppo"
 
 
+OBJECTIVE_ARMS = ("gppo", "dapo", "cispo", "ppo", "gspo")
+# ``+NAME`` after an arm: what it changes in the arm's config (dotted path -> value). The
+# ablations of issue #16: the correction, the clip schedule, the SFT term, the group filter.
+MODIFIERS: dict[str, dict[str, object]] = {
+    "coupled": {"algorithm.off_policy.mode": "coupled"},  # behaviour logprobs as the clip centre
+    "linear": {"algorithm.staleness.schedule.type": "linear"},  # eps(s) = eps0 (1 + kappa s)
+    "inverse": {"algorithm.staleness.schedule.type": "inverse"},  # eps(s) = eps0 / (1 + kappa s)
+    "sft0": {"algorithm.sft_coef": 0.0},  # no Klear SFT term on correct rows
+    "nofilter": {"buffer.filter_zero_advantage": False},  # train groups with all-equal rewards too
+}
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One study arm: an objective (``algorithm.loss.type``) at a fixed staleness."""
+    """One study arm: an objective (``algorithm.loss.type``) at a fixed staleness, with the
+    config changes its modifiers name."""
 
     name: str
     loss: str
     staleness: int
+    modifiers: tuple[str, ...] = ()
 
 
 def parse_arm(name: str) -> Arm:
-    """``gppo`` → GPPO at staleness 0; ``gppo-s4`` → at staleness 4 (any objective)."""
-    loss, _, suffix = name.partition("-s")
-    if loss not in ("gppo", "dapo", "cispo", "ppo") or (suffix and not suffix.isdigit()) or name.endswith("-s"):
-        raise ValueError(f"--arms: {name!r}: expected gppo, dapo, cispo or ppo, optionally with -sN (staleness N)")
-    return Arm(name, loss, int(suffix or 0))
+    """``gppo`` → GPPO at staleness 0; ``gppo-s4`` → at staleness 4 (any objective);
+    ``gppo-s8+coupled+sft0`` → with the modifiers' changes (``MODIFIERS``)."""
+    base, *modifiers = name.split("+")
+    loss, _, suffix = base.partition("-s")
+    if loss not in OBJECTIVE_ARMS or (suffix and not suffix.isdigit()) or base.endswith("-s"):
+        raise ValueError(f"--arms: {name!r}: expected one of {', '.join(OBJECTIVE_ARMS)}, optionally with -sN "
+                         f"(staleness N) and +MODIFIER of {', '.join(MODIFIERS)}")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if unknown:
+        raise ValueError(f"--arms: {name!r}: unknown modifier {unknown[0]!r}; expected one of {', '.join(MODIFIERS)}")
+    return Arm(name, loss, int(suffix or 0), tuple(modifiers))
 
 
 @dataclass(frozen=True)
@@ -127,7 +150,8 @@ def summarize_arm(arm: Arm, runs: Sequence[dict], target: float) -> dict:
     keys = runs[0]["diagnostics"]
     diagnostics = {key: statistics.fmean(run["diagnostics"][key] for run in runs) for key in keys}
     return {
-        "arm": arm.name, "loss": arm.loss, "staleness": arm.staleness, "seeds": len(runs),
+        "arm": arm.name, "loss": arm.loss, "staleness": arm.staleness, "modifiers": list(arm.modifiers),
+        "seeds": len(runs),
         "mean_curve": mean, "final_accuracy": final, "final_accuracy_std": final_std,
         "best_mean_accuracy": max(p["accuracy"] for p in mean),
         "steps_to_target": first_reaching([(p["step"], p["accuracy"]) for p in mean], target),
@@ -249,6 +273,13 @@ def run_config(study: Study, arm: Arm, args):
     loss = {k: v for k, v in raw["algorithm"]["loss"].items() if k in objective.model_fields}
     raw["algorithm"]["loss"] = {**loss, "type": arm.loss}
     raw["buffer"]["filter_zero_advantage"] = args.filter_zero_advantage
+    for modifier in arm.modifiers:
+        for path, value in MODIFIERS[modifier].items():
+            *parents, key = path.split(".")
+            section = raw
+            for parent in parents:
+                section = section[parent]
+            section[key] = value
     return Config.model_validate(raw)
 
 
@@ -391,8 +422,11 @@ def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("objectives at staleness 0", [a for a in arms if a["staleness"] == 0]),
-              ("decoupled GPPO vs staleness", [a for a in arms if a["loss"] == "gppo"])]
+    plain = [a for a in arms if not a.get("modifiers")]
+    groups = [("objectives at staleness 0", [a for a in plain if a["staleness"] == 0]),
+              ("decoupled GPPO vs staleness", [a for a in plain if a["loss"] == "gppo"])]
+    if len(plain) < len(arms):
+        groups.append(("ablations and corrections", [a for a in arms if a["loss"] == "gppo"]))
     paths = []
     axes_x = (("step", "steps", "learner step"), ("time_s", "walltime", "seconds (evaluation excluded)"))
     for x_key, name, label in axes_x:
@@ -435,7 +469,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="plumbing only: 1 seed, gppo+ppo, 2 steps, no SFT, no job")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (prompt order and samples)")
-    parser.add_argument("--arms", default=ALL_ARMS, help="comma list of OBJECTIVE[-sSTALENESS]")
+    parser.add_argument("--arms", default=None,
+                        help=f"comma list of OBJECTIVE[-sSTALENESS][+MODIFIER...] (default {ALL_ARMS}; --quick: {QUICK_ARMS})")
     parser.add_argument("--steps", type=int, default=24, help="learner steps per run")
     parser.add_argument("--groups", type=int, default=8, help="prompt groups per learner step")
     parser.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per learner step")
@@ -453,8 +488,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a probe's name: writes learning_study_TAG.json and keeps its plots under --root")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "learning_study")
     args = parser.parse_args(argv)
+    args.arms = args.arms if args.arms is not None or args.quick else ALL_ARMS
     if args.quick:
-        args.seeds, args.arms, args.steps, args.eval_every = 1, QUICK_ARMS, 2, 1
+        args.seeds, args.steps, args.eval_every = 1, 2, 1
+        args.arms = args.arms or QUICK_ARMS
         args.heldout, args.job_min, args.filter_zero_advantage = min(args.heldout, 64), 0.0, False
     check_args(args)
     return args

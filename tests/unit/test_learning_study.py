@@ -65,9 +65,30 @@ def test_summarize_arm_reports_targets_on_the_mean_curve_and_per_seed(study):
 def test_arms_parse_objective_and_staleness_and_reject_unknown_names(study):
     assert study.parse_arm("gppo-s4") == study.Arm("gppo-s4", "gppo", 4)
     assert study.parse_arm("cispo") == study.Arm("cispo", "cispo", 0)
-    for bad in ("gspo", "gppo-sx", "gppo-s", "ppo-4"):
-        with pytest.raises(ValueError, match="expected gppo, dapo, cispo or ppo"):
+    assert study.parse_arm("gspo-s8") == study.Arm("gspo-s8", "gspo", 8)
+    for bad in ("grpo", "gppo-sx", "gppo-s", "ppo-4", "+coupled"):
+        with pytest.raises(ValueError, match="expected one of gppo, dapo, cispo, ppo, gspo"):
             study.parse_arm(bad)
+    with pytest.raises(ValueError, match="unknown modifier 'tis'; expected one of coupled"):
+        study.parse_arm("gppo-s8+tis")
+
+
+def test_arm_modifiers_change_exactly_their_keys_of_the_arms_config(study):
+    from types import SimpleNamespace
+
+    from async_rl.config_io import load_config
+
+    arm = study.parse_arm("gppo-s8+coupled+inverse+sft0+nofilter")
+    assert (arm.loss, arm.staleness, arm.modifiers) == ("gppo", 8, ("coupled", "inverse", "sft0", "nofilter"))
+    args = SimpleNamespace(lr=5e-5, groups=16, mini_batches=2, steps=4, filter_zero_advantage=True)
+    base = study.run_config(SimpleNamespace(cfg=load_config("tiny")), study.parse_arm("gppo-s8"), args)
+    cfg = study.run_config(SimpleNamespace(cfg=load_config("tiny")), arm, args)
+    assert cfg.algorithm.off_policy.mode == "coupled" and base.algorithm.off_policy.mode == "decoupled"
+    assert cfg.algorithm.staleness.schedule.type == "inverse" and base.algorithm.staleness.schedule.type == "constant"
+    assert cfg.algorithm.sft_coef == 0.0 and base.algorithm.sft_coef == 0.1
+    assert not cfg.buffer.filter_zero_advantage and base.buffer.filter_zero_advantage
+    changed = {"off_policy", "staleness", "sft_coef"}
+    assert {k: v for k, v in cfg.algorithm if k not in changed} == {k: v for k, v in base.algorithm if k not in changed}
 
 
 def test_bad_flags_exit_with_one_line_naming_the_value(study):
