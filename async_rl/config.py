@@ -414,8 +414,9 @@ class StalenessConfig(Section):
 
 
 class OffPolicyConfig(Section):
-    mode: Literal["decoupled", "coupled"] = Field(
-        "decoupled", description="Clip centre: recomputed proximal logprobs, or behaviour logprobs."
+    mode: Literal["decoupled", "coupled", "none"] = Field(
+        "decoupled", description="Clip centre: recomputed proximal logprobs, or behaviour logprobs; "
+        "none: proximal centre without the behaviour weight (no correction: the study's control arm)."
     )
     tis_cap: float | None = Field(2.0, gt=0, description="Truncate the behaviour weight w at C.")
     icepop: tuple[float, float] | None = Field(

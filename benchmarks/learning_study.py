@@ -25,7 +25,7 @@ GPPO, DAPO clip-higher, CISPO and PPO-clip at staleness 0, and decoupled GPPO at
 and 8. Every arm runs in the job's decoupled mode (TIS C = 2); at staleness 0 the proximal and
 behaviour policies coincide, so the staleness-0 GPPO arm is also the s = 0 point of the sweep.
 An arm may carry modifiers for the ablations of issue #16, e.g. ``gppo-s8+coupled`` (behaviour
-logprobs as the clip centre), ``gppo-s8+linear`` / ``+inverse`` (a staleness-aware clip schedule),
+logprobs as the clip centre), ``gppo-s8+nocorr`` (no correction), ``gppo-s8+linear`` / ``+inverse`` (a staleness-aware clip schedule),
 ``gppo+sft0`` (no SFT term), ``gppo+nofilter`` (groups with all-equal rewards trained too); GSPO
 is an objective arm beside the four. Each learner step takes ``--mini-batches`` optimizer steps (default 2; Klear takes 8): with a
 single one every ratio is exactly 1 at s = 0 and the four objectives give identical gradients.
@@ -78,6 +78,7 @@ OBJECTIVE_ARMS = ("gppo", "dapo", "cispo", "ppo", "gspo")
 # ablations of issue #16: the correction, the clip schedule, the SFT term, the group filter.
 MODIFIERS: dict[str, dict[str, object]] = {
     "coupled": {"algorithm.off_policy.mode": "coupled"},  # behaviour logprobs as the clip centre
+    "nocorr": {"algorithm.off_policy.mode": "none"},  # no correction: stale rows trained as on-policy
     "linear": {"algorithm.staleness.schedule.type": "linear"},  # eps(s) = eps0 (1 + kappa s)
     "inverse": {"algorithm.staleness.schedule.type": "inverse"},  # eps(s) = eps0 / (1 + kappa s)
     "sft0": {"algorithm.sft_coef": 0.0},  # no Klear SFT term on correct rows

@@ -5,7 +5,9 @@ learner at the start of the batch, and each token carries a constant behaviour w
 ``w = π_prox/μ = exp(lp_prox − lp_beh)``, truncated at C (TIS, Yao et al.), optionally masked
 outside [α, β] (IcePop, Ring-1T) or by the M2PO second-moment rule (arXiv 2510.01161).
 Masked tokens leave the gradient but stay in the normaliser: the caller keeps its original mask
-as ``denom_mask``. Coupled mode clips π_θ/μ directly and uses w = 1.
+as ``denom_mask``. Coupled mode clips π_θ/μ directly and uses w = 1. Mode ``none`` is no
+correction at all: the proximal policy as the clip centre and w = 1, so a stale row is trained
+as if the policy at the start of the batch had sampled it (the control arm of the staleness study).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ MAX_LOG_WEIGHT = 20.0
 
 
 def clip_centre(logp_prox: Tensor | None, logp_behavior: Tensor, cfg: OffPolicyConfig) -> Tensor:
-    """``lp_old`` of the objective: proximal logprobs (decoupled) or behaviour logprobs (coupled)."""
-    if cfg.mode == "decoupled":
+    """``lp_old`` of the objective: proximal logprobs (decoupled, none) or behaviour logprobs (coupled)."""
+    if cfg.mode != "coupled":
         if logp_prox is None:
-            raise ValueError("off_policy.mode=decoupled: proximal logprobs are required")
+            raise ValueError(f"off_policy.mode={cfg.mode}: proximal logprobs are required")
         return logp_prox.detach()
     return logp_behavior.detach()
 
@@ -63,9 +65,10 @@ def behavior_weights(
 
     logp_prox, logp_behavior: [B, T]; mask: [B, T] bool (response tokens). Call it once on the
     whole mini-batch (M2PO's mask depends on every token). ``w`` is 0 outside the returned
-    mask and carries no gradient. Coupled mode returns ones and the mask unchanged.
+    mask and carries no gradient. Coupled mode returns ones and the mask unchanged, and so does
+    mode ``none``.
     """
-    if cfg.mode == "coupled":
+    if cfg.mode in ("coupled", "none"):
         ones = torch.where(mask, torch.ones_like(logp_behavior), torch.zeros_like(logp_behavior))
         return ones.detach(), mask, {}
     with torch.no_grad():

@@ -142,7 +142,7 @@ class Trainer:
         self.skipped_steps = 0
         # The first mini-batch's forward doubles as its proximal pass (exact; see the module doc).
         self.proximal_from_forward = (
-            proximal_from_forward and algorithm.off_policy.mode == "decoupled" and algorithm.off_policy.m2po_tau is None
+            proximal_from_forward and algorithm.off_policy.mode != "coupled" and algorithm.off_policy.m2po_tau is None
         )
         self.timer = timer or PhaseTimer()
 
@@ -229,7 +229,7 @@ class Trainer:
         """Per row of the given mini-batches: clip centre (proximal logprobs once per batch, or
         behaviour), behaviour weight and gradient mask; the weights are formed over each
         mini-batch's rows at once."""
-        decoupled = self.algorithm.off_policy.mode == "decoupled"
+        decoupled = self.algorithm.off_policy.mode != "coupled"  # decoupled or none: a proximal centre
         prox: dict[int, np.ndarray] = {}
         for plan in plans if decoupled else []:
             for rows in plan:  # filler micro-batches run too: ZeRO-3 gathers are collective

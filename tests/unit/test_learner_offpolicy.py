@@ -43,6 +43,22 @@ def test_decoupled_with_proximal_equal_to_behaviour_is_exactly_coupled_gppo():
     assert torch.equal(g_d, g_c)
 
 
+def test_no_correction_is_decoupled_gppo_with_the_behaviour_weight_left_out():
+    logp, prox, behavior, adv, mask = ragged(3)
+    assert not torch.allclose(prox[mask], behavior[mask])  # stale rows: the weight would not be 1
+    loss_n, g_n, _ = run("none", logp, prox, behavior, adv, mask)
+    leaf = logp.clone().requires_grad_()
+    ones = torch.where(mask, torch.ones_like(prox), torch.zeros_like(prox))
+    loss_u, g_u, _ = objective_grad(algorithm(sft_coef=0.0), loss_inputs(leaf, logp_old=prox, w=ones, adv=adv, mask=mask,
+                                                                              denom_mask=mask))
+    assert loss_n.item() == loss_u.item()
+    assert torch.equal(g_n, g_u)
+    _, g_d, _ = run("decoupled", logp, prox, behavior, adv, mask)
+    assert not torch.allclose(g_n, g_d)  # the correction changes the gradient of stale rows
+    with pytest.raises(ValueError, match="off_policy.mode=none: proximal logprobs are required"):
+        clip_centre(None, behavior, OffPolicyConfig(mode="none"))
+
+
 def test_loss_is_linear_in_the_behaviour_weight():
     logp, prox, _, adv, mask = ragged(1)
     w = torch.rand(3, 5, dtype=DT) + 0.5

@@ -22,11 +22,12 @@ from learners.trainer import RolloutBatch, Trainer, list_column
 
 
 @functools.cache  # each configuration runs once per session; the tests only read the results
-def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None, layout: str = "packed"):
+def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None, layout: str = "packed",
+        mode: str = "decoupled"):
     cfg = LearnerConfig(batch={"micro_batch_tokens": 40, "logprob_chunk_tokens": 16, "fused_logprobs": fused,
                                "micro_batch_layout": layout})
     engine = TorchEngine(seed=0, cfg=cfg)
-    algo = algorithm(off_policy={"mode": "decoupled", "tis_cap": 1.5, "m2po_tau": m2po_tau}, sft_coef=0.1)
+    algo = algorithm(off_policy={"mode": mode, "tis_cap": 1.5, "m2po_tau": m2po_tau}, sft_coef=0.1)
     trainer = Trainer(engine, algo, max_staleness=2, mini_batches=mini_batches, micro_batch_tokens=40,
                       temperature=0.7, proximal_from_forward=from_forward)
     metrics = [trainer.train_step(make_table(seed), learner_version=2) for seed in (1, 2)]
@@ -52,6 +53,16 @@ def test_the_proximal_logprobs_from_the_training_forward_give_identical_loss_and
     assert_same_steps(reused, separate)
     # The behaviour weights were not trivial: some tokens were truncated at the TIS cap.
     assert all(m["weight/max"] == 1.5 and m["weight/mean"] < 1.4 for m in reused[2])
+
+
+def test_no_correction_keeps_the_proximal_centre_and_drops_the_behaviour_weight():
+    reused = run(from_forward=True, fused=False, mini_batches=2, mode="none")
+    separate = run(from_forward=False, fused=False, mini_batches=2, mode="none")
+    assert reused[0].proximal_from_forward
+    assert_same_steps(reused, separate)
+    assert all(m["weight/max"] == 1.0 and m["weight/mean"] == 1.0 for m in reused[2])
+    corrected = run(from_forward=True, fused=False, mini_batches=2)
+    assert reused[2][0]["loss"] != corrected[2][0]["loss"]
 
 
 def test_one_mini_batch_per_step_runs_no_proximal_pass():
