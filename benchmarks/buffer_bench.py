@@ -5,11 +5,12 @@
 Rows measured (each also run through the baseline in the same run):
 - the disk's own ceiling: os.write + fsync per batch of the bytes a segment holds, measured
   before and after the ingest rows (the higher one is the reference: the machine is shared);
-- ingest trajectories/s, 1k-token rows (256 prompt + 768 response tokens), batches of 256,
-  ``fsync: batch`` (an ack only after an fsync covering the rows): in-process with a single
-  writer, over ZeroMQ loopback (the service is its own process) with 8 concurrent writers
-  (group commit shares fsyncs between them) and with one writer; each as a fraction of the
-  ceiling, against the targets of issue #19 (0.8, 0.7, 0.5);
+- ingest trajectories/s, 1k-token rows (256 prompt + 768 response tokens), batches of 256
+  (48 batches with --quick, 160 without), ``fsync: batch`` (an ack only after an fsync
+  covering the rows): in-process with a single writer, over ZeroMQ loopback (the service is
+  its own process) with 8 concurrent writers (group commit shares fsyncs between them) and
+  with one writer; each as a fraction of the ceiling, against the targets of issue #19 (0.8,
+  0.7, 0.5), with the 1-minute load average after each figure;
 - sample latency p50/p99 for a 512-row batch (64 groups of 8) at 100k and 1M stored rows;
 - resident memory (RSS) after filling 100k and 1M rows.
 Sampling/memory runs use short rows (32 response tokens) so a million rows fill in seconds;
@@ -191,9 +192,9 @@ def baseline_ingest_zmq(directory: Path, dict_batches) -> float:
 def disk_ceiling(directory: Path, batches) -> float:
     """rows/s of writing the bytes a segment holds (checksummed IPC messages) with os.write +
     fsync per batch: no validation, no index, no wire."""
-    from buffer.segments import checksummed_message
+    from buffer.segments import encode_batch
 
-    payloads = [bytes(header) + body.to_pybytes() for header, body in map(checksummed_message, batches)]
+    payloads = [encode_batch(batch).message for batch in batches]
     fd = os.open(directory / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     start = time.perf_counter()
     for data in payloads:
@@ -275,7 +276,7 @@ def main() -> None:
     scale = 10 if args.quick else 1
     load_before = os.getloadavg()
     results = {"rows": {}, "quick": args.quick, "targets": TARGETS}
-    _ingest_rows(results, n_batches=16 if args.quick else 40)
+    _ingest_rows(results, n_batches=48 if args.quick else 160, baseline_batches=16 if args.quick else 40)
     for n_rows in (100_000 // scale, 1_000_000 // scale):
         for kind in ("buffer", "baseline"):
             # the baseline scans every row per sample (seconds at 1M rows): fewer repeats
@@ -290,22 +291,31 @@ def main() -> None:
     _report(results, small=100_000 // scale, large=1_000_000 // scale)
 
 
-def _ingest_rows(results: dict, n_batches: int) -> None:
+def _ingest_rows(results: dict, n_batches: int, baseline_batches: int) -> None:
+    """The ceiling, then the three ingest figures, then the ceiling again, in one run; the
+    baselines get fewer batches (their rows are Python dicts: memory, not the disk, limits)."""
     batches = _batches(n_batches)
-    dicts = _as_dicts(batches)
+    dicts = _as_dicts(batches[:baseline_batches])
     work = Path(tempfile.mkdtemp(prefix="buffer-bench-"))
+    rows, load = results["rows"], {}
+
+    def measure(name, fn, *args):
+        rows[name] = fn(*args)
+        load[name] = os.getloadavg()[0]  # the machine is shared: what each figure ran beside
+
     try:
-        rows = results["rows"]
         rows["row_bytes"] = batches[0].nbytes / batches[0].num_rows
-        ceilings = [disk_ceiling(work, batches)]
-        rows["ingest_inproc"] = ingest_inprocess(work / "inproc", batches)
-        rows["ingest_inproc_baseline"] = baseline_ingest_inprocess(work, dicts)
-        rows[f"ingest_zmq_{ZMQ_WRITERS}_writers"] = ingest_zmq(work / "zmq8", batches, ZMQ_WRITERS)
-        rows["ingest_zmq_1_writer"] = ingest_zmq(work / "zmq1", batches, 1)
-        rows["ingest_zmq_baseline"] = baseline_ingest_zmq(work, dicts)
-        ceilings.append(disk_ceiling(work, batches))
-        rows["disk_ceilings"] = ceilings
-        rows["disk_ceiling"] = max(ceilings)
+        rows["ingest_batches"], rows["baseline_batches"] = n_batches, baseline_batches
+        measure("disk_ceiling_before", disk_ceiling, work, batches)
+        measure("ingest_inproc", ingest_inprocess, work / "inproc", batches)
+        measure("ingest_inproc_baseline", baseline_ingest_inprocess, work, dicts)
+        measure(f"ingest_zmq_{ZMQ_WRITERS}_writers", ingest_zmq, work / "zmq8", batches, ZMQ_WRITERS)
+        measure("ingest_zmq_1_writer", ingest_zmq, work / "zmq1", batches, 1)
+        measure("ingest_zmq_baseline", baseline_ingest_zmq, work, dicts)
+        measure("disk_ceiling_after", disk_ceiling, work, batches)
+        rows["disk_ceilings"] = [rows.pop("disk_ceiling_before"), rows.pop("disk_ceiling_after")]
+        rows["disk_ceiling"] = max(rows["disk_ceilings"])
+        rows["ingest_loadavg_1min"] = load
         for name in ("ingest_inproc", f"ingest_zmq_{ZMQ_WRITERS}_writers", "ingest_zmq_1_writer"):
             rows[f"{name}_vs_ceiling"] = rows[name] / rows["disk_ceiling"]
     finally:
@@ -344,6 +354,8 @@ def _report(results: dict, small: int, large: int) -> None:
         results["table"].append({"measure": name, "buffer": ours, "baseline": base,
                                  "target": target, "better_than_baseline": better})
         print(f"{name:44s} {ours:12.2f} {base:12.2f} {target:>26s}  {'-' if better is None else 'yes' if better else 'NO'}")
+    print("1-min loadavg after each ingest figure: "
+          + ", ".join(f"{name} {value:.1f}" for name, value in r["ingest_loadavg_1min"].items()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS}")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import zmq
 
 from async_rl.weights.keys import secure_client
+from buffer.segments import encode_stream
 from buffer.wire import ipc_to_table, pack_header, table_to_ipc, unpack_header
 
 REPLY_GRACE_S = 30.0  # added to a sample's blocking timeout: the server answers at the deadline
@@ -59,7 +60,9 @@ class BufferClient:
         Inserts are idempotent on traj_id, so re-sending after a timeout is safe. A refusal by
         the rate limiter is retried for ``retry_for_s`` before raising BufferRequestError.
         """
-        payload = table_to_ipc(batch)
+        # A record batch goes checksummed, in the bytes a segment holds: the service appends
+        # them as they came (a table, maybe chunked, is decoded and encoded again there).
+        payload = encode_stream(batch)[0] if isinstance(batch, pa.RecordBatch) else table_to_ipc(batch)
         deadline = time.monotonic() + retry_for_s
         while True:
             header, _ = self._call({"verb": "insert"}, [payload], raise_error=False)

@@ -80,12 +80,13 @@ class HashSet:
         found = self._sorted[np.minimum(pos, len(self._sorted) - 1)] == hashes if len(
             self._sorted
         ) else np.zeros(len(hashes), dtype=bool)
-        if self._recent:
-            found |= np.fromiter((int(h) in self._recent for h in hashes), bool, len(hashes))
+        as_ints = hashes.tolist()  # Python ints at C speed: numpy scalars hash slowly
+        if self._recent and not self._recent.isdisjoint(as_ints):  # new ids: the usual case
+            found |= np.fromiter((h in self._recent for h in as_ints), bool, len(as_ints))
         return found
 
     def add(self, hashes: np.ndarray) -> None:
-        self._recent.update(int(h) for h in hashes)
+        self._recent.update(hashes.tolist())
         if len(self._recent) >= self.MERGE_AT:
             merged = np.concatenate([self._sorted, np.fromiter(self._recent, np.uint64)])
             self._sorted = np.sort(merged)

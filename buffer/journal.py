@@ -110,6 +110,11 @@ class Journal:
         self._dirty = True
 
     @property
+    def dirty(self) -> bool:
+        """Lines were written since the last fsync (or duplicate handed out for one)."""
+        return self._dirty
+
+    @property
     def needs_compaction(self) -> bool:
         return self._lines >= COMPACT_EVERY
 

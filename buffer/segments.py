@@ -9,7 +9,9 @@ new one, so a torn tail only ever sits at the end of a file that nobody appends 
 Every batch message carries the xxh3-64 of its body in its custom metadata
 (``xxh3_64: "xxh3:<16 hex>"``), and the schema message says so (``CHECKSUM_FLAG``); a scan
 verifies it, so a flipped bit is a bad batch rather than a wrong reward. Segments written
-before checksums existed have no flag and are read without the check.
+before checksums existed have no flag and are read without the check. A batch is serialized
+once: clients send the same checksummed message (:func:`encode_stream`), and the service
+appends the bytes it received once the checksum verifies (:func:`decode_checksummed`).
 
 A failed append (a short write, then ENOSPC) is cut back to the last good offset and fsynced
 before the error is raised, so nothing appended later sits behind garbage.
@@ -78,17 +80,17 @@ class SegmentWriter:
         self.fsync()
         fsync_dir(path.parent)  # the new file's name must survive a crash too
 
-    def append(self, batch: pa.RecordBatch) -> tuple[int, int]:
-        """Write one batch; returns ``(byte offset, byte length)`` of its message.
+    def append(self, batch: pa.RecordBatch | EncodedBatch) -> tuple[int, int]:
+        """Write one batch (encoded here unless it comes encoded); returns ``(byte offset, byte
+        length)`` of its message.
 
         On a write error the file is truncated back to where the batch started and fsynced
         before the error propagates, so the next append follows the last good batch.
         """
-        header, body = checksummed_message(batch)
+        encoded = batch if isinstance(batch, EncodedBatch) else encode_batch(batch)
         offset = self.size
         try:
-            self._write(header)
-            self._write(body)
+            self._write(encoded.message)
         except OSError:
             self._cut_back(offset)
             raise
@@ -138,10 +140,24 @@ class SegmentWriter:
             self.size += written
 
 
-def checksummed_message(batch: pa.RecordBatch) -> tuple[bytearray, pa.Buffer]:
-    """One IPC record-batch message as ``(header, body)``: the header's custom metadata holds
-    the xxh3-64 of the body. Serialized once; the digest is patched into a fixed-width
-    placeholder, so the flatbuffer stays valid."""
+@dataclass
+class EncodedBatch:
+    """One checksummed record-batch message as a segment holds it, and the batch it decodes to.
+
+    ``message`` is contiguous: the IPC framing and flatbuffer header (whose custom metadata
+    holds the body's xxh3-64), then the body; both lengths are multiples of 8, so appended
+    after another message the body stays 8-byte aligned for a zero-copy memory map.
+    """
+
+    message: pa.Buffer
+    batch: pa.RecordBatch
+
+
+def encode_stream(batch: pa.RecordBatch) -> tuple[pa.Buffer, EncodedBatch]:
+    """A one-batch Arrow IPC stream (schema, checksummed batch message, end-of-stream) and
+    the message inside it, from a single serialization into one allocation: the digest is
+    patched into a fixed-width placeholder in place, so the flatbuffer stays valid. The
+    stream is what a client sends; the message is what a segment appends."""
     placeholder = {CHECKSUM_KEY: (_CHECKSUM_TAG + b"0" * _DIGITS).decode()}
     size = pa.MockOutputStream()  # sized first: one allocation, no regrowth copies
     with pa.ipc.new_stream(size, batch.schema) as writer:
@@ -153,11 +169,54 @@ def checksummed_message(batch: pa.RecordBatch) -> tuple[bytearray, pa.Buffer]:
     pa.ipc.read_message(source)  # the schema message
     start = source.tell()
     message = pa.ipc.read_message(source)
-    body_at = message.body.address - stream.address
-    header = bytearray(stream[start:body_at].to_pybytes())
-    at = header.index(_CHECKSUM_TAG) + len(_CHECKSUM_TAG)
+    end = source.tell()
+    header = memoryview(stream).cast("B")[start : message.body.address - stream.address]
+    at = bytes(header).index(_CHECKSUM_TAG) + len(_CHECKSUM_TAG)
     header[at : at + _DIGITS] = xxhash.xxh3_64_hexdigest(message.body).encode()
-    return header, message.body
+    return stream, EncodedBatch(stream.slice(start, end - start), batch)
+
+
+def encode_batch(batch: pa.RecordBatch) -> EncodedBatch:
+    """The checksummed message of ``batch`` (see :func:`encode_stream`)."""
+    return encode_stream(batch)[1]
+
+
+def decode_checksummed(payload, schema: pa.Schema) -> EncodedBatch | None:
+    """The batch of a one-batch IPC stream in exactly ``schema`` whose message carries a
+    checksum, with that message's bytes (zero-copy): they can be appended to a segment as
+    they are. None for any other stream (several batches, another schema, no checksum,
+    unaligned framing): the caller decodes it in full. Raises ValueError when the message
+    is not a batch or its body does not match its checksum (damaged in transit)."""
+    whole = pa.py_buffer(payload)
+    source = pa.BufferReader(whole)
+    try:
+        if not pa.ipc.read_schema(pa.ipc.read_message(source)).equals(schema):
+            return None
+        start = source.tell()
+        message = pa.ipc.read_message(source)
+        end = source.tell()
+        if message.type != "record batch" or _CHECKSUM_TAG not in message.metadata.to_pybytes():
+            return None
+        body_at = message.body.address - whole.address
+        if (start % 8 or (body_at - start) % 8 or (end - body_at) % 8
+                or end - body_at != message.body.size or _rest_of_stream(source)):
+            return None
+        problem = _checksum_error(message)
+        if problem:
+            raise ValueError(f"payload: {problem} (damaged in transit)")
+        batch = pa.ipc.read_record_batch(message, schema)
+    except (pa.ArrowInvalid, OSError, EOFError):
+        return None  # the full decode names what is wrong
+    return EncodedBatch(whole.slice(start, end - start), batch)
+
+
+def _rest_of_stream(source) -> bool:
+    """Whether anything but an end-of-stream marker follows (another message)."""
+    try:
+        pa.ipc.read_message(source)
+    except EOFError:
+        return False
+    return True
 
 
 def _checksum_error(message: pa.ipc.Message) -> str | None:

@@ -28,6 +28,7 @@ socket closes → ``service.json`` is removed.
 from __future__ import annotations
 
 import argparse
+import gc
 import hmac
 import json
 import logging
@@ -46,8 +47,8 @@ import zmq
 from async_rl.config import BufferConfig
 from async_rl.weights.keys import secure_server
 from buffer import inspection
-from buffer.commit import GroupCommit
-from buffer.schema import MAX_POLICY_VERSION, SchemaError
+from buffer.schema import MAX_POLICY_VERSION, TRAJECTORY_SCHEMA, SchemaError, warm_up
+from buffer.segments import decode_checksummed
 from buffer.store import AppendFailed, RateLimited, ReplayStore
 from buffer.wire import (
     VERBS,
@@ -115,7 +116,8 @@ class BufferService:
         else:
             self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.commit = GroupCommit() if self.cfg.fsync == "batch" else None
+        self.commit = self.store.commit  # None unless fsync: batch
+        warm_up()
         return self.address
 
     def serve(self) -> None:
@@ -141,7 +143,7 @@ class BufferService:
 
     def _group_commit(self) -> None:
         """Send the replies whose round has fsynced; start the next round if one is needed."""
-        if self.commit is None:
+        if self.commit is None or self.failed:
             return
         self.commit.poll()
         if self.commit.error is not None:
@@ -167,15 +169,17 @@ class BufferService:
         self.waiting.clear()
         self.failed = self.stopping = True
 
-    def _reply_durable(self, identity: bytes, request: dict, payload: list | None = None,
-                       **fields) -> None:
-        """Reply once what the request wrote is fsynced (at once unless ``fsync: batch``)."""
+    def _reply_durable(self, identity: bytes, request: dict, payload: list | None = None, *,
+                       covered_by: int = 0, **fields) -> None:
+        """Reply once what the request wrote is fsynced (at once unless ``fsync: batch``):
+        after round ``covered_by`` when the store started it, else after the next one."""
         if self.commit is None:
             self._reply(identity, request, payload, **fields)
             return
         if "fsynced" in fields:
             fields["fsynced"] = True  # the reply waits for the round that covers the rows
-        self.waiting.append(DurableReply(self.commit.next_round, identity, request, payload, fields))
+        round_ = covered_by or self.commit.next_round
+        self.waiting.append(DurableReply(round_, identity, request, payload, fields))
 
     def _receive_all(self) -> None:
         while True:
@@ -184,6 +188,7 @@ class BufferService:
             except zmq.Again:
                 return
             self.handle(frames[0].bytes, frames[1:])
+            self._group_commit()  # replies whose fsync ended go out between requests
 
     def handle(self, identity: bytes, frames: list) -> None:
         header: dict = {}
@@ -218,8 +223,11 @@ class BufferService:
     def _on_insert(self, identity, header, payload) -> None:
         if len(payload) != 1:
             raise ValueError("insert needs exactly one Arrow IPC payload frame")
-        ack = self.store.insert(ipc_to_table(payload[0].buffer), sync=False)
-        self._reply_durable(identity, header, **ack.as_dict())
+        # A client's checksummed batch is appended as it came; anything else is decoded in full.
+        encoded = decode_checksummed(payload[0].buffer, TRAJECTORY_SCHEMA)
+        data = encoded.batch if encoded is not None else ipc_to_table(payload[0].buffer)
+        ack = self.store.insert(data, sync=False, encoded=encoded)
+        self._reply_durable(identity, header, covered_by=ack.round, **ack.as_dict())
 
     def _on_sample(self, identity, header, payload) -> None:
         timeout_s = float_arg(header, "timeout_s", 0.0, lo=0.0, hi=MAX_SAMPLE_WAIT_S)
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     service = BufferService(store, cfg, learner_token(directory), curve_keys_dir=args.curve_keys_dir,
                             parent_pid=os.getppid() if args.exit_with_parent else None)
     address = service.bind(host, port)
+    gc.freeze()  # what start-up made lives as long as the process: full collections skip it
 
     def _stop(signum, frame):
         service.stopping = True

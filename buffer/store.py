@@ -2,7 +2,9 @@
 
 Life of a batch: ``insert`` validates it against the trajectory schema, drops rows whose
 ``traj_id`` is already stored (inserts are idempotent), appends the rest to the active
-segment, fsyncs under the ``fsync`` policy, indexes the rows and only then returns the ack.
+segment (serialized once, with its checksum; a client's message as it came), starts the
+fsync (under ``fsync: batch`` on the group-commit thread), indexes the rows while it runs
+and returns the ack only once it has ended.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
@@ -13,8 +15,9 @@ after an fsync that covers it; ``interval`` acknowledges at once and fsyncs ever
 ``fsync_interval_s`` (a power loss may lose that long of acknowledged rows and samples; a
 crash of the process alone loses nothing, the page cache outlives it); ``never`` leaves it to
 the OS. Callers that share fsyncs between requests (the service's group commit) pass
-``sync=False`` and reply once an fsync that started after the call has finished; see
-:meth:`ReplayStore.sync_fds`.
+``sync=False`` and reply once the round in ``Ack.round`` (or, for a sample or a version, a
+round started after the call) has ended; see :meth:`ReplayStore.sync_fds`. After a failed
+fsync the store acknowledges nothing more: what the kernel dropped is unknown.
 A group that can never be sampled again is retired with a reason; a closed segment whose
 groups are all retired is deleted.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from async_rl.config import BufferConfig
+from buffer.commit import GroupCommit
 from buffer.index import EVICTION_REASONS, Column, RowFacts, Status, TrajectoryIndex, hash_ids
 from buffer.journal import Journal, read_journal
 from buffer.rate_limiter import RateLimiter
@@ -56,8 +61,10 @@ from buffer.schema import (
 )
 from buffer.segments import (
     BadMessage,
+    EncodedBatch,
     SegmentScan,
     SegmentWriter,
+    encode_batch,
     list_segments,
     quarantine_messages,
     quarantine_segment,
@@ -97,6 +104,7 @@ class Ack:
     accepted: int
     duplicates: int
     fsynced: bool
+    round: int = 0  # fsync: batch: the group-commit round that covers the rows (not on the wire)
 
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "fsynced": self.fsynced}
@@ -137,6 +145,11 @@ class ReplayStore:
         self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
         self._last_fsync = self._last_release = time.monotonic()
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
+        # fsync: batch: the thread that fsyncs while the owner goes on (see buffer/commit.py);
+        # stopped on close, or when the store is collected without one (a simulated crash).
+        self.commit = GroupCommit() if cfg.fsync == "batch" and not read_only else None
+        if self.commit is not None:
+            weakref.finalize(self, self.commit.close)
 
     # ------------------------------------------------------------------ recovery
 
@@ -225,35 +238,73 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, data: pa.RecordBatch | pa.Table, *, sync: bool = True) -> Ack:
+    def insert(self, data: pa.RecordBatch | pa.Table, *, sync: bool = True,
+               encoded: EncodedBatch | None = None) -> Ack:
         """Store a batch durably (under the fsync policy) and return what was accepted.
 
         Raises ``SchemaError`` for a batch that breaks the contract, ``RateLimited`` when the
         actors are too far ahead of the learner and ``AppendFailed`` when the disk refused
-        the write (nothing is stored then). ``sync=False``: the caller fsyncs (group commit).
+        the write (nothing is stored then). ``sync=False``: the caller waits for the fsync
+        (group commit: ``Ack.round`` is the round that covers the rows). ``encoded``: the
+        checksummed message ``data`` was decoded from (``encoded.batch is data``), appended
+        as it is when every row is new and the schema exact, instead of encoding again.
         """
         self._require_writable()
         batch = validate_batch(data)
         fresh, hashes = self._fresh_rows(batch)
         duplicates = batch.num_rows - len(fresh)
         if not len(fresh):  # the first copy may still wait for its fsync: so does this ack
-            return Ack(0, duplicates, self._maybe_fsync(force=sync and self.cfg.fsync == "batch"))
+            return self._durable(Ack(0, duplicates, False), sync)
         refusal = self.limiter.insert_refusal()
         if refusal:
             raise RateLimited(refusal)
         if len(fresh) < batch.num_rows:
             batch = batch.take(pa.array(fresh))
+        if encoded is None or encoded.batch is not batch:  # changed by validation or dedup
+            encoded = encode_batch(batch)
         # Everything the index needs is computed before the first byte is written: a batch
         # that cannot be indexed must never reach a segment (recovery would replay it).
         facts = _row_facts(batch, hashes[fresh], np.arange(batch.num_rows))
-        seg_id = self._append(batch)
-        fsynced = self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+        seg_id = self._append(encoded)
         self.segments[seg_id].bytes = self._writer.size
+        ack = Ack(batch.num_rows, duplicates, False)
+        if self.commit is not None:  # the fsync runs on its thread while the rows are indexed
+            ack.round = self._covering_round()
         completed_before = self.index.completed_groups
         self._index_batch(batch, seg_id, facts)
         self.limiter.inserted += self.index.completed_groups - completed_before
         self._after_insert()
-        return Ack(batch.num_rows, duplicates, fsynced)
+        return self._durable(ack, sync)
+
+    def _durable(self, ack: Ack, sync: bool) -> Ack:
+        """``ack`` once what it promises is fsynced under the policy (``sync=False`` under
+        ``fsync: batch``: with the round that will cover it, for the caller to wait on)."""
+        if self.commit is None:
+            ack.fsynced = self._maybe_fsync(force=False)
+        elif sync:
+            self._await_round(ack.round or self._covering_round())
+            ack.fsynced = True
+        elif not ack.round:
+            ack.round = self._covering_round()
+        return ack
+
+    def _covering_round(self) -> int:
+        """The group-commit round that covers every byte written so far: started now if the
+        fsync thread is idle, else the next one (started once the round in flight ends)."""
+        if not self.commit.busy:
+            self.commit.start(self.sync_fds())
+            return self.commit.started
+        return self.commit.next_round
+
+    def _await_round(self, round_: int) -> None:
+        """Block until group-commit round ``round_`` has fsynced; raises its fsync error."""
+        commit = self.commit
+        while commit.completed < round_ and commit.error is None:
+            if commit.started < round_ and not commit.busy:
+                commit.start(self.sync_fds())
+            commit.wait(min(round_, commit.started))
+        if commit.error is not None:
+            raise commit.error
 
     def _fresh_rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers of the batch whose traj_id is new (first occurrence within the batch),
@@ -267,7 +318,7 @@ class ReplayStore:
             fresh = fresh[~self.retired.contains(groups)]
         return fresh, hashes
 
-    def _append(self, batch: pa.RecordBatch) -> int:
+    def _append(self, batch: EncodedBatch) -> int:
         """Write a batch to the active segment; returns the segment id."""
         seg_id = self._active_writer()
         try:
@@ -331,7 +382,8 @@ class ReplayStore:
         if self.read_only:
             return []
         self._last_fsync = time.monotonic()
-        fds = [self.journal.dup_fd()]
+        # A clean journal is left out: an fsync with nothing to write still flushes the disk.
+        fds = [self.journal.dup_fd()] if self.journal.dirty else []
         if self._writer is not None:
             fds.append(self._writer.dup_fd())
         return fds
@@ -609,6 +661,8 @@ class ReplayStore:
         return np.flatnonzero(present[self.index.row_batch.view]) if len(present) else present
 
     def close(self) -> None:
+        if self.commit is not None:
+            self.commit.close()  # a round in flight ends first
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -657,18 +711,24 @@ class RetiredGroups:
 
 
 def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> RowFacts:
+    every_row = len(keep) == batch.num_rows  # keep is sorted and unique: then it is all rows
+    rows = None if every_row else pa.array(keep)
+
     def pick(name):
         return batch.column(name).to_numpy(zero_copy_only=False)[keep]
+
+    def take(name):
+        return batch.column(name) if every_row else batch.column(name).take(rows)
 
     return RowFacts(
         offsets=keep,
         traj_hashes=traj[keep],
-        group_hashes=hash_ids(batch.column("group_id").take(pa.array(keep)).to_pylist()),
+        group_hashes=hash_ids(take("group_id").to_pylist()),
         group_sizes=pick("group_size"),
         min_versions=min_token_version(batch)[keep],
         rewards=pick("reward"),
         correct=pick("correct"),
         resp_lens=pc.list_value_length(batch.column("response_tokens")).to_numpy()[keep],
-        actor_ids=batch.column("actor_id").take(pa.array(keep)),
-        data_sources=batch.column("data_source").take(pa.array(keep)),
+        actor_ids=take("actor_id"),
+        data_sources=take("data_source"),
     )

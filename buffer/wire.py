@@ -2,7 +2,9 @@
 
 Request:  ``[header, payload?]`` with header ``{"verb": str, "id": int, ...arguments}``.
 Reply:    ``[header, payload?]`` with header ``{"id": int, "ok": bool, "error"?: str, ...}``.
-A payload is one Arrow IPC *stream* (schema + batches), the same bytes a segment holds.
+A payload is one Arrow IPC *stream* (schema + batches), the same bytes a segment holds. The
+client's insert sends one batch whose message carries the xxh3-64 of its body
+(:func:`buffer.segments.encode_stream`); the service verifies it and appends those bytes.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from async_rl.commands.buffer import app as buffer_cli
 from async_rl.config import BufferConfig
 from buffer.client import BufferClient, BufferRequestError
 from buffer.schema import MAX_POLICY_VERSION
+from buffer.segments import encode_stream
 from buffer.service import MAX_SAMPLE_WAIT_S, start_service
 from buffer.testing import synthetic_batch, with_broken_offsets
 from buffer.wire import pack_header, table_to_ipc, unpack_header
@@ -94,8 +95,14 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(service):
     assert raw.poll(20_000)
     assert "not msgpack" in unpack_header(raw.recv_multipart()[0])["error"]
     raw.close(linger=0)
+    damaged = bytearray(encode_stream(synthetic_batch(groups=["flipped"]))[0].to_pybytes())
+    damaged[-64] ^= 0xFF  # a bit flipped on the wire, inside the batch's body
+    with pytest.raises(BufferRequestError, match="payload: checksum mismatch"):
+        client._call({"verb": "insert"}, [bytes(damaged)])
     assert client.ping()["pid"] == service.pid
     assert client.insert(synthetic_batch(groups=["fine"]))["accepted"] == 4
+    assert client.insert(pa.Table.from_batches([synthetic_batch(groups=["table"])]))["accepted"] == 4
+    assert client.sample(1, peek=True) is not None
     client.close()
 
 

@@ -3,6 +3,7 @@ a power loss between a sample and its journal line (issue #19's audit)."""
 
 import errno
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 
 from async_rl.config import BufferConfig
 from buffer.schema import SCHEMA_WITHOUT_CORRECT, TRAJECTORY_SCHEMA
-from buffer.segments import SegmentWriter, segment_path
+from buffer.segments import SegmentWriter, decode_checksummed, encode_stream, segment_path
 from buffer.store import ReplayStore
 from buffer.testing import synthetic_batch
 
@@ -201,3 +202,74 @@ def test_an_append_that_cannot_be_cut_back_rolls_to_a_new_segment(tmp_path, monk
     assert [r["segment"] for r in reopened.recovery] == ["seg-000001.arrows"]
     assert reopened.recovery[0]["truncated"] and reopened.recovery[0]["batches_kept"] == 1
     assert _groups(reopened.sample(2)[0]) == ["a", "c"]
+
+
+def test_an_insert_returns_only_after_an_fsync_that_covered_its_rows(tmp_path, monkeypatch):
+    store = _store(tmp_path, fsync="batch")
+    real_fsync, covered = os.fsync, {}
+
+    def slow_fsync(fd):  # a slow disk: an ack sent before the fsync ends would be caught
+        size = os.fstat(fd).st_size
+        time.sleep(0.02)
+        real_fsync(fd)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        covered[name] = max(covered.get(name, 0), size)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    segment = tmp_path / "seg-000001.arrows"
+    for name in ["a", "b", "c"]:
+        assert store.insert(synthetic_batch(groups=[name])).fsynced
+        assert covered[segment.name] == segment.stat().st_size
+    assert store.insert(synthetic_batch(groups=["c"])).duplicates == 4  # a duplicate waits too
+    assert covered[segment.name] == segment.stat().st_size
+
+
+def test_after_a_failed_fsync_the_store_acknowledges_nothing_more(tmp_path, monkeypatch):
+    store = _store(tmp_path, fsync="batch")
+    store.insert(synthetic_batch(groups=["a"]))
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.insert(synthetic_batch(groups=["b"]))
+    monkeypatch.undo()  # the disk answers again, but what the failed fsync dropped is unknown
+    with pytest.raises(OSError, match="Input/output error"):
+        store.insert(synthetic_batch(groups=["c"]))
+
+
+def test_a_checksummed_batch_from_a_client_is_appended_byte_for_byte_and_recovers(tmp_path):
+    store = _store(tmp_path)
+    stream, message = encode_stream(synthetic_batch(groups=["a", "b"]))
+    received = decode_checksummed(stream.to_pybytes(), TRAJECTORY_SCHEMA)  # as off the wire
+    assert received.message.to_pybytes() == message.message.to_pybytes()
+    assert store.insert(received.batch, encoded=received).accepted == 8
+    store.close()
+    assert message.message.to_pybytes() in (tmp_path / "seg-000001.arrows").read_bytes()
+    reopened = _store(tmp_path)
+    assert reopened.recovery == [] and _groups(reopened.sample(2)[0]) == ["a", "b"]
+
+
+def test_a_partly_duplicate_client_batch_is_stored_with_a_checksum_of_its_new_rows(tmp_path):
+    store = _store(tmp_path)
+    store.insert(synthetic_batch(groups=["a"]))
+    received = decode_checksummed(encode_stream(synthetic_batch(groups=["a", "b"]))[0], TRAJECTORY_SCHEMA)
+    ack = store.insert(received.batch, encoded=received)
+    assert (ack.accepted, ack.duplicates) == (4, 4)
+    store.close()
+    assert received.message.to_pybytes() not in (tmp_path / "seg-000001.arrows").read_bytes()
+    reopened = _store(tmp_path)
+    assert reopened.recovery == [] and reopened.index.n_rows == 8
+
+
+def test_a_batch_damaged_in_transit_is_refused_by_its_checksum_and_a_plain_stream_decoded_in_full(tmp_path):
+    stream = bytearray(encode_stream(synthetic_batch(groups=["a"], rewards=[1, 0, 1, 0]))[0].to_pybytes())
+    at = stream.index(ONE + bytes(4) + ONE)
+    stream[at : at + 4] = THOUSAND
+    with pytest.raises(ValueError, match="payload: checksum mismatch"):
+        decode_checksummed(bytes(stream), TRAJECTORY_SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, TRAJECTORY_SCHEMA) as writer:  # no checksum: not appended as is
+        writer.write_batch(synthetic_batch(groups=["a"]))
+    assert decode_checksummed(sink.getvalue(), TRAJECTORY_SCHEMA) is None
