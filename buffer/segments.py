@@ -185,36 +185,39 @@ def decode_checksummed(payload, schema: pa.Schema) -> EncodedBatch | None:
     """The batch of a one-batch IPC stream in exactly ``schema`` whose message carries a
     checksum, with that message's bytes (zero-copy): they can be appended to a segment as
     they are. None for any other stream (several batches, another schema, no checksum,
-    unaligned framing): the caller decodes it in full. Raises ValueError when the message
-    is not a batch or its body does not match its checksum (damaged in transit)."""
+    unaligned framing, anything unreadable): the caller decodes it in full and names what is
+    wrong. Raises ValueError when the body does not match its checksum (damaged in transit).
+    Only the stream reader parses untrusted bytes first: it verifies every flatbuffer."""
     whole = pa.py_buffer(payload)
-    source = pa.BufferReader(whole)
     try:
-        if not pa.ipc.read_schema(pa.ipc.read_message(source)).equals(schema):
+        reader = pa.ipc.open_stream(whole)  # the stream reader verifies each flatbuffer
+        if not reader.schema.equals(schema):
             return None
+        batch = reader.read_next_batch()
+        if _another_batch(reader):
+            return None
+        source = pa.BufferReader(whole)  # the same framing again, for where the batch lies
+        pa.ipc.read_message(source)
         start = source.tell()
         message = pa.ipc.read_message(source)
         end = source.tell()
-        if message.type != "record batch" or _CHECKSUM_TAG not in message.metadata.to_pybytes():
-            return None
-        body_at = message.body.address - whole.address
-        if (start % 8 or (body_at - start) % 8 or (end - body_at) % 8
-                or end - body_at != message.body.size or _rest_of_stream(source)):
-            return None
-        problem = _checksum_error(message)
-        if problem:
-            raise ValueError(f"payload: {problem} (damaged in transit)")
-        batch = pa.ipc.read_record_batch(message, schema)
-    except (pa.ArrowInvalid, OSError, EOFError):
+    except (pa.ArrowException, OSError, EOFError, StopIteration):
         return None  # the full decode names what is wrong
+    if message.type != "record batch" or _CHECKSUM_TAG not in message.metadata.to_pybytes():
+        return None
+    body_at = message.body.address - whole.address
+    if start % 8 or (body_at - start) % 8 or (end - body_at) % 8 or end - body_at != message.body.size:
+        return None
+    problem = _checksum_error(message)
+    if problem:
+        raise ValueError(f"payload: {problem} (damaged in transit)")
     return EncodedBatch(whole.slice(start, end - start), batch)
 
 
-def _rest_of_stream(source) -> bool:
-    """Whether anything but an end-of-stream marker follows (another message)."""
+def _another_batch(reader) -> bool:
     try:
-        pa.ipc.read_message(source)
-    except EOFError:
+        reader.read_next_batch()
+    except StopIteration:
         return False
     return True
 
@@ -288,7 +291,10 @@ def scan_segment(path: Path, schema: pa.Schema, older: Sequence[OlderSchema] = (
         scan.mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     source = pa.BufferReader(pa.py_buffer(scan.mapping))
     try:
-        file_schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+        first = pa.ipc.read_message(source)
+        if first.type != "schema":  # pyarrow's read_schema crashes on another message type
+            raise pa.ArrowInvalid(f"the first message is no schema but {first.type!r}")
+        file_schema = pa.ipc.read_schema(first)
     except (pa.ArrowInvalid, OSError) as err:
         scan.error = f"schema unreadable: {type(err).__name__}: {err}"
         # A crash while the file was created leaves at most a partial schema and no batch.

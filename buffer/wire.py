@@ -61,5 +61,5 @@ def ipc_to_table(payload) -> pa.Table:
     """Decode an Arrow IPC stream; raises ValueError on malformed bytes."""
     try:
         return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowException, OSError) as err:  # garbled framing raises several kinds
         raise ValueError(f"payload is not an Arrow IPC stream: {err}") from None

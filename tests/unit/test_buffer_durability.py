@@ -14,6 +14,7 @@ from buffer.schema import SCHEMA_WITHOUT_CORRECT, TRAJECTORY_SCHEMA
 from buffer.segments import SegmentWriter, decode_checksummed, encode_stream, segment_path
 from buffer.store import ReplayStore
 from buffer.testing import synthetic_batch
+from buffer.wire import ipc_to_table
 
 ONE, THOUSAND = np.float32(1.0).tobytes(), np.float32(1000.0).tobytes()
 
@@ -273,3 +274,22 @@ def test_a_batch_damaged_in_transit_is_refused_by_its_checksum_and_a_plain_strea
     with pa.ipc.new_stream(sink, TRAJECTORY_SCHEMA) as writer:  # no checksum: not appended as is
         writer.write_batch(synthetic_batch(groups=["a"]))
     assert decode_checksummed(sink.getvalue(), TRAJECTORY_SCHEMA) is None
+
+
+def test_a_segment_whose_schema_header_is_garbled_into_another_message_type_is_set_aside(tmp_path):
+    garbled = bytearray(encode_stream(synthetic_batch(groups=["a"]))[0].to_pybytes())
+    garbled[29], garbled[254] = 0xC3, 0xAB  # the header's type tag, and a byte of the schema
+    assert pa.ipc.read_message(pa.BufferReader(pa.py_buffer(bytes(garbled)))).type == "unknown"
+    segment = tmp_path / "seg-000001.arrows"
+    segment.write_bytes(bytes(garbled))
+    store = _store(tmp_path)  # pyarrow's read_schema of that message crashes the process
+    assert store.recovery[0]["segment_quarantined"] and "no schema" in store.recovery[0]["error"]
+    assert (tmp_path / "quarantine" / "seg-000001.arrows").read_bytes() == garbled
+
+
+def test_a_payload_garbled_into_another_message_type_is_refused_in_one_line_not_a_crash():
+    garbled = bytearray(encode_stream(synthetic_batch(groups=["a"]))[0].to_pybytes())
+    garbled[29], garbled[254] = 0xC3, 0xAB
+    assert decode_checksummed(bytes(garbled), TRAJECTORY_SCHEMA) is None
+    with pytest.raises(ValueError, match="payload is not an Arrow IPC stream"):
+        ipc_to_table(bytes(garbled))
