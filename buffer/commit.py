@@ -7,8 +7,7 @@ so while one fsync is in flight the loop keeps appending arriving batches, and a
 wait for the next round. An acknowledgement therefore still means an fsync covered the row;
 with many writers one fsync covers many batches (as databases and Kafka do).
 
-When a round ends the thread writes a byte to a pipe that the loop polls beside its socket;
-a caller without a loop (the store's in-process ``insert``) blocks in :meth:`GroupCommit.wait`.
+When a round ends the thread writes a byte to a pipe that the loop polls beside its socket.
 An fsync that fails leaves the page cache in an unknown state: ``error`` is set and the
 owner must stop and recover from disk rather than acknowledge anything more.
 """
@@ -23,7 +22,6 @@ class GroupCommit:
     def __init__(self) -> None:
         self.wake_fd, self._wake_tx = os.pipe()
         os.set_blocking(self.wake_fd, False)
-        os.set_blocking(self._wake_tx, False)  # nobody polls in-process: a full pipe still wakes
         self.started = 0  # rounds handed to the thread
         self.completed = 0  # rounds whose fsyncs returned (read on the loop's thread)
         self.error: OSError | None = None
@@ -48,13 +46,7 @@ class GroupCommit:
         with self._ready:
             self._fds = fds
             self.started += 1
-            self._ready.notify_all()
-
-    def wait(self, round_: int) -> None:
-        """Block until round ``round_`` (already started) has ended, or an fsync failed."""
-        assert round_ <= self.started, "a round is waited on once it has been started"
-        with self._ready:
-            self._ready.wait_for(lambda: self.completed >= round_ or self.error is not None)
+            self._ready.notify()
 
     def poll(self) -> None:
         """Take the thread's wake-ups (call when ``wake_fd`` is readable)."""
@@ -83,11 +75,7 @@ class GroupCommit:
             with self._ready:
                 self.error = self.error or error
                 self.completed += 1
-                self._ready.notify_all()
-            try:
-                os.write(self._wake_tx, b"\0")
-            except BlockingIOError:
-                pass
+            os.write(self._wake_tx, b"\0")
 
     def close(self) -> None:
         """Wait for a round in flight, then stop the thread (a second call does nothing)."""
@@ -95,7 +83,7 @@ class GroupCommit:
             return
         with self._ready:
             self._closing = True
-            self._ready.notify_all()
+            self._ready.notify()
         self._thread.join()
         os.close(self.wake_fd)
         os.close(self._wake_tx)

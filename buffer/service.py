@@ -71,6 +71,7 @@ MAX_PARKED_SAMPLES = 1024  # far above learner ranks x requests in flight; bound
 MAX_SAMPLE_GROUPS = 1 << 20  # more groups than a buffer of capacity_rows=1e6 could ever hold
 MAX_GROUP_QUERY = 1 << 16  # group ids per durable_groups request (the cursor's in-flight keys)
 MAX_GROUP_ID_CHARS = 1024
+FSYNC_THREAD_SWITCH_S = 0.0005  # GIL switch interval of the service process (default 5 ms)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class BufferService:
         else:
             self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.commit = self.store.commit  # None unless fsync: batch
+        self.commit = self.store.start_group_commit()  # None unless fsync: batch
         warm_up()
         return self.address
 
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                             parent_pid=os.getppid() if args.exit_with_parent else None)
     address = service.bind(host, port)
     gc.freeze()  # what start-up made lives as long as the process: full collections skip it
+    # The fsync thread needs the GIL for a few bytecodes to start each round; at the default
+    # 5 ms switch interval every round would wait behind the loop's Python work.
+    sys.setswitchinterval(FSYNC_THREAD_SWITCH_S)
 
     def _stop(signum, frame):
         service.stopping = True

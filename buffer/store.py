@@ -2,9 +2,9 @@
 
 Life of a batch: ``insert`` validates it against the trajectory schema, drops rows whose
 ``traj_id`` is already stored (inserts are idempotent), appends the rest to the active
-segment (serialized once, with its checksum; a client's message as it came), starts the
-fsync (under ``fsync: batch`` on the group-commit thread), indexes the rows while it runs
-and returns the ack only once it has ended.
+segment (serialized once, with its checksum; a client's message as it came), fsyncs under
+the ``fsync`` policy (or, under group commit, starts the round that covers it), indexes the
+rows (while that round runs) and returns the ack.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
@@ -16,8 +16,8 @@ after an fsync that covers it; ``interval`` acknowledges at once and fsyncs ever
 crash of the process alone loses nothing, the page cache outlives it); ``never`` leaves it to
 the OS. Callers that share fsyncs between requests (the service's group commit) pass
 ``sync=False`` and reply once the round in ``Ack.round`` (or, for a sample or a version, a
-round started after the call) has ended; see :meth:`ReplayStore.sync_fds`. After a failed
-fsync the store acknowledges nothing more: what the kernel dropped is unknown.
+round started after the call) has ended; see :meth:`ReplayStore.start_group_commit`. After a
+failed fsync the store acknowledges nothing more: what the kernel dropped is unknown.
 A group that can never be sampled again is retired with a reason; a closed segment whose
 groups are all retired is deleted.
 
@@ -145,11 +145,8 @@ class ReplayStore:
         self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
         self._last_fsync = self._last_release = time.monotonic()
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
-        # fsync: batch: the thread that fsyncs while the owner goes on (see buffer/commit.py);
-        # stopped on close, or when the store is collected without one (a simulated crash).
-        self.commit = GroupCommit() if cfg.fsync == "batch" and not read_only else None
-        if self.commit is not None:
-            weakref.finalize(self, self.commit.close)
+        self.commit: GroupCommit | None = None  # see start_group_commit
+        self._fsync_error: OSError | None = None
 
     # ------------------------------------------------------------------ recovery
 
@@ -267,44 +264,40 @@ class ReplayStore:
         facts = _row_facts(batch, hashes[fresh], np.arange(batch.num_rows))
         seg_id = self._append(encoded)
         self.segments[seg_id].bytes = self._writer.size
-        ack = Ack(batch.num_rows, duplicates, False)
-        if self.commit is not None:  # the fsync runs on its thread while the rows are indexed
-            ack.round = self._covering_round()
+        ack = self._durable(Ack(batch.num_rows, duplicates, False), sync)
         completed_before = self.index.completed_groups
-        self._index_batch(batch, seg_id, facts)
+        self._index_batch(batch, seg_id, facts)  # under group commit, while the fsync runs
         self.limiter.inserted += self.index.completed_groups - completed_before
         self._after_insert()
-        return self._durable(ack, sync)
+        return ack
 
     def _durable(self, ack: Ack, sync: bool) -> Ack:
-        """``ack`` once what it promises is fsynced under the policy (``sync=False`` under
-        ``fsync: batch``: with the round that will cover it, for the caller to wait on)."""
-        if self.commit is None:
-            ack.fsynced = self._maybe_fsync(force=False)
-        elif sync:
-            self._await_round(ack.round or self._covering_round())
-            ack.fsynced = True
-        elif not ack.round:
+        """Make what ``ack`` promises durable under the fsync policy: here (``sync``), or by
+        the group-commit round it names (``ack.round``), started now when the fsync thread
+        is idle so that it runs while the caller goes on."""
+        if sync or self.commit is None:
+            ack.fsynced = self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+        else:
             ack.round = self._covering_round()
         return ack
 
+    def start_group_commit(self) -> GroupCommit | None:
+        """Under ``fsync: batch``, start the thread that runs fsyncs while the owner goes on
+        (``buffer/commit.py``); ``insert(sync=False)`` then starts a round right after its
+        append. For a loop serving many writers; a single in-process writer fsyncs inline
+        (a handoff to a thread costs more than it overlaps: the thread needs the GIL)."""
+        if self.cfg.fsync == "batch" and not self.read_only and self.commit is None:
+            self.commit = GroupCommit()
+            weakref.finalize(self, self.commit.close)  # also when collected unclosed (a crash)
+        return self.commit
+
     def _covering_round(self) -> int:
         """The group-commit round that covers every byte written so far: started now if the
-        fsync thread is idle, else the next one (started once the round in flight ends)."""
+        fsync thread is idle, else the next one (the owner starts it when this one ends)."""
         if not self.commit.busy:
             self.commit.start(self.sync_fds())
             return self.commit.started
         return self.commit.next_round
-
-    def _await_round(self, round_: int) -> None:
-        """Block until group-commit round ``round_`` has fsynced; raises its fsync error."""
-        commit = self.commit
-        while commit.completed < round_ and commit.error is None:
-            if commit.started < round_ and not commit.busy:
-                commit.start(self.sync_fds())
-            commit.wait(min(round_, commit.started))
-        if commit.error is not None:
-            raise commit.error
 
     def _fresh_rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers of the batch whose traj_id is new (first occurrence within the batch),
@@ -369,9 +362,15 @@ class ReplayStore:
         )
         if not (force or due):
             return False
-        if self._writer is not None:
-            self._writer.fsync()
-        self.journal.fsync()
+        if self._fsync_error is not None:  # what that fsync failed to write may be gone
+            raise self._fsync_error
+        try:
+            if self._writer is not None:
+                self._writer.fsync()
+            self.journal.fsync()
+        except OSError as err:
+            self._fsync_error = err
+            raise
         self._last_fsync = time.monotonic()
         return True
 
