@@ -145,7 +145,7 @@ class ReplayStore:
         self.limiter = RateLimiter(cfg.min_size_to_sample, cfg.samples_per_insert, cfg.spi_tolerance)
         self._last_fsync = self._last_release = time.monotonic()
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
-        self.commit: GroupCommit | None = None  # see start_group_commit
+        self.group_commit: GroupCommit | None = None  # see start_group_commit
         self._fsync_error: OSError | None = None
 
     # ------------------------------------------------------------------ recovery
@@ -275,7 +275,7 @@ class ReplayStore:
         """Make what ``ack`` promises durable under the fsync policy: here (``sync``), or by
         the group-commit round it names (``ack.round``), started now when the fsync thread
         is idle so that it runs while the caller goes on."""
-        if sync or self.commit is None:
+        if sync or self.group_commit is None:
             ack.fsynced = self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
         else:
             ack.round = self._covering_round()
@@ -286,18 +286,18 @@ class ReplayStore:
         (``buffer/commit.py``); ``insert(sync=False)`` then starts a round right after its
         append. For a loop serving many writers; a single in-process writer fsyncs inline
         (a handoff to a thread costs more than it overlaps: the thread needs the GIL)."""
-        if self.cfg.fsync == "batch" and not self.read_only and self.commit is None:
-            self.commit = GroupCommit()
-            weakref.finalize(self, self.commit.close)  # also when collected unclosed (a crash)
-        return self.commit
+        if self.cfg.fsync == "batch" and not self.read_only and self.group_commit is None:
+            self.group_commit = GroupCommit()
+            weakref.finalize(self, self.group_commit.close)  # also when collected unclosed (a crash)
+        return self.group_commit
 
     def _covering_round(self) -> int:
         """The group-commit round that covers every byte written so far: started now if the
         fsync thread is idle, else the next one (the owner starts it when this one ends)."""
-        if not self.commit.busy:
-            self.commit.start(self.sync_fds())
-            return self.commit.started
-        return self.commit.next_round
+        if not self.group_commit.busy:
+            self.group_commit.start(self.sync_fds())
+            return self.group_commit.started
+        return self.group_commit.next_round
 
     def _fresh_rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers of the batch whose traj_id is new (first occurrence within the batch),
@@ -660,8 +660,8 @@ class ReplayStore:
         return np.flatnonzero(present[self.index.row_batch.view]) if len(present) else present
 
     def close(self) -> None:
-        if self.commit is not None:
-            self.commit.close()  # a round in flight ends first
+        if self.group_commit is not None:
+            self.group_commit.close()  # a round in flight ends first
         if self._writer is not None:
             self._writer.close()
             self._writer = None
