@@ -4,6 +4,9 @@
     client.insert(batch)                  # returns once the rows are durable (the ack)
     table = client.sample(8, timeout_s=30)  # whole groups, or None (see client.last_refusal)
 
+The learner leases instead (``lease``, then ``commit`` once its checkpoint covers the training,
+``resume_learner`` when a learner group starts): the same calls as ``buffer/store.py``'s.
+
 One client per thread (a ZeroMQ socket is not thread-safe). Requests carry an id; a reply
 to a request that already timed out is discarded.
 """
@@ -18,7 +21,7 @@ import zmq
 
 from async_rl.weights.keys import secure_client
 from buffer.segments import encode_stream
-from buffer.wire import ipc_to_table, pack_header, table_to_ipc, unpack_header
+from buffer.wire import Lease, ipc_to_table, pack_header, table_to_ipc, unpack_header
 
 REPLY_GRACE_S = 30.0  # added to a sample's blocking timeout: the server answers at the deadline
 RATE_LIMIT_BACKOFF_S = 0.05  # pause between retries of an insert the rate limiter refused
@@ -81,14 +84,34 @@ class BufferClient:
         self.last_refusal = header.get("refused")
         return ipc_to_table(frames[0]) if frames else None
 
+    def lease(self, n_groups: int, *, timeout_s: float = 0.0) -> Lease | None:
+        """Like :meth:`sample`, but the use is provisional until :meth:`commit` (needs
+        ``learner_token``)."""
+        request = {"verb": "sample", "n_groups": int(n_groups), "timeout_s": float(timeout_s),
+                   "lease": True, "token": self.learner_token}
+        header, frames = self._call(request, wait_s=timeout_s + REPLY_GRACE_S)
+        self.last_refusal = header.get("refused")
+        return Lease(header["lease"], ipc_to_table(frames[0])) if frames else None
+
+    def commit(self, lease_ids: list[int]) -> list[int]:
+        """Make the leases' uses final; returns the ids that were not outstanding."""
+        request = {"verb": "commit", "leases": [int(i) for i in lease_ids], "token": self.learner_token}
+        return self._call(request)[0]["unknown"]
+
+    def resume_learner(self, version: int, trained: list[int]) -> int:
+        """A learner group starts from weights of ``version`` covering the leases ``trained``:
+        those are committed, the rest released; returns the version to publish under."""
+        request = {"verb": "resume_learner", "version": int(version), "trained": [int(i) for i in trained],
+                   "token": self.learner_token}
+        return self._call(request)[0]["learner_version"]
+
     def stats(self) -> dict:
         return self._call({"verb": "stats"})[0]["stats"]
 
-    def set_learner_version(self, version: int, *, restart: bool = False) -> int:
-        """Announce the learner's policy version (needs ``learner_token``). It only moves up,
-        except with ``restart`` (a learner group resumed from an older checkpoint)."""
-        request = {"verb": "set_learner_version", "version": int(version), "restart": restart,
-                   "token": self.learner_token}
+    def set_learner_version(self, version: int) -> int:
+        """Announce the learner's policy version before weights are published under it (needs
+        ``learner_token``). It only moves up."""
+        request = {"verb": "set_learner_version", "version": int(version), "token": self.learner_token}
         return self._call(request)[0]["learner_version"]
 
     def head(self, n: int = 10, *, random: bool = False, where: str | None = None,

@@ -127,6 +127,7 @@ def stats(store: ReplayStore) -> dict:
         "evicted_rows": dict(store.state.evicted_rows),
         "evicted_groups": dict(store.state.evicted_groups),
         "groups_sampled_total": store.state.samples,
+        "leases": {"outstanding": len(store.state.leases), "groups": store.leased_groups()},
         "rate_limiter": {"inserted": store.limiter.inserted, "sampled": store.limiter.sampled},
         "recovery": store.recovery,
         "prompts": prompt_progress(store),

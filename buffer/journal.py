@@ -2,7 +2,9 @@
 
 Segments are immutable; what changes after an insert is kept here: the learner version the
 buffer last served, how often each group was sampled, which groups were evicted and why,
-and the rate limiter's sample count. Each change is one line written with ``os.write``
+the rate limiter's sample count, and the sample leases the learner has not committed yet
+(``lease``: groups served provisionally; ``commit``: their use becomes final; ``release``:
+they are given back, as if never served). Each change is one line written with ``os.write``
 before the reply goes out, so it survives a crash of the buffer process (the page cache
 outlives it); it is fsynced with the segments' fsync policy (under ``fsync: batch`` before
 the reply, so a sample count also survives a power loss). On open the journal is
@@ -35,6 +37,8 @@ class BufferState:
     evicted: dict[int, int] = field(default_factory=dict)  # group hash -> Status value
     evicted_rows: dict[str, int] = field(default_factory=dict)  # reason -> rows
     evicted_groups: dict[str, int] = field(default_factory=dict)  # reason -> groups
+    leases: dict[int, list[int]] = field(default_factory=dict)  # lease id -> group hashes, uncommitted
+    next_lease: int = 1  # lease ids are never reused, also across restarts
 
     def apply(self, entry: dict) -> None:
         op = entry["op"]
@@ -44,6 +48,18 @@ class BufferState:
             self.samples += len(entry["g"])
             for g in entry["g"]:
                 self.times_sampled[g] = self.times_sampled.get(g, 0) + 1
+        elif op == "lease":
+            self.leases[entry["id"]] = entry["g"]
+            self.next_lease = max(self.next_lease, entry["id"] + 1)
+        elif op == "commit":
+            for lease in entry["ids"]:
+                groups = self.leases.pop(lease, [])
+                self.samples += len(groups)
+                for g in groups:
+                    self.times_sampled[g] = self.times_sampled.get(g, 0) + 1
+        elif op == "release":
+            for lease in entry["ids"]:
+                self.leases.pop(lease, None)
         elif op == "evict":
             reason = entry["reason"]
             for g in entry["g"]:
@@ -76,6 +92,8 @@ def _decode_snapshot(entry: dict) -> dict:
         "evicted": {int(k): v for k, v in entry["evicted"].items()},
         "evicted_rows": entry["evicted_rows"],
         "evicted_groups": entry["evicted_groups"],
+        "leases": {int(k): v for k, v in entry.get("leases", {}).items()},
+        "next_lease": entry.get("next_lease", 1),
     }
 
 
@@ -150,6 +168,8 @@ class Journal:
             "evicted": {str(g): s for g, s in state.evicted.items() if g in live_groups},
             "evicted_rows": state.evicted_rows,
             "evicted_groups": state.evicted_groups,
+            "leases": {str(k): g for k, g in state.leases.items()},
+            "next_lease": state.next_lease,
         }
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as handle:

@@ -9,9 +9,10 @@ learner version) wait for a group commit (``buffer/commit.py``): one fsync, runn
 thread while the loop keeps appending, covers every request written before it started. A
 failed append is answered with a retryable error; a failed fsync stops the service, which
 then recovers from disk on restart. The learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
-``head``; the controller asks ``durable_groups`` (which of these group ids are durable here)
-to reconcile the prompt cursor (``buffer/cursor.py``). Only the learner may set the learner version: the request must carry the secret of
-``DIR/learner.token`` (mode 0600), and the version only moves up unless it says ``restart``. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
+``head``; the learner samples with ``lease`` and later sends ``commit`` (its checkpoint covers
+the leases) and, when a learner group starts, ``resume_learner`` (``buffer/store.py``); the controller asks ``durable_groups`` (which of these group ids are durable here)
+to reconcile the prompt cursor (``buffer/cursor.py``). Only the learner may set the learner version, lease, commit or resume: the request must carry the secret of
+``DIR/learner.token`` (mode 0600), and the version only moves up. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
 job's CURVE keys (required off loopback) every byte is encrypted and only clients holding the
 job's client key are admitted.
 
@@ -55,6 +56,7 @@ from buffer.wire import (
     float_arg,
     int_arg,
     ipc_to_table,
+    lease_ids_arg,
     pack_header,
     table_to_ipc,
     unpack_header,
@@ -233,6 +235,10 @@ class BufferService:
     def _on_sample(self, identity, header, payload) -> None:
         timeout_s = float_arg(header, "timeout_s", 0.0, lo=0.0, hi=MAX_SAMPLE_WAIT_S)
         int_arg(header, "n_groups", None, lo=1, hi=MAX_SAMPLE_GROUPS)
+        if header.get("lease") is True:
+            if header.get("peek"):
+                raise ValueError("sample: peek and lease exclude each other")
+            self._check_learner(header, "lease")
         parked = ParkedSample(identity, header, time.monotonic() + timeout_s)
         final = timeout_s <= 0
         if not final and len(self.parked) >= MAX_PARKED_SAMPLES:
@@ -244,11 +250,18 @@ class BufferService:
         """Serve a sample if possible (or refuse it when ``final``); True when answered."""
         n_groups = parked.header["n_groups"]  # checked by _on_sample
         peek = bool(parked.header.get("peek"))
-        table, reason = self.store.sample(n_groups, peek=peek, sync=False)
-        if table is not None:
-            reply = self._reply if peek else self._reply_durable  # a sample's count is journaled
-            reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
-            return True
+        if parked.header.get("lease") is True:
+            lease, reason = self.store.lease(n_groups, sync=False)
+            if lease is not None:
+                self._reply_durable(parked.identity, parked.header, [table_to_ipc(lease.table)],
+                                    rows=lease.table.num_rows, lease=lease.id)
+                return True
+        else:
+            table, reason = self.store.sample(n_groups, peek=peek, sync=False)
+            if table is not None:
+                reply = self._reply if peek else self._reply_durable  # a sample's count is journaled
+                reply(parked.identity, parked.header, [table_to_ipc(table)], rows=table.num_rows)
+                return True
         if final:
             self._reply(parked.identity, parked.header, refused=reason)
         return final
@@ -264,13 +277,31 @@ class BufferService:
     def _on_stats(self, identity, header, payload) -> None:
         self._reply(identity, header, stats=inspection.stats(self.store))
 
-    def _on_set_learner_version(self, identity, header, payload) -> None:
+    def _check_learner(self, header: dict, verb: str) -> None:
         token = header.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token, self.learner_token):
-            raise PermissionError(f"set_learner_version: only the learner (it holds {LEARNER_TOKEN_FILE})")
+            raise PermissionError(f"{verb}: only the learner (it holds {LEARNER_TOKEN_FILE})")
+
+    def _on_set_learner_version(self, identity, header, payload) -> None:
+        self._check_learner(header, "set_learner_version")
         version = int_arg(header, "version", None, lo=0, hi=MAX_POLICY_VERSION)
-        self.store.set_learner_version(version, restart=header.get("restart") is True, sync=False)
+        self.store.set_learner_version(version, sync=False)
         self._reply_durable(identity, header, learner_version=self.store.learner_version)
+
+    def _on_commit(self, identity, header, payload) -> None:
+        self._check_learner(header, "commit")
+        unknown = self.store.commit(lease_ids_arg(header, "leases"), sync=False)
+        self._reply_durable(identity, header, unknown=unknown)
+
+    def _on_resume_learner(self, identity, header, payload) -> None:
+        self._check_learner(header, "resume_learner")
+        version = int_arg(header, "version", None, lo=0, hi=MAX_POLICY_VERSION)
+        fresh = self.store.resume_learner(version, lease_ids_arg(header, "trained"), sync=False)
+        # A lease asked for by the group that died would be held by nobody until the next restart.
+        for parked in [p for p in self.parked if p.header.get("lease") is True]:
+            self.parked.remove(parked)
+            self._reply(parked.identity, parked.header, refused="a learner group restarted")
+        self._reply_durable(identity, header, learner_version=fresh)
 
     def _on_durable_groups(self, identity, header, payload) -> None:
         ids = header.get("group_ids")

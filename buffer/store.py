@@ -10,6 +10,15 @@ not yet used ``max_times_sampled`` times and not zero-advantage; every sample is
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
 loss, never hands a group out more often than allowed.
 
+The learner takes its batches as leases (``lease``): the groups count as used while leased
+(never served twice at once), but the use becomes final only when the learner ``commit``s
+the lease, once the training on it is durable (its checkpoint is written). A learner group
+that (re)starts from a checkpoint calls ``resume_learner``: the leases that checkpoint covers
+are committed and every other one is released, its groups sampleable again, because only
+the lineage that died trained on them. Leases outlive a restart of the buffer itself (the
+journal replays them): a live learner still trains and commits what it holds, so releasing
+them then would train those groups twice.
+
 Durability, per ``fsync`` policy: ``batch`` acknowledges an insert or returns a sample only
 after an fsync that covers it; ``interval`` acknowledges at once and fsyncs every
 ``fsync_interval_s`` (a power loss may lose that long of acknowledged rows and samples; a
@@ -73,6 +82,7 @@ from buffer.segments import (
     segment_path,
     truncate_segment,
 )
+from buffer.wire import Lease
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +232,8 @@ class ReplayStore:
                 status[gid] = code
         consumed = (status == Status.LIVE) & (ts >= self.cfg.max_times_sampled)
         status[consumed] = Status.CONSUMED
+        self._held = self._gids([g for groups in self.state.leases.values() for g in groups])
+        np.add.at(ts, self._held, 1)  # counted as used while leased, final only once committed
         for seg in self.segments.values():
             seg.pending = 0
         self._count_pending(np.flatnonzero(status == Status.LIVE), +1)
@@ -428,23 +440,46 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ sample
 
-    def set_learner_version(self, version: int, *, restart: bool = False, sync: bool = True) -> None:
+    def set_learner_version(self, version: int, *, sync: bool = True) -> None:
         """Record the learner's policy version (journaled) and evict what became too stale.
 
-        The version only moves up, so no request can make retired rows' peers look fresh;
-        ``restart`` (a learner group resumed from an older checkpoint) may move it down.
+        The learner announces a version before it publishes weights under it, and the version
+        only moves up (a learner resumed from an older checkpoint gets a fresh number from
+        :meth:`resume_learner`), so a version number never names two different weight sets
+        and no request can make retired rows' peers look fresh.
         """
         self._require_writable()
         if not 0 <= version <= MAX_POLICY_VERSION:
             raise ValueError(f"learner version {version}: must be in [0, {MAX_POLICY_VERSION}]")
-        if version < self.learner_version and not restart:
+        if version < self.learner_version:
             raise ValueError(
                 f"learner version {version} < {self.learner_version}: it only moves up "
-                "(a learner resumed from a checkpoint says restart)"
+                "(a learner resumed from a checkpoint asks resume_learner for its version)"
             )
         self._record({"op": "version", "v": int(version)})
         self._evict_stale()
         self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+
+    def resume_learner(self, version: int, trained: list[int], *, sync: bool = True) -> int:
+        """A learner group starts from weights of ``version`` (its checkpoint's, 0 for the
+        initial weights) whose training covers the leases ``trained``: those are committed,
+        every other lease is released (the groups become sampleable again, subject to the
+        staleness cap and ``max_times_sampled``), and the version the restored weights are
+        published under is returned and recorded: ``version`` when no newer one was ever
+        announced, else one past the newest, since those numbers named weights of a lineage
+        that is gone (rows in the buffer carry them)."""
+        self._require_writable()
+        if not 0 <= version <= MAX_POLICY_VERSION:
+            raise ValueError(f"learner version {version}: must be in [0, {MAX_POLICY_VERSION}]")
+        fresh = version if version >= self.learner_version else self.learner_version + 1
+        if fresh > MAX_POLICY_VERSION:
+            raise ValueError(f"learner version {fresh}: must be in [0, {MAX_POLICY_VERSION}]")
+        self.commit(trained, sync=False)
+        self._release(list(self.state.leases))
+        self._record({"op": "version", "v": fresh})
+        self._evict_stale()
+        self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+        return fresh
 
     @property
     def learner_version(self) -> int:
@@ -460,22 +495,67 @@ class ReplayStore:
         """
         if not peek:
             self._require_writable()
-            self._evict_stale()
-            self._filter_zero_advantage()
-        candidates = self._candidates()
-        if not peek:
-            refusal = self.limiter.sample_refusal(n_groups, len(candidates))
-            if refusal:
-                return None, refusal
-        elif not len(candidates):
-            return None, "empty: no sampleable group"
-        picked = self._pick(candidates, n_groups)
+        picked, refusal = self._choose(n_groups, peek=peek)
+        if picked is None:
+            return None, refusal
         counts = self.index.group_times_sampled.view[picked] + (0 if peek else 1)
         table = self._read_groups(picked, counts)  # before counting: that may delete segments
         if not peek:
             self._count_sample(picked)
             self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
         return table, None
+
+    def lease(self, n_groups: int, *, sync: bool = True) -> tuple[Lease | None, str | None]:
+        """Like :meth:`sample`, but the use is provisional until :meth:`commit`: the lease is
+        journaled (and under ``fsync: batch`` fsynced) before it is returned."""
+        self._require_writable()
+        picked, refusal = self._choose(n_groups)
+        if picked is None:
+            return None, refusal
+        ts = self.index.group_times_sampled.view
+        table = self._read_groups(picked, ts[picked] + 1)
+        lease = Lease(self.state.next_lease, table)
+        self._record({"op": "lease", "id": lease.id, "g": self.index.group_hash.view[picked].tolist()})
+        ts[picked] += 1
+        self._held = np.concatenate([self._held, picked])
+        self.limiter.sampled += len(picked)
+        self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+        return lease, None
+
+    def commit(self, lease_ids: list[int], *, sync: bool = True) -> list[int]:
+        """Make the uses of these leases final (journaled; fsynced under ``fsync: batch``);
+        groups used ``max_times_sampled`` times retire. Returns the ids that were not
+        outstanding (already committed, or released by a learner restart): nothing changes
+        for them."""
+        self._require_writable()
+        known = [i for i in dict.fromkeys(lease_ids) if i in self.state.leases]
+        if known:
+            gids = self._gids([g for i in known for g in self.state.leases[i]])
+            self._record({"op": "commit", "ids": known})
+            self._held = self._gids([g for groups in self.state.leases.values() for g in groups])
+            self._retire(self._used_up(gids), Status.CONSUMED)
+        self._maybe_fsync(force=sync and self.cfg.fsync == "batch")
+        return [i for i in lease_ids if i not in known]
+
+    def _release(self, lease_ids: list[int]) -> None:
+        """Give leased groups back: they count as never served by these leases."""
+        if not lease_ids:
+            return
+        gids = self._gids([g for i in lease_ids for g in self.state.leases[i]])
+        self._record({"op": "release", "ids": lease_ids})
+        np.subtract.at(self.index.group_times_sampled.view, gids, 1)  # a group may be in several
+        self._held = self._gids([g for groups in self.state.leases.values() for g in groups])
+        self._stale_checked = None  # given back, they may be too stale now
+        self.limiter.sampled = max(0, self.limiter.sampled - len(gids))
+
+    def leased_groups(self) -> int:
+        """Groups served under leases the learner has not committed yet."""
+        return sum(len(groups) for groups in self.state.leases.values())
+
+    def _gids(self, hashes: list[int]) -> np.ndarray:
+        """Group numbers of the group hashes still indexed here."""
+        lookup = self.index.group_of_hash.get
+        return np.array([g for g in (lookup(h) for h in hashes) if g is not None], dtype=np.int64)
 
     def holds_groups(self, group_ids: list[str]) -> np.ndarray:
         """Per group id: is the whole group durable here (stored complete, or retired after it
@@ -516,14 +596,36 @@ class ReplayStore:
         return sampler(candidates, idx.group_min_version.view, idx.group_times_sampled.view,
                        self.learner_version, n, self.rng)
 
+    def _choose(self, n_groups: int, *, peek: bool = False) -> tuple[np.ndarray | None, str | None]:
+        """The groups a sample returns, or ``(None, reason)``; ``peek`` evicts nothing and is
+        not rate limited."""
+        if not peek:
+            self._evict_stale()
+            self._filter_zero_advantage()
+        candidates = self._candidates()
+        if not peek:
+            refusal = self.limiter.sample_refusal(n_groups, len(candidates))
+            if refusal:
+                return None, refusal
+        elif not len(candidates):
+            return None, "empty: no sampleable group"
+        return self._pick(candidates, n_groups), None
+
     def _count_sample(self, picked: np.ndarray) -> None:
         hashes = self.index.group_hash.view[picked]
         self._record({"op": "sample", "g": hashes.tolist()})
-        ts = self.index.group_times_sampled.view
-        ts[picked] += 1
+        self.index.group_times_sampled.view[picked] += 1
         self.limiter.sampled += len(picked)
-        used_up = picked[ts[picked] >= self.cfg.max_times_sampled]
-        self._retire(used_up, Status.CONSUMED)
+        self._retire(self._used_up(picked), Status.CONSUMED)
+
+    def _used_up(self, gids: np.ndarray) -> np.ndarray:
+        """The LIVE groups among ``gids`` whose final (journaled, committed) uses reached
+        ``max_times_sampled``; uses still leased do not count: a release gives them back."""
+        gids = np.unique(gids)
+        gids = gids[self.index.group_status.view[gids] == Status.LIVE]
+        final = self.state.times_sampled.get
+        done = [final(h, 0) >= self.cfg.max_times_sampled for h in self.index.group_hash.view[gids].tolist()]
+        return gids[np.asarray(done, dtype=bool)]
 
     def _read_groups(self, gids: np.ndarray, times_sampled: np.ndarray) -> pa.Table:
         """The rows of the given groups, group by group, with ``times_sampled`` filled in."""
@@ -570,7 +672,10 @@ class ReplayStore:
         idx, lo = self.index, self._live_slice()
         floor = self.learner_version - self.max_staleness
         stale = (idx.group_status.view[lo:] == Status.LIVE) & (idx.group_min_version.view[lo:] < floor)
-        self._retire(np.flatnonzero(stale) + lo, Status.STALE)
+        stale = np.flatnonzero(stale) + lo
+        # A leased group is being trained: it retires as consumed once committed, or goes
+        # stale here once released.
+        self._retire(stale[~np.isin(stale, self._held)], Status.STALE)
 
     def _filter_zero_advantage(self) -> None:
         if not self.cfg.filter_zero_advantage or self._flat_checked == self.index.n_rows:

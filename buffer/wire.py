@@ -5,16 +5,29 @@ Reply:    ``[header, payload?]`` with header ``{"id": int, "ok": bool, "error"?:
 A payload is one Arrow IPC *stream* (schema + batches), the same bytes a segment holds. The
 client's insert sends one batch whose message carries the xxh3-64 of its body
 (:func:`buffer.segments.encode_stream`); the service verifies it and appends those bytes.
+A sample asked with ``"lease": true`` is answered with its ``"lease"`` id beside the payload;
+``commit`` and ``resume_learner`` carry lease ids as a list of integers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import msgpack
 import pyarrow as pa
 
-VERBS = ("insert", "sample", "stats", "set_learner_version", "head", "ping", "durable_groups")
+VERBS = ("insert", "sample", "stats", "set_learner_version", "head", "ping", "durable_groups", "commit",
+         "resume_learner")
+MAX_LEASE_IDS = 1 << 16  # lease ids per commit / resume_learner request (a checkpoint's worth)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Groups served to the learner whose use is final only once ``id`` is committed."""
+
+    id: int
+    table: pa.Table
 
 
 def pack_header(header: dict) -> bytes:
@@ -48,6 +61,16 @@ def float_arg(header: dict, name: str, default: float, *, lo: float, hi: float) 
     ):
         raise ValueError(f"{name}={value!r}: must be a finite number in [{lo}, {hi}]")
     return float(value)
+
+
+def lease_ids_arg(header: dict, name: str) -> list[int]:
+    """The list of lease ids argument ``name`` of a request, or ValueError naming its bounds."""
+    ids = header.get(name)
+    if not isinstance(ids, list) or len(ids) > MAX_LEASE_IDS or not all(
+        type(i) is int and 0 < i < 1 << 63 for i in ids
+    ):
+        raise ValueError(f"{name}: expected a list of at most {MAX_LEASE_IDS} positive integer lease ids")
+    return ids
 
 
 def table_to_ipc(data: pa.Table | pa.RecordBatch) -> pa.Buffer:

@@ -74,6 +74,7 @@ def print_stats(console: Console, s: dict) -> None:
          "-" if length["mean"] is None
          else f"{length['mean']:.1f} / {length['p50']:.0f} / {length['p90']:.0f} / {length['max']:.0f}"),
         ("groups sampled (total)", s["groups_sampled_total"]),
+        *_lease_rows(s.get("leases")),
         *_prompt_rows(s.get("prompts")),
     ]:
         overview.add_row(key, str(value))
@@ -87,6 +88,13 @@ def print_stats(console: Console, s: dict) -> None:
         console.print(_counts_table(title, counts))
     for report in s["recovery"]:
         console.print(f"[yellow]recovered {report['segment']}: {report}[/yellow]")
+
+
+def _lease_rows(leases: dict | None) -> list[tuple[str, str]]:
+    """Groups the learner holds under leases it has not committed (its checkpoint is not written yet)."""
+    if leases is None:
+        return []
+    return [("groups leased, uncommitted", f"{leases['groups']} in {leases['outstanding']} lease(s)")]
 
 
 def _prompt_rows(p: dict | None) -> list[tuple[str, str]]:

@@ -244,11 +244,39 @@ def test_only_the_learner_sets_the_version_and_only_upward(tmp_path):
                 learner.set_learner_version(4)
             with pytest.raises(BufferRequestError, match=f"version=.*\\[0, {MAX_POLICY_VERSION}\\]"):
                 learner.set_learner_version(2**64 - 1)
-            assert learner.set_learner_version(2, restart=True) == 2  # a resumed learner group
-            assert stranger.stats()["learner_version"] == 2
+            # A learner group resumed from a checkpoint at 2 publishes it under a fresh number.
+            assert learner.resume_learner(2, []) == 6
+            assert stranger.stats()["learner_version"] == 6
     finally:
         handle.stop()
     assert (tmp_path / "learner.token").stat().st_mode & 0o777 == 0o600
+
+
+def test_leases_travel_over_the_wire_and_only_the_learner_holds_them(tmp_path):
+    handle = start_service(tmp_path, BufferConfig(min_size_to_sample=1, filter_zero_advantage=False),
+                           max_staleness=4)
+    try:
+        with BufferClient(handle.address) as stranger, \
+                BufferClient(handle.address, learner_token=handle.learner_token) as learner:
+            learner.insert(synthetic_batch(groups=["a", "b", "c"]))
+            for call in (lambda: stranger.lease(1), lambda: stranger.commit([1]),
+                         lambda: stranger.resume_learner(0, [])):
+                with pytest.raises(BufferRequestError, match="only the learner"):
+                    call()
+            with pytest.raises(BufferRequestError, match="peek and lease exclude each other"):
+                learner._call({"verb": "sample", "n_groups": 1, "peek": True, "lease": True,
+                               "token": handle.learner_token})
+            with pytest.raises(BufferRequestError, match="leases: expected a list"):
+                learner._call({"verb": "commit", "leases": ["1"], "token": handle.learner_token})
+            covered, lost = learner.lease(1), learner.lease(1)
+            assert covered.table.column("group_id").unique().to_pylist() == ["a"] and lost.id == covered.id + 1
+            assert stranger.stats()["leases"] == {"outstanding": 2, "groups": 2}
+            assert learner.resume_learner(0, [covered.id]) == 0
+            assert learner.commit([covered.id, lost.id]) == [covered.id, lost.id]  # settled already
+            groups = learner.lease(2).table.column("group_id").unique().to_pylist()
+            assert groups == ["b", "c"] and stranger.stats()["groups_sampled_total"] == 1
+    finally:
+        handle.stop()
 
 
 def test_absurd_values_and_arguments_get_error_replies_and_stats_keep_working(service):

@@ -1,5 +1,6 @@
-"""Property: no sequence of inserts, samples, version bumps, evictions, clean restarts, crashes
-and torn tails loses an acknowledged row or returns a row more than max_times_sampled times."""
+"""Property: no sequence of inserts, samples, leases and their commits, learner restarts, version
+bumps, evictions, clean restarts, crashes and torn tails loses an acknowledged row or returns a
+row more than max_times_sampled times (uses under leases not yet committed included)."""
 
 import shutil
 import tempfile
@@ -26,6 +27,9 @@ ops = st.one_of(
     st.tuples(st.just("resend")),
     st.tuples(st.just("sample"), st.integers(1, 3)),
     st.tuples(st.just("sample"), st.integers(1, 1)),  # listed twice: samples drive the property
+    st.tuples(st.just("lease"), st.integers(1, 2)),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("learner_restart"), st.booleans()),
     st.tuples(st.just("version"), st.integers(1, 2)),
     st.tuples(st.just("restart")),
     st.tuples(st.just("crash"), st.booleans()),
@@ -38,7 +42,8 @@ class Model:
     def __init__(self) -> None:
         self.acked: dict[str, str] = {}  # traj_id -> group_id
         self.group_version: dict[str, int] = {}
-        self.returned: Counter = Counter()
+        self.returned: Counter = Counter()  # final uses: plain samples and committed leases
+        self.held: dict[int, list[str]] = {}  # uncommitted lease id -> its rows
         self.learner_version = 0
         self.stale_floor = 0  # highest learner_version - max_staleness seen
         self.last_batch = None
@@ -66,6 +71,23 @@ def _apply(store: ReplayStore, model: Model, op: tuple, directory: Path) -> Repl
         _insert(store, model, model.last_batch, version)
     elif kind == "sample":
         _sample(store, model, op[1])
+    elif kind == "lease":
+        lease, _ = store.lease(op[1])
+        if lease is not None:
+            trajs = lease.table.column("traj_id").to_pylist()
+            model.held[lease.id] = trajs
+            _check_use(lease.table, model)
+    elif kind == "commit":
+        assert store.commit(list(model.held)) == []
+        for trajs in model.held.values():
+            model.returned.update(trajs)
+        model.held.clear()
+    elif kind == "learner_restart":  # its checkpoint covers the oldest lease, or none
+        covered = sorted(model.held)[:1] if op[1] else []
+        store.resume_learner(model.learner_version, covered)
+        for lease in covered:
+            model.returned.update(model.held[lease])
+        model.held.clear()
     elif kind == "version":
         model.learner_version += op[1]
         model.stale_floor = max(model.stale_floor, model.learner_version - MAX_STALENESS)
@@ -96,7 +118,13 @@ def _sample(store, model, n) -> None:
     for group, count in Counter(table.column("group_id").to_pylist()).items():
         assert count == 4, f"group {group} returned with {count} of 4 rows"
     model.returned.update(trajs)
-    over = [t for t in trajs if model.returned[t] > MAX_TIMES]
+    _check_use(table, model)
+
+
+def _check_use(table, model) -> None:
+    trajs = table.column("traj_id").to_pylist()
+    in_hand = Counter(t for held in model.held.values() for t in held)
+    over = [t for t in trajs if model.returned[t] + in_hand[t] > MAX_TIMES]
     assert not over, f"returned more than max_times_sampled: {over[:3]}"
     versions = table.column("token_versions").combine_chunks().flatten().to_numpy()
     assert versions.min() >= model.learner_version - MAX_STALENESS, "a stale row was returned"
