@@ -1,10 +1,21 @@
 """The learner loop, run on every learner rank (one DeepSpeed group).
 
-Per step: rank 0 samples a batch of whole groups from the buffer (blocking on the buffer's
+Per step: rank 0 leases a batch of whole groups from the buffer (blocking on the buffer's
 ``min_size_to_sample`` and rate limiter) and broadcasts it as Arrow IPC bytes to the other
 ranks (every rank trains on its share of the SAME table); all ranks train; every
-``publish_every`` steps all ranks gather the weights and rank 0 publishes them over ZeroMQ and
-tells the buffer the new policy version; every ``learner.checkpoint.every`` steps all ranks checkpoint.
+``publish_every`` steps all ranks gather the weights and rank 0 tells the buffer the new policy
+version, then publishes them over ZeroMQ; every ``learner.checkpoint.every`` steps all ranks
+checkpoint.
+
+Nothing trained is lost or trained twice across a learner restart: a batch's lease is
+committed once the checkpoint covering its step is written (with checkpointing off, at the
+end of the step: nothing later makes it durable), and the checkpoint names the leases it
+covers. A starting group tells the buffer which checkpoint it restored (``resume_learner``):
+those leases are committed (the group may have died between the checkpoint and the commit),
+every other one is released, and the buffer answers with the version to publish the restored
+weights under, one past any the lost lineage announced, so a version number never names two
+weight sets. ``step`` counts the updates of the surviving lineage (``learner.max_steps`` and the
+cadences count it); ``version`` may jump at a restart.
 
 Shutdown order: rank 0 sees the stop request (STOP file or step budget) and broadcasts it in
 place of a batch; every rank checkpoints, rank 0 exports the HF model, closes the publisher
@@ -31,7 +42,10 @@ log = logging.getLogger("async_rl.learner")
 SAMPLE_POLL_S = 2.0
 STOP = -1
 IDLE = 0
-TRAINED_LOG = "trained-groups.jsonl"  # in RUN_DIR/logs/: per step, the groups trained and their tokens
+# In RUN_DIR/logs/: per step, the groups trained and their tokens; per learner start, a line
+# {"restored": checkpoint version, "version", "step"}: steps logged before it with a version above
+# the restored one belong to a lineage that died.
+TRAINED_LOG = "trained-groups.jsonl"
 
 
 def learner_main(launch: LearnerLaunch | dict[str, Any]) -> LearnerResult:
@@ -61,7 +75,11 @@ class LearnerLoop:
         self.engine = LearnerEngine(model_dir, cfg.learner, dtype=cfg.model.dtype)
         self.rank = self.engine.dist.rank
         state = checkpoint.resume(self.engine, run_dir / "checkpoints") if launch.resume else None
-        self.version = state.version if state else 0
+        self.restored = self.version = state.version if state else 0
+        self.step = int(state.extra.get("step", state.version)) if state else 0
+        self.covered: list[int] = list(state.extra.get("leases", [])) if state else []  # by the checkpoint
+        self.uncommitted: list[int] = []  # leases trained on since the last checkpoint (rank 0)
+        self.lease_id: int | None = None
         self.timer = PhaseTimer()  # host-side only: adds no device sync (learners/profiling.py)
         self.trainer = Trainer.for_job(self.engine, cfg, stop_token_ids=launch.stop_token_ids,
                                        policy_version=self.version, timer=self.timer)
@@ -82,12 +100,17 @@ class LearnerLoop:
         self.publisher = WeightPublisher(self.cfg.weights)
         self.metrics = MetricsWriter(self.run_dir, "learner", tensorboard=self.cfg.logging.tensorboard)
         # The learner's sample log: the groups each step trained on (what a resume must not lose).
-        self.trained = (self.run_dir / "logs" / TRAINED_LOG).open("a", buffering=1)
+        path = self.run_dir / "logs" / TRAINED_LOG
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
+        self.trained = path.open("a", buffering=1)
+        if torn:  # a learner killed mid-line: the next line must not be glued to it
+            self.trained.write("\n")
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> LearnerResult:
-        self.publish(restart=True)  # actors may hold older weights (a resume, a restarted learner)
+        self.resume_lineage()
+        self.publish()  # actors may hold other weights (a resume, a restarted learner)
         steps = 0
         while True:
             wait_start = time.monotonic()
@@ -99,13 +122,19 @@ class LearnerLoop:
             waited = time.monotonic() - wait_start
             start, trained_at = time.monotonic(), self.version
             metrics = self.trainer.train_step(table)
+            self.step += self.trainer.policy_version - self.version
             self.version = self.trainer.policy_version
-            if self.version % self.cfg.weights.publish_every == 0:
+            if self.rank == 0:
+                self.record_trained(table)
+            if self.step % self.cfg.weights.publish_every == 0:
                 with self.timer.phase("publish"):
                     self.publish()
-            if self.cfg.learner.checkpoint.every and self.version % self.cfg.learner.checkpoint.every == 0:
+            every = self.cfg.learner.checkpoint.every
+            if every and self.step % every == 0:
                 with self.timer.phase("checkpoint"):
                     self.save()
+            elif not every:
+                self.commit()
             step_s = time.monotonic() - start
             self.busy_s += step_s
             steps += 1
@@ -125,9 +154,10 @@ class LearnerLoop:
             if self.should_stop():
                 return self.broadcast_bytes(None, STOP)
             with self.timer.phase("sample_wait"):
-                table = self.client.sample(self.cfg.learner.batch.groups_per_step, timeout_s=SAMPLE_POLL_S)
-            if table is None or table.num_rows == 0:
+                lease = self.client.lease(self.cfg.learner.batch.groups_per_step, timeout_s=SAMPLE_POLL_S)
+            if lease is None or lease.table.num_rows == 0:
                 return self.broadcast_bytes(None, IDLE)
+            self.lease_id, table = lease.id, lease.table
         with self.timer.phase("broadcast"):
             if self.engine.dist.world_size == 1:
                 return table
@@ -153,29 +183,73 @@ class LearnerLoop:
         torch.distributed.broadcast(buf, src=0)
         return data if self.rank == 0 else buf.numpy().tobytes()
 
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        import torch
+
+        if self.engine.dist.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.broadcast(tensor, src=0)
+        return int(tensor)
+
     def should_stop(self) -> bool:
         budget = self.cfg.learner.max_steps
-        return stop_requested(self.run_dir, "learner") or (budget > 0 and self.version >= budget)
+        return stop_requested(self.run_dir, "learner") or (budget > 0 and self.step >= budget)
 
     # ------------------------------------------------------------------ side effects
 
-    def publish(self, *, restart: bool = False) -> None:
+    def resume_lineage(self) -> None:
+        """Settle the leases of the lineage this group continues (see the module docstring) and
+        take the version the buffer gives the restored weights, on every rank."""
+        fresh = 0
+        if self.rank == 0:
+            fresh = self.client.resume_learner(self.restored, self.covered)
+            self.trained.write(json.dumps({"restored": self.restored, "version": fresh, "step": self.step}) + "\n")
+            if fresh != self.restored:
+                log.info("restored checkpoint v%d publishes as v%d (v%d..v%d were a lost lineage's)",
+                         self.restored, fresh, self.restored + 1, fresh - 1)
+        self.version = self.trainer.policy_version = self.broadcast_int(fresh)
+
+    def publish(self) -> None:
         weights = self.trainer.weights_for_publishing()  # collective under ZeRO-3
         if self.rank == 0:
             start = time.monotonic()
+            # Announced first: the buffer's version is then never below one an actor may hold,
+            # which is what keeps a restarted learner's version numbers fresh.
+            self.client.set_learner_version(self.version)
             self.publisher.publish(self.version, weights)
-            self.client.set_learner_version(self.version, restart=restart)
             self.last_publish_s = time.monotonic() - start
 
     def save(self) -> None:
+        """Checkpoint (collective), then commit the leases the checkpoint covers."""
         from learners import checkpoint
 
         checkpoint.save(
             self.engine,
             self.run_dir / "checkpoints",
             version=self.version,
+            extra={"step": self.step, "leases": list(self.uncommitted)},
             keep=self.cfg.learner.checkpoint.keep,
         )
+        self.commit()
+
+    def commit(self) -> None:
+        """Make the uses of the leases trained on so far final in the buffer (rank 0)."""
+        if self.rank != 0 or not self.uncommitted:
+            return
+        unknown = self.client.commit(self.uncommitted)
+        if unknown:
+            log.warning("buffer: leases %s were no longer outstanding at commit", unknown)
+        self.uncommitted = []
+
+    def record_trained(self, table) -> None:
+        """The sample log line of a step (rank 0), written before anything makes it durable."""
+        self.uncommitted.append(self.lease_id)
+        groups, _ = group_facts(table.column("group_id").to_pylist(), table.column("response_tokens").to_pylist(),
+                                table.column("reward").to_pylist())
+        self.trained.write(json.dumps({"version": self.version, "step": self.step, "lease": self.lease_id,
+                                       "groups": groups}) + "\n")
 
     def export(self) -> None:
         """The final policy as an HF folder that transformers and vLLM load (collective)."""
@@ -193,7 +267,7 @@ class LearnerLoop:
         groups, all_equal = group_facts(table.column("group_id").to_pylist(), responses, rewards.tolist())
         elapsed = time.monotonic() - self.started
         record = LearnerStepRecord(
-            step=self.version,
+            step=self.step,
             version=self.version,
             ranks=self.engine.dist.world_size,
             reward_mean=float(rewards.mean()),
@@ -209,9 +283,8 @@ class LearnerLoop:
             publish_s=getattr(self, "last_publish_s", None),
             train=metrics,
         )
-        if self.version % self.cfg.logging.log_every == 0:
-            self.metrics.write(record, step=self.version)
-        self.trained.write(json.dumps({"version": self.version, "groups": groups}) + "\n")
+        if self.step % self.cfg.logging.log_every == 0:
+            self.metrics.write(record, step=self.step)
 
     def close(self) -> None:
         for resource in (self.publisher, self.client, self.metrics, self.trained):
@@ -228,6 +301,12 @@ def group_facts(group_ids: list[str], responses: list[list[int]], rewards: list[
         tokens[gid] = tokens.get(gid, 0) + len(response)
         seen.setdefault(gid, set()).add(reward)
     return tokens, sum(len(values) == 1 for values in seen.values())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 def _to_ipc(table) -> bytes:

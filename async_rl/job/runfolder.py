@@ -9,7 +9,8 @@
     RUN_DIR/buffer/                replay buffer segments and state
     RUN_DIR/buffer/cursor.json     the data cursor: epoch, prompts handed out, those not yet stored
     RUN_DIR/logs/ROLE.log          logs per role
-    RUN_DIR/logs/trained-groups.jsonl  the learner's sample log: per step, the groups it trained
+    RUN_DIR/logs/trained-groups.jsonl  the learner's sample log: per step, the groups it trained;
+                                   per learner start, the checkpoint version it restored
     RUN_DIR/model/, data/, sft/    the prepared model, prompt data, SFT warm start
 """
 

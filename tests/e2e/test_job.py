@@ -93,6 +93,15 @@ def checkpointed_version(run_dir: Path) -> int:
     return int(latest.read_text().strip().split("_")[1]) if latest.is_file() else 0
 
 
+def checkpointed_step(run_dir: Path) -> int:
+    """The learner step of the newest checkpoint (its version until a restart made them differ)."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return 0
+    state = json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "learner_state.json").read_text())
+    return state["extra"].get("step", state["version"])
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("job") / "run"
@@ -164,17 +173,21 @@ def test_a_killed_actor_is_restarted_and_training_continues(job):
 
 def test_a_killed_learner_resumes_from_its_checkpoint(job):
     """Also when it dies before its first checkpoint (this test run alone): it then restarts
-    from the initial weights at version 0 and trains on from there."""
+    from the initial weights at step 0 and trains on from there. Its versions go on above every
+    version the dead learner published: those numbers named weights that are gone."""
     run_dir, _ = job
     wait_for("the learner's pid", lambda: status(run_dir).get("pids", {}).get("learner-0"))
     steps_before = len(metrics(run_dir, "learner"))
     kill_role(status(run_dir)["pids"], "learner-0")
     wait_for("the learner restart event", lambda: any("learner group failed" in e for e in status(run_dir)["events"]))
-    checkpointed = checkpointed_version(run_dir)  # the dead learner writes nothing more
+    checkpointed = checkpointed_step(run_dir)  # the dead learner writes nothing more
+    published = max([r["version"] for r in metrics(run_dir, "learner")], default=0)
 
     def resumed_there():  # a step the dead learner logged just before the kill may precede
-        after = [r["version"] for r in metrics(run_dir, "learner")[steps_before:]]
-        return [checkpointed + 1, checkpointed + 2] in [after[i : i + 2] for i in range(len(after))]
+        after = [(r["step"], r["version"]) for r in metrics(run_dir, "learner")[steps_before:]]
+        pairs = [after[i : i + 2] for i in range(len(after))]
+        return any([s for s, _ in pair] == [checkpointed + 1, checkpointed + 2]
+                   and all(v > published for _, v in pair) for pair in pairs)
 
     wait_for("two steps on from the checkpoint", resumed_there)
 
@@ -204,11 +217,12 @@ def test_stop_then_resume_keeps_the_buffer_and_the_policy_version(job):
     assert stopped.returncode == 0, stopped.stderr
     assert proc.wait(timeout=300) == 0
     rows = buffer_rows(run_dir)
-    version = checkpointed_version(run_dir)
+    version, step = checkpointed_version(run_dir), checkpointed_step(run_dir)
     assert rows > 0 and version >= 4
     # The resumed job also evaluates (every version, 8 problems): at exact versions, the last one
-    # included even though the learner exits right after publishing it.
-    resumed = start_job(run_dir, f"learner.max_steps={version + 2}", "learner.eval.every=1",
+    # included even though the learner exits right after publishing it. An orderly stop published
+    # the checkpoint's version itself: the resumed learner goes on from it, two steps.
+    resumed = start_job(run_dir, f"learner.max_steps={step + 2}", "learner.eval.every=1",
                         "learner.eval.prompts=8", resume=True)
     try:
         assert resumed.wait(timeout=600) == 0
