@@ -8,11 +8,14 @@ policy). Under ``fsync: batch`` replies that promise durability (insert acks, sa
 learner version) wait for a group commit (``buffer/commit.py``): one fsync, running on its own
 thread while the loop keeps appending, covers every request written before it started. A
 failed append is answered with a retryable error; a failed fsync stops the service, which
-then recovers from disk on restart. The learner and tools send ``sample``, ``stats``, ``set_learner_version`` and
-``head``; the learner samples with ``lease`` and later sends ``commit`` (its checkpoint covers
-the leases) and, when a learner group starts, ``resume_learner`` (``buffer/store.py``); the controller asks ``durable_groups`` (which of these group ids are durable here)
-to reconcile the prompt cursor (``buffer/cursor.py``). Only the learner may set the learner version, lease, commit or resume: the request must carry the secret of
-``DIR/learner.token`` (mode 0600), and the version only moves up. Wire format: ``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
+then recovers from disk on restart. The learner and tools send ``sample``, ``stats``,
+``set_learner_version`` and ``head``; the learner samples with ``lease`` and later sends
+``commit`` (its checkpoint covers the leases) and, when a learner group starts,
+``resume_learner`` (``buffer/store.py``); the controller asks ``durable_groups`` (which of these
+group ids are durable here) to reconcile the prompt cursor (``buffer/cursor.py``). Only the
+learner may set the learner version, lease, commit or resume: the request must carry the secret
+of ``DIR/learner.token`` (mode 0600), and the version only moves up. Wire format:
+``buffer/wire.py`` (msgpack header + Arrow IPC bytes, never pickle). With the
 job's CURVE keys (required off loopback) every byte is encrypted and only clients holding the
 job's client key are admitted.
 
@@ -275,7 +278,7 @@ class BufferService:
                 self.parked.append(parked)
 
     def _on_stats(self, identity, header, payload) -> None:
-        self._reply(identity, header, stats=inspection.stats(self.store))
+        self._reply(identity, header, stats={**inspection.stats(self.store), "samples_waiting": len(self.parked)})
 
     def _check_learner(self, header: dict, verb: str) -> None:
         token = header.get("token")

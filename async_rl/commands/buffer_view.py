@@ -75,6 +75,7 @@ def print_stats(console: Console, s: dict) -> None:
          else f"{length['mean']:.1f} / {length['p50']:.0f} / {length['p90']:.0f} / {length['max']:.0f}"),
         ("groups sampled (total)", s["groups_sampled_total"]),
         *_lease_rows(s.get("leases")),
+        *([("sample requests waiting", s["samples_waiting"])] if "samples_waiting" in s else []),
         *_prompt_rows(s.get("prompts")),
     ]:
         overview.add_row(key, str(value))

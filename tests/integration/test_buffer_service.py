@@ -4,6 +4,7 @@ CLI on a live job."""
 
 import json
 import threading
+import time
 from collections import Counter
 
 import pyarrow as pa
@@ -257,7 +258,17 @@ def test_leases_travel_over_the_wire_and_only_the_learner_holds_them(tmp_path):
                            max_staleness=4)
     try:
         with BufferClient(handle.address) as stranger, \
-                BufferClient(handle.address, learner_token=handle.learner_token) as learner:
+                BufferClient(handle.address, learner_token=handle.learner_token) as learner, \
+                BufferClient(handle.address, learner_token=handle.learner_token) as dead:
+            # A lease the group that died asked for is refused, not served to nobody.
+            result = {}
+            waiting = threading.Thread(target=lambda: result.update(lease=dead.lease(1, timeout_s=60)))
+            waiting.start()
+            while stranger.stats()["samples_waiting"] == 0:
+                time.sleep(0.05)
+            assert learner.resume_learner(0, []) == 0
+            waiting.join(timeout=30)
+            assert result == {"lease": None} and dead.last_refusal == "a learner group restarted"
             learner.insert(synthetic_batch(groups=["a", "b", "c"]))
             for call in (lambda: stranger.lease(1), lambda: stranger.commit([1]),
                          lambda: stranger.resume_learner(0, [])):
