@@ -467,7 +467,11 @@ class ReplayStore:
         staleness cap and ``max_times_sampled``), and the version the restored weights are
         published under is returned and recorded: ``version`` when no newer one was ever
         announced, else one past the newest, since those numbers named weights of a lineage
-        that is gone (rows in the buffer carry them)."""
+        that is gone (rows in the buffer carry them). Staleness stays a version difference:
+        rows made before the checkpoint then count as staler than they are by the jump (so
+        they may age out early), rows the lost lineage made as fresher than their distance
+        to the restored weights; their importance ratios are exact either way (behaviour
+        logprobs)."""
         self._require_writable()
         if not 0 <= version <= MAX_POLICY_VERSION:
             raise ValueError(f"learner version {version}: must be in [0, {MAX_POLICY_VERSION}]")
