@@ -113,7 +113,7 @@ def test_the_learner_loop_logs_staleness_and_accuracy_of_the_trajectory_contract
     table = trajectory_table(3, correct_reward=0.5, wrong_reward=-1.0)
     written: list[dict] = []
     loop = SimpleNamespace(
-        version=3, started=time.monotonic(), busy_s=0.0, trained=io.StringIO(),
+        version=3, step=3, started=time.monotonic(), busy_s=0.0, trained=io.StringIO(),
         engine=SimpleNamespace(dist=SimpleNamespace(world_size=1)), cfg=SimpleNamespace(logging=SimpleNamespace(log_every=1)),
         metrics=SimpleNamespace(write=lambda record, step: written.append(record.row())),
     )
