@@ -11,6 +11,13 @@ sampled with: compute is not spent on samples the buffer would drop as too stale
 learner will never consume (all rewards equal under the zero-advantage filter, or skipped)
 gives its slot back; otherwise the gate would wait for a learner that waits for groups.
 (AReaL, Fu et al. 2025, §5.1 "staleness-aware training".)
+
+Across a learner restart the gate needs nothing of its own: the restored weights arrive under
+a version above any published before (``ReplayStore.resume_learner``), so the actor loads them
+and its capacity grows by the jump at once, instead of waiting for the learner to pass a version
+number the lost lineage used. The lead this adds is the jump plus the released batches the
+learner trains again, and it drains back to the bound above; after a resume of the whole job a
+new actor's gate starts from the first version it serves (``tests/unit/test_actor_gate.py``).
 """
 
 from __future__ import annotations
