@@ -122,8 +122,8 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
     span = learner[-1]["time"] - start
     completions = sum(r["rows"] for r in learner)
     return {
-        "seed": seed, "updates": learner[-1]["version"], "train_s": span,
-        "updates_per_min": 60 * learner[-1]["version"] / span,
+        "seed": seed, "updates": learner[-1]["step"], "train_s": span,
+        "updates_per_min": 60 * learner[-1]["step"] / span,
         "signal_groups_per_min": 60 * sum(r["groups"] - r["groups_all_equal"] for r in learner) / span,
         "groups_all_equal_share": sum(r["groups_all_equal"] for r in learner) / sum(r["groups"] for r in learner),
         "completions_per_s": actor_rate([a for a in actor if a["time"] <= learner[-1]["time"]]),
