@@ -194,12 +194,13 @@ def _register_optional_commands() -> None:
 
 def main() -> None:
     from async_rl.config_io import ConfigError
+    from async_rl.job.control import RequestRefused
     from async_rl.tasks.dataset import DatasetError
 
     _register_optional_commands()
     try:
         app()
-    except (UserError, ConfigError, DatasetError, FileNotFoundError, FileExistsError) as err:
+    except (UserError, ConfigError, DatasetError, FileNotFoundError, FileExistsError, RequestRefused) as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(USER_ERROR_EXIT)
 

@@ -309,12 +309,24 @@ class BufferSummary(Record):
     prompts: dict[str, Any] | None  # the data cursor's progress, ``buffer/cursor.progress``
 
 
+class NodeState(Record):
+    """A node of the Ray cluster as the job's controller last saw it: alive, or lost during the job."""
+
+    node_id: str
+    address: str
+    alive: bool
+    death: str = ""  # Ray's reason, for a lost node
+
+
 class JobStatus(JobAddresses):
     """The controller's answer to ``async-rl status`` (and to every scale request)."""
 
     pids: dict[str, int]
     buffer_stats: BufferSummary | None
     actors: list[int]
+    # Actors Ray has not placed and started yet (their process has not answered).
+    actors_pending: list[int] = Field(default_factory=list)
+    nodes: list[NodeState] = Field(default_factory=list)
     learner_ranks: int
     finished: bool
     failure: str | None

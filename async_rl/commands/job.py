@@ -56,12 +56,15 @@ def scale_actors(
     run_dir: Path = typer.Option(Path("runs/tiny"), "--run-dir", help=RUN_DIR_HELP),
     address: str = typer.Option(None, "--address"),
 ) -> None:
-    """Add or remove actors while training runs (new ones get the current weights on join)."""
+    """Add or remove actors while training runs (new ones get the current weights on join).
+
+    Refused, starting none, when no live node of the cluster has an actor's resources."""
     from async_rl.job.control import request
     from async_rl.records import JobStatus
 
     result = JobStatus.model_validate(request(verb="scale_actors", count=count, **_target(run_dir, address)))
-    typer.echo(f"actors now: {result.actors}")
+    pending = f"; pending placement: {result.actors_pending} (Ray starts them once a node has room)"
+    typer.echo(f"actors now: {result.actors}{pending if result.actors_pending else ''}")
 
 
 @scale_app.command("learners")

@@ -83,9 +83,13 @@ class ActorWorker:
         finally:
             self._stop.set()
             self._write_metrics()
-            self.runtime.close()
-            self.metrics.close()
+            self.close()
         return ActorResult(actor=self.actor_id, groups=self.runtime.actor.stats.groups_done)
+
+    def close(self) -> None:
+        """Stop the engine and close the metrics file (``run`` does this on its way out)."""
+        self.runtime.close()
+        self.metrics.close()
 
     def stop(self) -> None:
         self.runtime.actor.stop()

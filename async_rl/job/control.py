@@ -83,6 +83,10 @@ class ControlServer:
             self._ctx.term()
 
 
+class RequestRefused(RuntimeError):
+    """The job answered a request with an error (its one line)."""
+
+
 def _encode(reply: dict[str, Any]) -> bytes:
     """The reply as JSON; a result that does not encode becomes an error reply instead."""
     try:
@@ -118,5 +122,5 @@ def request(address: str, verb: str, *, timeout_s: float = 300.0, curve_keys_dir
     finally:
         sock.close(linger=0)
     if not reply.get("ok"):
-        raise RuntimeError(reply.get("error", "request failed"))
+        raise RequestRefused(reply.get("error", "request failed"))
     return reply["result"]

@@ -25,6 +25,7 @@ from async_rl.records import (
     JobStatus,
     LearnerLaunch,
     LearnerResult,
+    NodeState,
 )
 
 log = logging.getLogger("async_rl.controller")
@@ -35,6 +36,15 @@ MAX_RESTARTS = 5
 BUFFER_STATS_EVERY_S = 10.0
 # How long a graceful stop waits for each role before killing it.
 STOP_GRACE_S = 120.0
+# How long `scale actors` waits for new actors to be placed before answering (those still
+# waiting are reported pending: Ray starts them when a node has room).
+PLACE_WAIT_S = 30.0
+# How often supervision reads Ray's node table (a lost node is noticed by Ray's health check first).
+NODES_EVERY_S = 5.0
+# An actor Ray reports unreachable may be on a node that is dying; Ray's health check declares
+# such a node dead well within this (about 15-30 s at Ray's defaults), so its restart waits for that
+# verdict instead of placing it on the dying node again.
+UNREACHABLE_WAIT_S = 60.0
 
 
 class Controller:
@@ -45,8 +55,11 @@ class Controller:
 
     Supervise: a dead actor is restarted (its acknowledged trajectories are already durable in
     the buffer; the prompts it held and had not stored go back to the cursor, to be handed out
-    before anything new), a dead learner group restarts from its last checkpoint (the buffer is
-    untouched), a dead evaluator restarts.
+    before anything new), unless no live node has its resources (its node was lost): then the
+    fleet is one smaller until ``scale actors`` asks again. An actor Ray reports unreachable is
+    replaced only once Ray has said whether its node is lost (or UNREACHABLE_WAIT_S passed). A dead learner group restarts from
+    its last checkpoint (the buffer is untouched), a dead evaluator restarts. A node Ray declares
+    dead, or one that joins, is one event; the learner keeps training on what the buffer holds.
 
     Stop, in this order: learners (asked through the STOP file; they checkpoint and export) →
     evaluator → actors (each drains its groups and flushes acknowledged rows) → their processes
@@ -78,6 +91,10 @@ class Controller:
         self.final_version: int | None = None
         self.rendezvous = ""  # the learner group's rendezvous file ("" when ranks span machines)
         self.cursor = None  # the data cursor: which prompts are handed out, to whom
+        self.nodes: dict[str, NodeState] = {}  # by Ray node id: alive, or lost during the job
+        self._nodes_read_at = 0.0
+        self._node_lost_at = float("-inf")  # when the node table last showed a node lost
+        self.unreachable: dict[int, tuple[Any, float]] = {}  # actor id → (handle, since when)
         self._lock = threading.RLock()
         self._cursor_lock = threading.Lock()  # leases never wait for a scale or a stop
 
@@ -89,6 +106,7 @@ class Controller:
         host = self.cfg.cluster.bind_host
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.launch = next_launch(self.run_dir)
+        self._read_nodes()
         self.buffer = start_service(
             self.run_dir / "buffer", self.cfg.buffer, max_staleness=self.cfg.algorithm.staleness.max_staleness,
             host=host, seed=self.cfg.run.seed,
@@ -235,10 +253,12 @@ class Controller:
         import ray
 
         with self._lock:
+            if time.monotonic() - self._nodes_read_at >= NODES_EVERY_S:
+                self._read_nodes()
             for actor_id, (_, ref) in list(self.actors.items()):
-                done, _ = ray.wait([ref], timeout=0)
-                if done:
+                if actor_id in self.actors and ray.wait([ref], timeout=0)[0]:  # not given up meanwhile
                     self._actor_exited(actor_id, ref)
+            self._settle_unreachable()
             done, _ = ray.wait(self.learner_refs, num_returns=len(self.learner_refs), timeout=0)
             if done and not self.finished:
                 self._learners_exited(done)
@@ -249,15 +269,77 @@ class Controller:
     def _actor_exited(self, actor_id: int, ref) -> None:
         import ray
 
-        del self.actors[actor_id]
+        handle, _ = self.actors.pop(actor_id)
         try:
             result = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # its node may be dying: wait for Ray's verdict
+            self.unreachable[actor_id] = (handle, time.monotonic())
+            self._event(f"actor {actor_id} unreachable; waiting up to {UNREACHABLE_WAIT_S:.0f} s for Ray "
+                        "to say whether its node is alive")
+        except Exception as err:  # RayActorError when killed or its node died, or the loop raised
+            self._replace_actor(actor_id, handle, f"actor {actor_id} died ({type(err).__name__})", detail=str(err))
+        else:
             self._event(f"actor {actor_id} finished: {result.model_dump()}")
-        except Exception as err:  # RayActorError when killed, or the loop raised
-            self._event(f"actor {actor_id} died ({type(err).__name__}); restarting", detail=str(err))
+
+    def _settle_unreachable(self) -> None:
+        """Replace each unreachable actor once a node was lost after it went silent, or its wait is over."""
+        for actor_id, (handle, since) in list(self.unreachable.items()):
+            node_lost = self._node_lost_at >= since
+            if not node_lost and time.monotonic() - since < UNREACHABLE_WAIT_S:
+                continue
+            del self.unreachable[actor_id]
+            why = "its node was lost" if node_lost else f"unreachable for {UNREACHABLE_WAIT_S:.0f} s"
+            self._replace_actor(actor_id, handle, f"actor {actor_id} gone ({why})")
+
+    def _replace_actor(self, actor_id: int, handle, gone: str, detail: str = "") -> None:
+        """A dead or lost actor's prompts go out again; it restarts unless no live node could hold it."""
+        kill_roles([handle])  # an unreachable actor may still run: never two of one id
+        nowhere = self._no_place_for_actors(self._read_nodes())
+        if nowhere:
+            self._event(f"{gone}; not restarted: {nowhere}; `async-rl scale actors N` starts actors "
+                        "again once a node has them", detail=detail)
+        else:
+            self._event(f"{gone}; restarting", detail=detail)
+        self._release_prompts(actor_id)
+        if not nowhere and self._allow_restart(f"actor-{actor_id}"):
+            self._start_actor(actor_id)
+
+    def _read_nodes(self) -> list[placement.ClusterNode]:
+        """Ray's node table; a node lost or joined since the last read is one event. Actors still
+        waiting to be placed when no live node has their resources any more are given up."""
+        nodes = placement.cluster_nodes()
+        self._nodes_read_at = time.monotonic()
+        first, lost = not self.nodes, False
+        listed = {node.node_id: node for node in nodes}
+        for node_id, seen in list(self.nodes.items()):
+            now = listed.get(node_id)
+            if seen.alive and (now is None or not now.alive):
+                death = (now and now.death) or "Ray marks it dead"
+                self.nodes[node_id] = seen.model_copy(update={"alive": False, "death": death})
+                self._event(f"node {seen.address} ({node_id[:8]}) lost: {death}")
+                lost, self._node_lost_at = True, time.monotonic()
+        for node in nodes:
+            if node.alive and node.node_id not in self.nodes:
+                self.nodes[node.node_id] = NodeState(node_id=node.node_id, address=node.address, alive=True)
+                if not first:
+                    self._event(f"node {node.address} ({node.node_id[:8]}) joined")
+        if first:
+            self._event(f"Ray cluster: {len(self.nodes)} live node(s): "
+                        + ", ".join(sorted(n.address for n in self.nodes.values())))
+        if lost:
+            self._give_up_unplaceable_actors(nodes)
+        return nodes
+
+    def _give_up_unplaceable_actors(self, nodes: list[placement.ClusterNode]) -> None:
+        """Actors pending placement when no live node has their resources would wait forever."""
+        nowhere = self._no_place_for_actors(nodes)
+        if nowhere is None:
+            return
+        for actor_id in self._pending_actors(self.pids()):
+            handle, _ = self.actors.pop(actor_id)
+            kill_roles([handle])
+            self._event(f"actor {actor_id} given up while pending placement: {nowhere}")
             self._release_prompts(actor_id)
-            if self._allow_restart(f"actor-{actor_id}"):
-                self._start_actor(actor_id)
 
     def _learners_exited(self, done: list) -> None:
         import ray
@@ -342,11 +424,22 @@ class Controller:
             self._buffer_client.close()
             self._buffer_client = None
 
+    def _no_place_for_actors(self, nodes: list[placement.ClusterNode]) -> str | None:
+        """Why no live node could hold an actor now (``placement.unplaceable``), else None."""
+        return placement.unplaceable(placement.actor_resources(self.cfg.actors), nodes)
+
+    def _pending_actors(self, pids: dict[str, int]) -> list[int]:
+        """Actors whose process has not answered yet: Ray has not placed (and started) them."""
+        return sorted(i for i in self.actors if f"actor-{i}" not in pids)
+
     def status(self) -> JobStatus:
+        pids = self.pids()
         return JobStatus(
-            pids=self.pids(),
+            pids=pids,
             buffer_stats=self.buffer_stats(),
             actors=sorted(self.actors),
+            actors_pending=self._pending_actors(pids),
+            nodes=list(self.nodes.values()),
             learner_ranks=self.learner_ranks,
             finished=self.finished,
             failure=self.failure,
@@ -358,11 +451,19 @@ class Controller:
     # ------------------------------------------------------------------ scale
 
     def scale_actors(self, count: int) -> JobStatus:
+        """Start or stop actors until ``count`` remain. New ones are given up to PLACE_WAIT_S to
+        be placed; the reply lists those still waiting in ``actors_pending``. Refused, starting
+        none, when no live node has an actor's resources."""
         import ray
 
         with self._lock:
-            while len(self.actors) < count:
-                self._start_actor()
+            if len(self.actors) < count:
+                nowhere = self._no_place_for_actors(self._read_nodes())
+                if nowhere:
+                    raise PlacementError(f"scale actors {count}: an actor (actors.cpus, actors.gpus, "
+                                         f"actors.resources) cannot be placed: {nowhere}; none started")
+            started = [self._start_actor() for _ in range(count - len(self.actors))]
+            pid_refs = [self.pid_refs[f"actor-{i}"] for i in started]
             while len(self.actors) > count:
                 actor_id = max(self.actors)
                 handle, ref = self.actors.pop(actor_id)
@@ -371,6 +472,8 @@ class Controller:
                 kill_roles([handle])
                 self._event(f"actor {actor_id} removed")
                 self._release_prompts(actor_id)
+        if pid_refs:  # outside the lock: supervision goes on meanwhile
+            ray.wait(pid_refs, num_returns=len(pid_refs), timeout=PLACE_WAIT_S)
         return self.status()
 
     def scale_learners(self, ranks: int) -> JobStatus:
@@ -407,8 +510,9 @@ class Controller:
                 except Exception as err:  # an actor already dead needs no stopping
                     self._event(f"actor stop: {type(err).__name__}")
                 ray.wait([ref], timeout=STOP_GRACE_S)
-            kill_roles([h for h, _ in self.actors.values()] + self.learners)
+            kill_roles([h for h, _ in self.actors.values()] + [h for h, _ in self.unreachable.values()] + self.learners)
             self.actors.clear()
+            self.unreachable.clear()
             if self.cursor is not None:  # what the actors reported stored leaves the record
                 with self._cursor_lock:
                     self.cursor.save()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ class LiveView:
         self.started = time.monotonic()
         self.live = None
         self.last_line = ""
+        self.printed_events: set[str] = set()
 
     def __enter__(self) -> LiveView:
         if self.rich:
@@ -125,11 +127,17 @@ class LiveView:
             self.live.__enter__()
         return self
 
-    def update(self, snap: Snapshot) -> None:
+    def update(self, snap: Snapshot, events: Sequence[str] = ()) -> None:
+        """Show ``snap``; in plain mode also each of the controller's ``events`` not printed yet
+        (a restart, a lost node), so the job's log has them in order."""
         elapsed = time.monotonic() - self.started
         if self.live is not None:
             self.live.update(render(snap, elapsed))
             return
+        for event in events:
+            if event not in self.printed_events:
+                self.console.print(f"event {event}", highlight=False, soft_wrap=True)  # one line in a log
+                self.printed_events.add(event)
         line = plain_line(snap, elapsed)
         key = line.split("]", 1)[1].split(" tok/s=")[0]
         if key != self.last_line:

@@ -127,7 +127,7 @@ def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> Job
             status = ray.get(controller.supervise.remote())
             control.serve_pending(lambda req: _handle(req, controller, ray, run_dir), timeout_ms=int(TICK_S * 1000))
             snap = snapshot(run_dir, status)
-            view.update(snap)
+            view.update(snap, status.events)
             if status.finished or status.failure or stop_requested(run_dir):
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -151,7 +151,10 @@ def _handle(request: ControlRequest, controller, ray, run_dir: Path) -> Any:
         raise ValueError(f"count={count!r}: expected a non-negative integer "
                          f"({'>= 1 ' if request.verb == 'scale_learners' else ''}for {request.verb})")
     method = controller.scale_actors if request.verb == "scale_actors" else controller.scale_learners
-    return ray.get(method.remote(count)).model_dump(mode="json")
+    try:
+        return ray.get(method.remote(count)).model_dump(mode="json")
+    except ray.exceptions.RayTaskError as err:  # the controller's own one-line error, not Ray's traceback
+        raise err.cause from None
 
 
 def _install_interrupt(run_dir: Path):

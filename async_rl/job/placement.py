@@ -265,6 +265,41 @@ def _free_ports_here(count: int, caller_node: str, caller_host: str) -> tuple[st
             sock.close()
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """A node of the Ray cluster as Ray's node table shows it."""
+
+    node_id: str
+    address: str
+    alive: bool
+    resources: dict[str, float]  # totals, custom resources included
+    death: str = ""  # Ray's reason, once the node is dead
+
+
+def cluster_nodes() -> list[ClusterNode]:
+    """Every node Ray's control store lists, the dead ones included (Ray keeps them a while)."""
+    import ray
+
+    return [ClusterNode(node_id=n["NodeID"], address=n["NodeManagerAddress"], alive=bool(n["Alive"]),
+                        resources=dict(n.get("Resources") or {}), death=n.get("DeathReasonMessage") or "")
+            for n in ray.nodes()]
+
+
+def unplaceable(needs: RoleResources, nodes: list[ClusterNode]) -> str | None:
+    """Why no live node could ever hold a role asking for ``needs`` (None when one could): Ray
+    would keep such a role waiting for a node that may never come."""
+    want = {k: v for k, v in needs.bundle().items() if v > 0}
+    live = [n for n in nodes if n.alive]
+    if any(all(n.resources.get(k, 0.0) >= v for k, v in want.items()) for n in live):
+        return None
+
+    def amounts(values: dict[str, float]) -> str:
+        return ", ".join(f"{k} {values.get(k, 0.0):g}" for k in sorted(want))
+
+    offered = "; ".join(f"{n.address}: {amounts(n.resources)}" for n in live) or "none"
+    return f"no live node has {amounts(want)} (live nodes: {offered})"
+
+
 def resolve_bind_host(cluster: ClusterConfig, ray) -> None:
     """``cluster.bind_host: auto`` becomes the address Ray knows for this node. A loopback address
     is refused once the cluster has other nodes: roles there could not reach it."""

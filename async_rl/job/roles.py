@@ -5,6 +5,7 @@ role's plain code, so the same code also runs outside Ray (tests, ``learners.lau
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,18 +34,33 @@ class LearnerRank:
 
 
 class ActorRole:
-    """One vLLM actor (threaded Ray actor: ``run`` blocks while the others are served)."""
+    """One vLLM actor (threaded Ray actor: ``run`` blocks while the others are served). Its engine
+    starts inside ``run``, not in the constructor, so ``pid`` answers as soon as Ray has placed
+    and started the process: an actor without a pid is one still waiting for a place."""
 
     def __init__(self, launch: ActorLaunch):
-        from async_rl.job.actor_role import ActorWorker
-
-        self.worker = ActorWorker(launch)
+        self.launch = launch
+        self.worker = None
+        self.stopped = False
+        self._lock = threading.Lock()
 
     def run(self) -> ActorResult:
-        return self.worker.run()
+        from async_rl.job.actor_role import ActorWorker
+        from async_rl.records import ActorResult
+
+        worker = ActorWorker(self.launch)
+        with self._lock:
+            self.worker, stopped = worker, self.stopped
+        if stopped:  # asked to stop while its engine started: it never leased a prompt
+            worker.close()
+            return ActorResult(actor=worker.actor_id, groups=0)
+        return worker.run()
 
     def stop(self) -> None:
-        self.worker.stop()
+        with self._lock:
+            self.stopped, worker = True, self.worker
+        if worker is not None:
+            worker.stop()
 
     def pid(self) -> int:
         return os.getpid()

@@ -65,6 +65,22 @@ def test_snapshot_and_plain_line_show_the_latest_figures(tmp_path):
     assert line.startswith("[  1.5 min] v5 reward=0.500 heldout=0.600")
 
 
+def test_the_plain_view_prints_each_event_once_in_order(tmp_path):
+    from rich.console import Console
+
+    from async_rl.job.display import LiveView
+
+    console = Console(record=True, width=40)  # narrower than an event: it must not wrap
+    snap = snapshot(tmp_path)
+    with LiveView(console, mode="plain") as view:
+        view.update(snap, ["10:00:00 actor 0 started"])
+        view.update(snap, ["10:00:00 actor 0 started", "10:00:07 node 10.0.0.2 (bbbb0001) lost: health check failed"])
+    lines = console.export_text().splitlines()
+    assert [line for line in lines if line.startswith("event ")] == [
+        "event 10:00:00 actor 0 started", "event 10:00:07 node 10.0.0.2 (bbbb0001) lost: health check failed"]
+    assert len([line for line in lines if line.startswith("[")]) == 1  # the figures did not change
+
+
 def test_plot_writes_a_png(tmp_path):
     fill_metrics(tmp_path)
     out = plot_run(tmp_path)

@@ -47,3 +47,23 @@ def test_the_check_sees_the_placement_module_itself():
     found = {what for _, what in _placement_uses(ast.parse(PLACEMENT.read_text()))}
     assert {"options(scheduling_strategy=…)", "options(max_concurrency=…)", "PlacementGroupSchedulingStrategy",
             "NodeAffinitySchedulingStrategy", "remove_placement_group"} <= found
+
+
+def _node(address: str, alive: bool = True, **resources: float):
+    from async_rl.job.placement import ClusterNode
+
+    return ClusterNode(node_id=f"id-{address}", address=address, alive=alive, resources=resources)
+
+
+def test_a_role_is_unplaceable_only_when_no_live_node_has_all_it_asks_for():
+    from async_rl.job.placement import RoleResources, unplaceable
+
+    actor = RoleResources(num_cpus=1, num_gpus=0, custom=(("node_b", 0.01),))
+    a, b = _node("10.0.0.1", CPU=2, node_a=1), _node("10.0.0.2", CPU=2, node_b=1)
+    assert unplaceable(actor, [a, b]) is None
+    lost_b = _node("10.0.0.2", alive=False, CPU=2, node_b=1)
+    assert unplaceable(actor, [a, lost_b]) == "no live node has CPU 1, node_b 0.01 (live nodes: 10.0.0.1: CPU 2, node_b 0)"
+    # Each resource on the same node: B's marker with A's CPUs is no place.
+    busy_b = _node("10.0.0.2", CPU=0.5, node_b=1)
+    assert unplaceable(actor, [a, busy_b]).startswith("no live node has CPU 1, node_b 0.01")
+    assert unplaceable(actor, []) == "no live node has CPU 1, node_b 0.01 (live nodes: none)"

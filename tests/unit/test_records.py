@@ -89,8 +89,8 @@ def test_the_status_json_a_user_reads_keeps_its_keys():
                        failure=None, restarts={"actor-0": 1}, events=["10:00:00 stopped"],
                        buffer_address="tcp://127.0.0.1:1", weights_address="tcp://127.0.0.1:2", buffer_pid=7)
     shown = status.model_dump(mode="json")
-    assert set(shown) == {"pids", "buffer_stats", "actors", "learner_ranks", "finished", "failure", "restarts",
-                          "events", "buffer_address", "weights_address", "buffer_pid"}
+    assert set(shown) == {"pids", "buffer_stats", "actors", "actors_pending", "nodes", "learner_ranks", "finished",
+                          "failure", "restarts", "events", "buffer_address", "weights_address", "buffer_pid"}
     assert JobStatus.model_validate(json.loads(json.dumps(shown))) == status
 
 
