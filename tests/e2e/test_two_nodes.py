@@ -7,7 +7,10 @@ Checked: the job's listeners are off loopback, so a client without the job's cli
 one holding the server's public key) is shown to get no buffer reply, no weights and no stop;
 the actor on B receives every version over TCP (never through the /dev/shm both
 namespaces share), its trajectories reach the buffer on A, `async-rl status` works from B with
-the job's keys, and no listener of the cluster binds a wildcard. Root only (as CI runs).
+the job's keys, and no listener of the cluster binds a wildcard. Then node B dies whole (every
+process in its namespace killed): the job reports the lost node, keeps training from the buffer
+and loses no acknowledged row; `scale actors` is refused while no node can hold an actor, and
+places one on B again once B rejoins. Root only (as CI runs).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 import zmq
-from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, status, stop_job, wait_for
+from test_job import BIN, JOB_ARGS, cli, learner_version, metrics, stop_job, wait_for
 
 from async_rl.job.control import request
 from async_rl.weights.keys import generate_keys, secure_client
@@ -38,6 +42,7 @@ NODES = Path(__file__).resolve().parents[2] / "scripts" / "two_nodes.sh"
 NAME = f"arl{os.getpid() % 100_000}"
 SUBNET = f"10.231.{os.getpid() % 250}"
 A, B = f"{SUBNET}.1", f"{SUBNET}.2"
+MAX_STALENESS = 8
 
 
 def on_b(*argv: str) -> list[str]:
@@ -81,30 +86,40 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def alive_nodes(env: dict, port: int) -> int:
-    out = subprocess.run([str(RAY), "status", "--address", f"{A}:{port}"], env=env, capture_output=True, text=True)
-    active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
-    return active.count("node_")
+def node_started(proc: subprocess.Popen, log: Path) -> bool:
+    """`ray start` prints "Ray runtime started." once the control store lists its node."""
+    assert proc.poll() is None, f"`ray start` exited: {log.read_text()[-2000:]}"
+    return "Ray runtime started." in log.read_text()
+
+
+RAY_WORKER_PORTS = range(10_002, 11_000)  # where Ray's worker processes listen (see RAY_SYSTEM)
+RAY_COMMON = ["--block", "--num-cpus=2", "--disable-usage-stats", f"--min-worker-port={RAY_WORKER_PORTS.start}",
+              f"--max-worker-port={RAY_WORKER_PORTS.stop - 1}"]
+
+
+def join_node_b(cluster: dict, env: dict) -> None:
+    """`ray start --address` on node B; the cluster's "worker" is then that process."""
+    log = cluster["logs"] / f"worker-{cluster['joins']}.log"
+    worker = _ray_start(on_b(str(RAY), "start", f"--address={A}:{cluster['port']}", f"--node-ip-address={B}",
+                             "--resources={\"node_b\": 1}", *RAY_COMMON), log, env)
+    cluster["worker"], cluster["joins"] = worker, cluster["joins"] + 1
+    wait_for("node B joining", lambda: node_started(worker, log), timeout_s=120, every_s=0.5)
 
 
 @pytest.fixture(scope="module")
 def cluster(nodes, env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("ray-logs")
     port = 6300 + os.getpid() % 500
-    common = ["--block", "--num-cpus=2", "--disable-usage-stats", f"--min-worker-port={RAY_WORKER_PORTS.start}",
-              f"--max-worker-port={RAY_WORKER_PORTS.stop - 1}"]
     head = _ray_start([str(RAY), "start", "--head", f"--port={port}", f"--node-ip-address={A}",
-                       "--include-dashboard=false", "--resources={\"node_a\": 1}", *common], logs / "head.log", env)
-    worker = None
+                       "--include-dashboard=false", "--resources={\"node_a\": 1}", *RAY_COMMON], logs / "head.log", env)
+    cluster = {"port": port, "head": head, "worker": None, "logs": logs, "joins": 0}
     try:
-        wait_for("the Ray head", lambda: alive_nodes(env, port) == 1, timeout_s=120)
-        worker = _ray_start(on_b(str(RAY), "start", f"--address={A}:{port}", f"--node-ip-address={B}",
-                                 "--resources={\"node_b\": 1}", *common), logs / "worker.log", env)
-        wait_for("node B joining", lambda: alive_nodes(env, port) == 2, timeout_s=120)
-        yield {"port": port, "head": head, "worker": worker}
+        wait_for("the Ray head", lambda: node_started(head, logs / "head.log"), timeout_s=120, every_s=0.5)
+        join_node_b(cluster, env)
+        yield cluster
     finally:
-        if worker is not None:
-            _stop(worker)
+        if cluster["worker"] is not None:
+            _stop(cluster["worker"])
         _stop(head)
 
 
@@ -119,7 +134,10 @@ def job(cluster, env, tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN), "train", f"run.dir={run_dir}", "--ray-address", f"{A}:{cluster['port']}", *JOB_ARGS,
          f"cluster.bind_host={A}", f"weights.curve_keys_dir={keys}",
-         "learner.resources={node_a: 0.01}", "actors.resources={node_b: 0.01}", "actors.cpus=1", "learner.cpus=1"],
+         "learner.resources={node_a: 0.01}", "actors.resources={node_b: 0.01}", "actors.cpus=1", "learner.cpus=1",
+         # An actor runs at most max_staleness + 1 versions' worth of groups ahead of the learner:
+         # that backlog is what the learner trains on once node B is lost.
+         f"algorithm.staleness.max_staleness={MAX_STALENESS}"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     try:
@@ -128,6 +146,11 @@ def job(cluster, env, tmp_path_factory):
                "outsiders": (None, str(stranger))}
     finally:
         stop_job(proc)
+
+
+def live(job: dict) -> dict:
+    """The job's status, asked in-process with the job's keys (as `async-rl status --json` does)."""
+    return request(job["run"]["control_address"], "status", timeout_s=60, curve_keys_dir=job["run"]["curve_keys_dir"])
 
 
 def _run_json(run_dir: Path) -> dict:
@@ -199,7 +222,6 @@ def test_status_works_from_node_b_with_the_jobs_keys(job, env):
 # are token-authenticated, and the README says so. Every other listener must be on the node's
 # address or loopback.
 RAY_SYSTEM = ("raylet", "gcs_server", "autoscaler/_private/monitor.py")
-RAY_WORKER_PORTS = range(10_002, 11_000)
 LISTENER = re.compile(r"^\S+\s+\d+\s+\d+\s+(\S+)\s+\S+\s+users:\(\(\"([^\"]*)\",pid=(\d+)")
 
 
@@ -242,38 +264,37 @@ def test_every_listener_of_the_job_binds_its_nodes_address_or_loopback(job, clus
         assert job["run"][name].removeprefix("tcp://") in in_a, (name, job["run"][name], sorted(in_a))
 
 
-def test_scale_places_a_new_actor_on_node_b_and_a_killed_one_restarts_there(job, cluster):
-    run_dir, b = job["run_dir"], os.stat(f"/run/netns/{NAME}").st_ino
-    up = cli("scale", "actors", "2", "--run-dir", str(run_dir), timeout=300)
-    assert up.returncode == 0 and "actors now: [0, 1]" in up.stdout, up.stdout + up.stderr
-    wait_for("actor 1 storing groups", lambda: any(r.get("rows_acked", 0) > 0 for r in metrics(run_dir, "actor-1")))
-    pid = wait_for("actor 1's pid", lambda: status(run_dir).get("pids", {}).get("actor-1"))
-    assert netns_inode(pid) == b
-    os.kill(pid, signal.SIGKILL)
-    wait_for("the restart event", lambda: any("actor 1 died" in e for e in status(run_dir)["events"]))
-    again = wait_for("a new actor 1", lambda: status(run_dir).get("pids", {}).get("actor-1") not in (None, pid)
-                     and status(run_dir)["pids"]["actor-1"])
-    assert netns_inode(again) == b
-    version = learner_version(run_dir)
-    wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
-    down = cli("scale", "actors", "1", "--run-dir", str(run_dir), timeout=300)
-    assert down.returncode == 0 and "actors now: [0]" in down.stdout, down.stdout + down.stderr
-
-
 # An outsider reaches every listener of the job (they are off loopback) but holds no
 # client key the job authorized: no buffer reply, no weights, no stop.
 REFUSED_WAIT_S = 3.0
 
 
-def test_an_outsider_can_neither_write_nor_read_the_buffer(job):
-    for outsider in job["outsiders"]:
-        with BufferClient(job["run"]["buffer_address"], timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider) as client:
-            with pytest.raises(TimeoutError):
-                client.insert(synthetic_batch(groups=["forged"]), retry_for_s=0)
-            with pytest.raises(TimeoutError):
-                client.stats()
-            with pytest.raises(TimeoutError):
-                client.sample(1)
+def answers(attempts: list) -> list[str]:
+    """Each attempt run at once in its own thread (each waits REFUSED_WAIT_S for a reply that
+    must not come): "answered", or the name of what it raised."""
+    def attempt(call) -> str:
+        try:
+            call()
+        except Exception as err:
+            return type(err).__name__
+        return "answered"
+
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        return list(pool.map(attempt, attempts))
+
+
+def test_an_outsider_can_neither_write_nor_read_the_buffer(job, monkeypatch):
+    monkeypatch.setattr("buffer.client.REPLY_GRACE_S", REFUSED_WAIT_S)  # a sample's wait: as long as the others'
+    def buffer_call(outsider, call):
+        def run():
+            with BufferClient(job["run"]["buffer_address"], timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider) as client:
+                call(client)
+        return run
+
+    calls = (lambda c: c.insert(synthetic_batch(groups=["forged"]), retry_for_s=0), lambda c: c.stats(),
+             lambda c: c.sample(1))
+    got = answers([buffer_call(outsider, call) for outsider in job["outsiders"] for call in calls])
+    assert got == ["TimeoutError"] * 6
 
 
 def test_an_outsider_receives_no_weights_while_the_actor_does(job):
@@ -298,12 +319,103 @@ def test_an_outsider_receives_no_weights_while_the_actor_does(job):
 
 def test_an_outsider_cannot_stop_the_job(job):
     run_dir = job["run_dir"]
-    for outsider in job["outsiders"]:
-        with pytest.raises(ConnectionError, match="did not answer"):
-            request(job["run"]["control_address"], "stop", timeout_s=REFUSED_WAIT_S, curve_keys_dir=outsider)
+    got = answers([lambda keys=outsider: request(job["run"]["control_address"], "stop", timeout_s=REFUSED_WAIT_S,
+                                                 curve_keys_dir=keys) for outsider in job["outsiders"]])
+    assert got == ["ConnectionError"] * 2
     before = learner_version(run_dir)
     wait_for("the learner still advancing", lambda: learner_version(run_dir) > before)
     assert job["proc"].poll() is None
+
+
+def test_scale_places_a_second_actor_on_node_b_and_a_killed_one_restarts_there(job):
+    run_dir, b = job["run_dir"], os.stat(f"/run/netns/{NAME}").st_ino
+    up = cli("scale", "actors", "2", "--run-dir", str(run_dir), timeout=300)
+    assert up.returncode == 0 and up.stdout.startswith("actors now: [0, 1]"), up.stdout + up.stderr
+    second = wait_for("actor 1 placed", lambda: live(job)["pids"].get("actor-1"))
+    assert netns_inode(second) == b
+    first = live(job)["pids"]["actor-0"]
+    os.kill(first, signal.SIGKILL)  # the actor that has been generating all along
+    wait_for("the restart event", lambda: any("actor 0 died" in e and "restarting" in e for e in live(job)["events"]))
+    again = wait_for("a new actor 0", lambda: live(job)["pids"].get("actor-0") not in (None, first)
+                     and live(job)["pids"]["actor-0"])
+    assert netns_inode(again) == b
+    version = learner_version(run_dir)
+    wait_for("training to continue", lambda: learner_version(run_dir) >= version + 2)
+
+
+def stored_trajectories(run_dir: Path, out: Path) -> dict[str, str]:
+    """traj_id → actor_id of every row the buffer holds on disk (`async-rl buffer export`)."""
+    import pyarrow.parquet as pq
+
+    result = cli("buffer", "export", str(out), "--run", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out, columns=["traj_id", "actor_id"])
+    return dict(zip(table["traj_id"].to_pylist(), table["actor_id"].to_pylist(), strict=True))
+
+
+def sampleable_groups(job: dict) -> int:
+    with BufferClient(job["run"]["buffer_address"], timeout_s=30, curve_keys_dir=job["run"]["curve_keys_dir"]) as client:
+        return client.stats()["groups_sampleable"]
+
+
+def last_word_on(actor_ids: list[int], events: list[str]) -> dict[int, str]:
+    """The latest event about each actor ("" if none)."""
+    return {i: ([e for e in events if f"actor {i} " in e] or [""])[-1] for i in actor_ids}
+
+
+def test_node_b_lost_the_job_trains_on_and_scale_uses_b_again_once_it_rejoins(job, cluster, env, tmp_path):
+    run_dir, b_netns = job["run_dir"], os.stat(f"/run/netns/{NAME}").st_ino
+    on_b_now = live(job)["actors"]
+    assert on_b_now == [0, 1] and live(job)["actors_pending"] == []
+    # Two actors outrun the learner: groups wait in the buffer, up to max_staleness versions' worth.
+    wait_for("a backlog of three learner steps", lambda: sampleable_groups(job) >= 6, every_s=1.0)
+    before = stored_trajectories(run_dir, tmp_path / "before.parquet")
+    subprocess.run(["bash", str(NODES), "crash", NAME], check=True)  # B dies whole: raylet, workers, actors
+    crashed_at = time.time()
+    cluster["worker"].wait(timeout=30)
+
+    lost = wait_for("the lost node in status", lambda: [n for n in live(job)["nodes"] if n["address"] == B and not n["alive"]],
+                    timeout_s=180)
+    assert len(lost) == 1
+
+    def verdict() -> dict | None:
+        status = live(job)
+        words = last_word_on(on_b_now, status["events"]).values()
+        return status if all("no live node has CPU 1, node_b 0.01" in word for word in words) else None
+
+    now = wait_for("the verdict on B's actors", verdict, timeout_s=180)
+    assert now["actors"] == [] and any(f"node {B} " in e and " lost: " in e for e in now["events"])
+    assert all("not restarted" in word or "given up while pending placement" in word
+               for word in last_word_on(on_b_now, now["events"]).values())
+    assert re.search(rf"event \d\d:\d\d:\d\d node {re.escape(B)} \(\w+\) lost: ", job["log"].read_text())
+    # While no node can hold an actor, scale refuses in one line and starts none.
+    refused = cli("scale", "actors", "1", "--run-dir", str(run_dir))
+    assert refused.returncode == 2 and refused.stdout == "", refused.stdout + refused.stderr
+    assert refused.stderr.count("\n") == 1 and "no live node has CPU 1, node_b 0.01" in refused.stderr
+    assert live(job)["actors"] == []
+
+    trained_since = [r["version"] for r in metrics(run_dir, "learner") if r["time"] > crashed_at]
+    assert len(trained_since) >= 2, trained_since  # from the backlog: no actor has run since
+    after = stored_trajectories(run_dir, tmp_path / "after.parquet")
+    assert before.items() <= after.items()  # every row stored before the loss, still there
+    reported = {f"actor-{i}": [r["rows_acked"] for r in metrics(run_dir, f"actor-{i}")] for i in on_b_now}
+    assert reported["actor-0"]
+    for role, acked in reported.items():  # every row an actor on B last reported acknowledged
+        assert not acked or acked[-1] <= sum(1 for a in after.values() if a == role)
+
+    join_node_b(cluster, env)
+    wait_for("the rejoined node in status", lambda: any(n["address"] == B and n["alive"] for n in live(job)["nodes"]))
+    up = cli("scale", "actors", "1", "--run-dir", str(run_dir), timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    [new] = live(job)["actors"]
+    assert up.stdout.startswith(f"actors now: [{new}]") and new not in on_b_now
+    pid = wait_for(f"actor {new} placed", lambda: live(job)["pids"].get(f"actor-{new}"))
+    assert netns_inode(pid) == b_netns
+    latest = wait_for(f"actor {new} loading a version and storing groups", lambda: next(
+        (r for r in reversed(metrics(run_dir, f"actor-{new}")) if r.get("weights_streamed", 0) >= 1
+         and r.get("rows_acked", 0) > 0), None))
+    assert latest["weights_from_shm"] == 0 and latest["weights_bytes_streamed"] > 0
+    assert live(job)["actors_pending"] == []
 
 
 def test_the_job_stops_cleanly(job, cluster):
