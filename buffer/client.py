@@ -78,20 +78,21 @@ class BufferClient:
     def sample(self, n_groups: int, *, timeout_s: float = 0.0, peek: bool = False) -> pa.Table | None:
         """Up to ``n_groups`` whole groups, waiting up to ``timeout_s`` for them; None if refused
         (the reason is in ``last_refusal``). ``peek`` does not count as a use."""
-        request = {"verb": "sample", "n_groups": int(n_groups), "timeout_s": float(timeout_s),
-                   "peek": peek}
-        header, frames = self._call(request, wait_s=timeout_s + REPLY_GRACE_S)
-        self.last_refusal = header.get("refused")
+        header, frames = self._sample(n_groups, timeout_s, peek=peek)
         return ipc_to_table(frames[0]) if frames else None
 
     def lease(self, n_groups: int, *, timeout_s: float = 0.0) -> Lease | None:
         """Like :meth:`sample`, but the use is provisional until :meth:`commit` (needs
         ``learner_token``)."""
-        request = {"verb": "sample", "n_groups": int(n_groups), "timeout_s": float(timeout_s),
-                   "lease": True, "token": self.learner_token}
+        header, frames = self._sample(n_groups, timeout_s, lease=True, token=self.learner_token)
+        return Lease(header["lease"], ipc_to_table(frames[0])) if frames else None
+
+    def _sample(self, n_groups: int, timeout_s: float, **arguments):
+        """One ``sample`` request; its refusal reason, if any, is kept in ``last_refusal``."""
+        request = {"verb": "sample", "n_groups": int(n_groups), "timeout_s": float(timeout_s), **arguments}
         header, frames = self._call(request, wait_s=timeout_s + REPLY_GRACE_S)
         self.last_refusal = header.get("refused")
-        return Lease(header["lease"], ipc_to_table(frames[0])) if frames else None
+        return header, frames
 
     def commit(self, lease_ids: list[int]) -> list[int]:
         """Make the leases' uses final; returns the ids that were not outstanding."""

@@ -174,12 +174,10 @@ class LearnerLoop:
         if self.engine.dist.world_size == 1:
             return code if code is not None else data
         # Rank 0 sends the length (or the code); the other ranks' value is overwritten.
-        value = len(data) if data is not None else (code if code is not None else 0)
-        length = torch.tensor([value], dtype=torch.int64)
-        torch.distributed.broadcast(length, src=0)
-        if int(length) <= 0:
-            return int(length)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(length), dtype=torch.uint8)
+        length = self.broadcast_int(len(data) if data is not None else (code if code is not None else 0))
+        if length <= 0:
+            return length
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(length, dtype=torch.uint8)
         torch.distributed.broadcast(buf, src=0)
         return data if self.rank == 0 else buf.numpy().tobytes()
 
