@@ -316,12 +316,15 @@ class BatchConfig(Section):
         1, ge=1, description="Optimizer steps per sampled batch (Klear: 8 for math)."
     )
     micro_batch_tokens: int = Field(4096, gt=0, description="Token budget of a packed micro-batch.")
-    micro_batch_layout: Literal["packed", "padded"] = Field(
+    micro_batch_layout: Literal["packed", "padded", "shared_prompt"] = Field(
         "packed",
         description="packed: a micro-batch's sequences end to end in one row (no padding; attention "
         "over the whole row is masked block by block, O(L^2) in the row unless the attention kernel "
         "skips masked blocks); padded: one right-padded row per sequence, plain causal attention "
-        "(the fast choice on CPU, where short sequences would otherwise pay for the whole row).",
+        "(the fast choice on CPU, where short sequences would otherwise pay for the whole row); "
+        "shared_prompt: padded rows whose prompt runs once per group and micro-batch, its keys and "
+        "values read by every response of the group (a group of G responses computes its prompt "
+        "once instead of G times).",
     )
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk when computing logprobs from hidden states."
@@ -341,6 +344,13 @@ class CheckpointConfig(Section):
 class EvalConfig(Section):
     every: int = Field(10, ge=0, description="Learner steps between held-out evaluations (0 = off).")
     prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation.")
+    defer: bool = Field(
+        False,
+        description="Keep each due version's weights (RUN/eval/pending) and evaluate them when the "
+        "job ends, before the final policy: evaluation then takes no cores from training (on a "
+        "small machine the evaluator's engine competes with the actors and the learner), and the "
+        "accuracies arrive at the end, still one exact version each.",
+    )
 
 
 class SFTConfig(Section):

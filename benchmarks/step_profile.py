@@ -19,7 +19,8 @@
    ``RUN/sft_model`` with every process of the job sampled from /proc twice a second: cores used
    per role, and the learner's logged phases (``time/*`` in learner.jsonl) with the sample wait.
 
-Prints a table per part and writes ``benchmarks/results/step_profile.json`` (``_quick``: one
+Prints a table per part and writes ``benchmarks/results/step_profile.json`` (``--tag T``:
+``step_profile_T.json``; ``--before KEY=VALUE`` changes the ``before`` setting; ``_quick``: one
 timed step of each setting, no live job; under a minute, still the same measurement).
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
         os.environ["ASYNC_RL_RENDEZVOUS"] = str(Path(tmp) / "rendezvous")  # no TCP store
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        settings = {"before": BEFORE, "now": {"micro_batch_tokens": cfg.learner.batch.micro_batch_tokens,
+        settings = {"before": args.before_setting, "now": {"micro_batch_tokens": cfg.learner.batch.micro_batch_tokens,
                                               "micro_batch_layout": cfg.learner.batch.micro_batch_layout,
                                               "proximal_from_forward": True}}
         result = {"threads": args.threads, "source": args.run_dir or "synthetic", "settings": settings,
@@ -78,7 +79,7 @@ def main() -> None:
     if args.job:
         result["job"] = live_job(args)
     report(result)
-    write_result("step_profile_quick" if args.quick else "step_profile", result)
+    write_result("step_profile" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""), result)
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,9 +89,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the job's learner uses learner.threads)")
     parser.add_argument("--job", action="store_true", help="also run a short live job and sample its cores")
     parser.add_argument("--job-steps", type=int, default=12)
+    parser.add_argument("--before", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"change the `before` setting ({', '.join(BEFORE)}), e.g. micro_batch_layout=padded")
     parser.add_argument("overrides", nargs="*", help="tiny.yaml KEY=VALUE settings for `now` (and the live job)")
     parser.add_argument("--quick", action="store_true", help="1 timed step per setting, no live job (< 1 min)")
+    parser.add_argument("--tag", default="", help="write benchmarks/results/step_profile_TAG.json (keeps other runs')")
     args = parser.parse_args()
+    args.before_setting = dict(BEFORE)
+    for item in args.before:
+        key, _, value = item.partition("=")
+        if key not in BEFORE or not value:
+            parser.error(f"--before {item}: expected KEY=VALUE with KEY one of {', '.join(BEFORE)}")
+        kind = type(BEFORE[key])
+        args.before_setting[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if args.quick:
         args.steps, args.job = 1, False
     if args.job and not args.run_dir:
@@ -231,18 +242,24 @@ class BoundRunner:
     def step(self, table) -> None:
         import torch
 
-        from learners.packing import build_micro_batch, plan_micro_batches
+        from learners.engine import shared_prompt_states
+        from learners.packing import build_micro_batch, plan_for_layout
         from learners.trainer import RolloutBatch
 
         batch = RolloutBatch.from_arrow(table)
         budget, layout = self.setting["micro_batch_tokens"], self.setting["micro_batch_layout"]
-        plan = plan_micro_batches(list(range(batch.num_rows)), batch.input_lengths(), budget, 1)[0]
+        plan = plan_for_layout(layout, list(range(batch.num_rows)), batch.prompts, batch.responses,
+                               batch.group_index, budget, 1)[0]
         mbs = [build_micro_batch(rows, batch.prompts, batch.responses, layout) for rows in plan]
         tokens = sum(len(r) for r in batch.responses)
         start = time.perf_counter()
         for mb in mbs:
-            out = self.model.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
-            hidden = out.last_hidden_state.flatten(0, 1).index_select(0, mb.gather_index)
+            if mb.prefix_ids is None:
+                out = self.model.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+                states = out.last_hidden_state.flatten(0, 1)
+            else:  # the same two HF forwards as the learner's (the prompts once, then what follows them)
+                states = shared_prompt_states(self.model.model, mb.input_ids, mb.position_ids, **mb.prefix())
+            hidden = states.index_select(0, mb.gather_index)
             logp = torch.log_softmax(self.model.lm_head(hidden).float(), dim=-1).gather(1, mb.targets.unsqueeze(1))
             (-logp.sum() / tokens).backward()
         self.times.append(time.perf_counter() - start)

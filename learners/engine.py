@@ -119,6 +119,9 @@ class TokenLogprobModel(nn.Module):
         with_entropy: bool = False,
         coefficients: CoefficientFn | None = None,
         on_proximal: Callable[[Tensor], CoefficientFn | None] | None = None,
+        prefix_ids: Tensor | None = None,
+        prefix_lengths: Tensor | None = None,
+        prefix_index: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         """input_ids, position_ids: [1, L] (positions restart at 0 per packed sequence) or
         [B, L] (one right-padded sequence per row); gather_index: [N] flat positions whose next
@@ -131,11 +134,19 @@ class TokenLogprobModel(nn.Module):
         ``on_proximal`` receives the logprobs [N] of these weights exactly as a separate no-grad
         pass computes them (same hidden states, same :func:`token_logprobs` call) and returns
         the ``coefficients`` to use (None: return logp/entropy): while the policy has not moved,
-        the training forward doubles as the proximal pass."""
-        out = self.causal_lm.base_model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False
-        )
-        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, gather_index)
+        the training forward doubles as the proximal pass.
+
+        ``prefix_*`` (the ``shared_prompt`` layout, :func:`learners.packing.build_shared_micro_batch`):
+        the distinct prompts [U, P] run first, and ``input_ids`` [B, L] continue them, each row
+        attending to the keys and values of its prompt (``prefix_index`` [B]); ``gather_index``
+        then points into the prompts' [U * P] positions followed by the continuations' [B * L]."""
+        if prefix_ids is None:
+            out = self.causal_lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            states = out.last_hidden_state.flatten(0, 1)
+        else:
+            states = shared_prompt_states(self.causal_lm.base_model, input_ids, position_ids, prefix_ids, prefix_lengths,
+                                          prefix_index)
+        hidden = states.index_select(0, gather_index)
         weight = self.causal_lm.get_output_embeddings().weight
         if on_proximal is not None:
             with torch.no_grad():
@@ -157,6 +168,26 @@ class TokenLogprobModel(nn.Module):
             temperature=temperature,
             with_entropy=with_entropy,
         )
+
+
+def shared_prompt_states(
+    base_model: nn.Module, input_ids: Tensor, position_ids: Tensor, prefix_ids: Tensor, prefix_lengths: Tensor,
+    prefix_index: Tensor,
+) -> Tensor:
+    """Hidden states [U * P + B * L, H] of the ``shared_prompt`` layout: the prompts', then their
+    continuations'. The prompts' keys and values are picked per row (an index, so their gradients
+    sum over the rows that read them) and the continuations attend to them past each prompt's
+    padding."""
+    n_prompts, prompt_width = prefix_ids.shape
+    positions = torch.arange(prompt_width, device=prefix_ids.device)
+    prompts = base_model(input_ids=prefix_ids, position_ids=positions.expand(n_prompts, prompt_width), use_cache=True)
+    cache = prompts.past_key_values
+    cache.batch_select_indices(prefix_index)
+    known = (positions.unsqueeze(0) < prefix_lengths.unsqueeze(1))[prefix_index]
+    mask = torch.cat([known, torch.ones_like(input_ids, dtype=torch.bool)], dim=1).long()
+    out = base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                     use_cache=True)
+    return torch.cat([prompts.last_hidden_state.flatten(0, 1), out.last_hidden_state.flatten(0, 1)])
 
 
 def default_dtype() -> str:

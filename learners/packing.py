@@ -17,6 +17,16 @@ plain causal attention (a real token never attends to the padding after it) and 
 for the others' length. ``gather_index`` then points into the flattened ``[B * L]`` positions.
 On CPU, where a packed row's block mask makes attention cost O(L^2) in the whole row, this is
 the fast layout; with a varlen attention kernel packing wastes nothing.
+
+The ``shared_prompt`` layout computes each distinct prompt of a micro-batch once: ``prefix_ids``
+``[U, P]`` holds the U prompts right-padded, and ``input_ids`` ``[B, L]`` only what follows each
+prompt (the response without its last token), one right-padded row per sequence, positions
+continuing from its prompt's length. The model runs the prompts, then the continuations attending
+to their prompt's keys and values (``prefix_index`` picks the prompt of each row). In a GRPO batch
+the G responses of a group share one prompt, so the prompt tokens are computed once instead of G
+times; :func:`plan_shared_micro_batches` keeps a group's rows together. ``gather_index`` then
+points into the prompts' flattened ``[U * P]`` positions followed by the continuations' ``[B * L]``
+(the first response token is predicted by its prompt's last position).
 """
 
 from __future__ import annotations
@@ -39,6 +49,11 @@ class MicroBatch:
     row: Tensor  # [N] int64 in [0, B): which sequence each scored token belongs to
     col: Tensor  # [N] int64 in [0, T): its index within the response
     width: int  # T = longest response in the micro-batch
+    # The shared_prompt layout only: the distinct prompts [U, P] (right-padded), their lengths [U],
+    # and the prompt of each of the B rows [B].
+    prefix_ids: Tensor | None = None
+    prefix_lengths: Tensor | None = None
+    prefix_index: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -46,10 +61,23 @@ class MicroBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        prefix = 0 if self.prefix_ids is None else self.prefix_ids.numel()
+        return int(self.input_ids.numel()) + int(prefix)
+
+    def model_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The positional inputs of :meth:`learners.engine.TokenLogprobModel.forward`."""
+        return self.input_ids, self.position_ids, self.gather_index, self.targets
+
+    def prefix(self) -> dict[str, Tensor]:
+        """The shared prompts as keyword inputs of the model's forward (none in other layouts)."""
+        if self.prefix_ids is None:
+            return {}
+        return {"prefix_ids": self.prefix_ids, "prefix_lengths": self.prefix_lengths, "prefix_index": self.prefix_index}
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "gather_index", "targets", "row", "col")}
+        names = ("input_ids", "position_ids", "gather_index", "targets", "row", "col",
+                 "prefix_ids", "prefix_lengths", "prefix_index")
+        move = {k: getattr(self, k).to(device) for k in names if getattr(self, k) is not None}
         return MicroBatch(rows=self.rows, width=self.width, **move)
 
     def scatter(self, values: Tensor, fill: float = 0.0) -> Tensor:
@@ -111,6 +139,8 @@ def build_micro_batch(
     "padded"). Every prompt must be non-empty."""
     if layout == "padded":
         return build_padded_micro_batch(rows, prompts, responses)
+    if layout == "shared_prompt":
+        return build_shared_micro_batch(rows, prompts, responses)
     ids, pos, gather, targets, row_of, col_of = [], [], [], [], [], []
     offset, width = 0, 1
     for b, row in enumerate(rows):
@@ -165,6 +195,57 @@ def build_padded_micro_batch(
     )
 
 
+def build_shared_micro_batch(
+    rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_id: int = 0
+) -> MicroBatch:
+    """Each distinct prompt once (``prefix_ids`` [U, P], right-padded), and per row what follows
+    it (``input_ids`` [B, L]: the response without its last token, right-padded, at least one
+    column). The first response token is scored at its prompt's last position, the others at the
+    continuation's; rows with equal prompt tokens share a prompt."""
+    prompt_of: dict[bytes, int] = {}
+    prefix_index = []
+    for row in rows:
+        prompt = np.asarray(prompts[row], dtype=np.int64)
+        if len(prompt) == 0:
+            raise ValueError(f"row {row}: empty prompt (the first response token needs a context)")
+        prefix_index.append(prompt_of.setdefault(prompt.tobytes(), len(prompt_of)))
+    distinct = [np.frombuffer(key, dtype=np.int64).copy() for key in prompt_of]
+    n_prompts, prompt_width = len(distinct), max(len(p) for p in distinct)
+    prefix_ids = torch.full((n_prompts, prompt_width), pad_id, dtype=torch.long)
+    for u, prompt in enumerate(distinct):
+        prefix_ids[u, : len(prompt)] = torch.as_tensor(prompt)
+    prompt_lengths = np.asarray([len(p) for p in distinct], dtype=np.int64)
+    follow = [max(len(responses[r]) - 1, 0) for r in rows]
+    width = max(1, *follow)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    gather, targets, row_of, col_of = [], [], [], []
+    base = n_prompts * prompt_width
+    for b, (row, u, n_follow) in enumerate(zip(rows, prefix_index, follow, strict=True)):
+        response = np.asarray(responses[row], dtype=np.int64)
+        if len(response) == 0:
+            continue
+        ids[b, :n_follow] = torch.as_tensor(response[:-1])
+        first = u * prompt_width + prompt_lengths[u] - 1
+        gather.append(np.concatenate([[first], base + b * width + np.arange(n_follow)]))
+        targets.append(response)
+        row_of.append(np.full(len(response), b))
+        col_of.append(np.arange(len(response)))
+    index = torch.as_tensor(np.asarray(prefix_index, dtype=np.int64))
+    return MicroBatch(
+        rows=list(rows),
+        input_ids=ids,
+        position_ids=torch.as_tensor(prompt_lengths)[index].unsqueeze(1) + torch.arange(width),
+        gather_index=_long(gather),
+        targets=_long(targets),
+        row=_long(row_of),
+        col=_long(col_of),
+        width=max([1, *(len(responses[r]) for r in rows)]),
+        prefix_ids=prefix_ids,
+        prefix_lengths=torch.as_tensor(prompt_lengths),
+        prefix_index=index,
+    )
+
+
 def empty_micro_batch(token_id: int = 0) -> MicroBatch:
     """A one-token micro-batch with nothing scored: the rank with fewer micro-batches runs it
     so that every rank makes the same forward/backward collectives (ZeRO-2/3)."""
@@ -188,6 +269,52 @@ def plan_micro_batches(
     plans = [pack_rows([rows[i] for i in shard], lengths, budget) for shard in shards]
     count = max(1, max(len(p) for p in plans))
     return [p + [[]] * (count - len(p)) for p in plans]
+
+
+def plan_shared_micro_batches(
+    rows: Sequence[int], groups: Sequence[int], prompt_lengths: Sequence[int], response_lengths: Sequence[int],
+    budget: int, world_size: int,
+) -> list[list[list[int]]]:
+    """Per rank, its micro-batches for the ``shared_prompt`` layout, every rank with the same count.
+
+    A group (``groups[row]``: rows sharing a prompt) costs its prompt once plus each row's
+    continuation, and travels whole: groups are sharded across ranks and packed first-fit
+    decreasing by that cost. A group costlier than ``budget`` is cut into pieces that fit (each
+    piece pays the prompt again)."""
+    members: dict[int, list[int]] = {}
+    for row in rows:
+        members.setdefault(int(groups[row]), []).append(row)
+    units: list[list[int]] = []
+    for group_rows in members.values():
+        prompt = prompt_lengths[group_rows[0]]
+        piece, cost = [], prompt
+        for row in group_rows:
+            more = max(response_lengths[row] - 1, 1)
+            if piece and cost + more > budget:
+                units.append(piece)
+                piece, cost = [], prompt
+            piece.append(row)
+            cost += more
+        units.append(piece)
+    costs = [prompt_lengths[u[0]] + sum(max(response_lengths[r] - 1, 1) for r in u) for u in units]
+    shards = shard_rows(costs, world_size)
+    plans = [[[row for unit in bin_ for row in units[unit]] for bin_ in pack_rows(shard, costs, budget)]
+             for shard in shards]
+    count = max(1, max(len(p) for p in plans))
+    return [p + [[]] * (count - len(p)) for p in plans]
+
+
+def plan_for_layout(
+    layout: str, rows: Sequence[int], prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray],
+    groups: Sequence[int], budget: int, world_size: int,
+) -> list[list[list[int]]]:
+    """Per rank, its micro-batches of ``rows`` as the layout packs them: by input length, or
+    (``shared_prompt``) by group."""
+    if layout == "shared_prompt":
+        return plan_shared_micro_batches(rows, groups, [len(p) for p in prompts], [len(r) for r in responses],
+                                         budget, world_size)
+    lengths = [input_length(len(p), len(r)) for p, r in zip(prompts, responses, strict=True)]
+    return plan_micro_batches(rows, lengths, budget, world_size)
 
 
 def _long(parts: list[np.ndarray]) -> Tensor:

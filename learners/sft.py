@@ -82,11 +82,13 @@ class SFTTrainer:
         plan = plan_micro_batches(list(range(len(batch))), lengths, self.micro_batch_tokens, self.engine.dist.world_size)
         global_tokens = torch.tensor(float(sum(len(r) for r in responses)), device=self.engine.device)
         layout = self.engine.cfg.batch.micro_batch_layout
+        if layout == "shared_prompt":  # SFT rows are no groups: each prompt has one response
+            layout = "padded"
 
         def micro_loss(rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
             mb = build_micro_batch(rows, prompts, responses, layout) if rows else empty_micro_batch()
             mb = mb.to(self.engine.device)
-            logp, _ = self.engine.forward(mb.input_ids, mb.position_ids, mb.gather_index, mb.targets, 1.0, False)
+            logp, _ = self.engine.forward(*mb.model_inputs(), 1.0, False)
             if not rows:  # a filler micro-batch: same collectives, zero gradient
                 return logp.sum() * 0.0, {}
             return sft_objective(logp, global_tokens)

@@ -50,7 +50,7 @@ from learners.packing import (
     build_micro_batch,
     empty_micro_batch,
     input_length,
-    plan_micro_batches,
+    plan_for_layout,
 )
 from learners.profiling import PhaseTimer
 from learners.staleness import fresh_rows
@@ -217,9 +217,8 @@ class Trainer:
 
     def plan(self, batch: RolloutBatch, rows: np.ndarray) -> list[list[int]]:
         """This rank's micro-batches (row lists) for one mini-batch; equal counts on all ranks."""
-        plans = plan_micro_batches(
-            [int(r) for r in rows], batch.input_lengths(), self.micro_batch_tokens, self.engine.dist.world_size
-        )
+        plans = plan_for_layout(self.engine.cfg.batch.micro_batch_layout, [int(r) for r in rows], batch.prompts,
+                                batch.responses, batch.group_index, self.micro_batch_tokens, self.engine.dist.world_size)
         return plans[self.engine.dist.rank]
 
     # ------------------------------------------------------------------ clip centre
@@ -234,7 +233,7 @@ class Trainer:
         for plan in plans if decoupled else []:
             for rows in plan:  # filler micro-batches run too: ZeRO-3 gathers are collective
                 mb = self.micro_batch(batch, rows)
-                logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
+                logp, _ = self.engine.forward(*mb.model_inputs(), self.temperature, False, **mb.prefix())
                 prox.update(per_row(mb, logp))
         for plan in plans:
             rows = [r for mb_rows in plan for r in mb_rows]
@@ -293,13 +292,13 @@ class Trainer:
         self, batch: RolloutBatch, state: RowState, mb: MicroBatch, totals, *, proximal_in_forward: bool = False
     ) -> tuple[Tensor, dict]:
         if not mb.rows:  # a filler micro-batch: same collectives, zero gradient
-            logp, _ = self.engine.forward(*self.forward_args(mb), self.temperature, False)
+            logp, _ = self.engine.forward(*mb.model_inputs(), self.temperature, False, **mb.prefix())
             return logp.sum() * 0.0, {}
         if proximal_in_forward:
             return self.micro_loss_with_proximal(batch, state, mb, totals)
         inputs = self.loss_inputs(state, mb, totals)
         coefficients = chunk_coefficients(self.objective, inputs, mb.row, mb.col) if self.fused else None
-        outputs = self.engine.forward(*self.forward_args(mb), self.temperature, True, coefficients=coefficients)
+        outputs = self.engine.forward(*mb.model_inputs(), self.temperature, True, coefficients=coefficients, **mb.prefix())
         return self.finish_loss(mb, inputs, outputs)
 
     def micro_loss_with_proximal(
@@ -315,7 +314,7 @@ class Trainer:
             made.append(self.loss_inputs(state, mb, totals))
             return chunk_coefficients(self.objective, made[0], mb.row, mb.col) if self.fused else None
 
-        outputs = self.engine.forward(*self.forward_args(mb), self.temperature, True, on_proximal=on_proximal)
+        outputs = self.engine.forward(*mb.model_inputs(), self.temperature, True, on_proximal=on_proximal, **mb.prefix())
         return self.finish_loss(mb, made[0], outputs)
 
     def finish_loss(self, mb: MicroBatch, inputs: LossInputs, outputs: tuple[Tensor, ...]) -> tuple[Tensor, dict]:
@@ -355,10 +354,6 @@ class Trainer:
         layout = self.engine.cfg.batch.micro_batch_layout
         mb = build_micro_batch(rows, batch.prompts, batch.responses, layout) if rows else empty_micro_batch()
         return mb.to(self.engine.device)
-
-    @staticmethod
-    def forward_args(mb: MicroBatch) -> tuple[Tensor, ...]:
-        return mb.input_ids, mb.position_ids, mb.gather_index, mb.targets
 
     def step_counters(self, batch: RolloutBatch, keep: np.ndarray, applied: int, minis: int) -> dict[str, float]:
         return {

@@ -12,6 +12,7 @@ from learners.packing import (
     input_length,
     pack_rows,
     plan_micro_batches,
+    plan_shared_micro_batches,
     shard_rows,
 )
 
@@ -143,3 +144,77 @@ def test_padded_logprobs_and_gradients_equal_the_packed_ones(tiny_lm):
     torch.testing.assert_close(ent2, ent, atol=1e-5, rtol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grads2[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def grouped(spec: list[tuple[int, list[int]]], seed: int = 0):
+    """Groups of rows sharing a prompt: (prompt length, [response lengths]) per group."""
+    rng = np.random.default_rng(seed)
+    prompts, responses, groups = [], [], []
+    for g, (p, lengths) in enumerate(spec):
+        prompt = rng.integers(2, 100, size=p)
+        for n in lengths:
+            prompts.append(prompt.copy())
+            responses.append(rng.integers(2, 100, size=n))
+            groups.append(g)
+    return prompts, responses, groups
+
+
+def test_a_shared_prompt_micro_batch_runs_each_prompt_once_and_scores_the_same_tokens():
+    prompts, responses, _ = grouped([(5, [4, 1, 6]), (3, [2, 5])], seed=1)
+    rows = [3, 0, 4, 1, 2]
+    shared = build_micro_batch(rows, prompts, responses, "shared_prompt")
+    padded = build_micro_batch(rows, prompts, responses, "padded")
+    assert shared.prefix_ids.shape == (2, 5) and shared.prefix_lengths.tolist() == [3, 5]
+    assert shared.prefix_index.tolist() == [0, 1, 0, 1, 1]
+    assert shared.input_ids.shape == (5, 5)  # the longest response (6) less its last token
+    assert shared.num_tokens == 2 * 5 + 5 * 5 < padded.num_tokens == 5 * 10
+    assert torch.equal(shared.targets, padded.targets) and torch.equal(shared.row, padded.row)
+    assert torch.equal(shared.col, padded.col) and shared.width == padded.width == 6
+    # Each scored token's position holds the token before it: its prompt's last, or its own previous.
+    flat = torch.cat([shared.prefix_ids.flatten(), shared.input_ids.flatten()])
+    for g, t, b, c in zip(shared.gather_index.tolist(), shared.targets.tolist(), shared.row.tolist(),
+                          shared.col.tolist(), strict=True):
+        row = rows[b]
+        before = prompts[row][-1] if c == 0 else responses[row][c - 1]
+        assert int(flat[g]) == int(before) and t == int(responses[row][c])
+    # A continuation's positions follow its own prompt's length, not the padded width.
+    assert shared.position_ids[0].tolist() == [3, 4, 5, 6, 7] and shared.position_ids[1].tolist() == [5, 6, 7, 8, 9]
+    assert set(shared.prefix()) == {"prefix_ids", "prefix_lengths", "prefix_index"} and padded.prefix() == {}
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_the_padded_ones(tiny_lm):
+    from learners.engine import TokenLogprobModel
+
+    model = TokenLogprobModel(tiny_lm, chunk_tokens=4)
+    prompts, responses, _ = grouped([(6, [5, 1, 7]), (2, [3, 4]), (4, [6])], seed=7)
+    results = {}
+    for layout in ("padded", "shared_prompt"):
+        mb = build_micro_batch([5, 2, 0, 3, 1, 4], prompts, responses, layout)
+        model.zero_grad()
+        logp, entropy = model(*mb.model_inputs(), 0.7, True, **mb.prefix())
+        (logp.sum() + entropy.sum()).backward()
+        results[layout] = (logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp, ent, grads), (lp2, ent2, grads2) = results["padded"], results["shared_prompt"]
+    assert lp.numel() == sum(len(r) for r in responses) and bool((lp < 0).all())
+    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent2, ent, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads2.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads2[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_prompt_plan_keeps_groups_whole_and_cuts_only_a_group_over_the_budget():
+    prompts, responses, groups = grouped([(10, [5, 5, 5]), (8, [20, 20, 20, 20]), (4, [3, 3]), (6, [9, 2])], seed=2)
+    plens, rlens = [len(p) for p in prompts], [len(r) for r in responses]
+    rows = list(range(len(responses)))
+    plans = plan_shared_micro_batches(rows, groups, plens, rlens, budget=40, world_size=2)
+    assert len(plans[0]) == len(plans[1])  # equal counts, a filler where a rank has fewer
+    bins = [b for plan in plans for b in plan if b]
+    assert sorted(r for b in bins for r in b) == rows
+    for b in bins:
+        cost = sum(plens[[r for r in b if groups[r] == g][0]] for g in {groups[r] for r in b})
+        cost += sum(max(rlens[r] - 1, 1) for r in b)
+        assert cost <= 40, b
+    # Group 1 (8 + 4 x 19 tokens) exceeds the budget and is cut; every other group travels whole.
+    holding = {g: [i for i, b in enumerate(bins) if any(groups[r] == g for r in b)] for g in set(groups)}
+    assert len(holding[1]) == 4 and all(len(holding[g]) == 1 for g in (0, 2, 3))

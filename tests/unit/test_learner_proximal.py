@@ -23,12 +23,12 @@ from learners.trainer import RolloutBatch, Trainer, list_column
 
 @functools.cache  # each configuration runs once per session; the tests only read the results
 def run(*, from_forward: bool, fused: bool, mini_batches: int, m2po_tau: float | None = None, layout: str = "packed",
-        mode: str = "decoupled"):
-    cfg = LearnerConfig(batch={"micro_batch_tokens": 40, "logprob_chunk_tokens": 16, "fused_logprobs": fused,
+        mode: str = "decoupled", budget: int = 40):
+    cfg = LearnerConfig(batch={"micro_batch_tokens": budget, "logprob_chunk_tokens": 16, "fused_logprobs": fused,
                                "micro_batch_layout": layout})
     engine = TorchEngine(seed=0, cfg=cfg)
     algo = algorithm(off_policy={"mode": mode, "tis_cap": 1.5, "m2po_tau": m2po_tau}, sft_coef=0.1)
-    trainer = Trainer(engine, algo, max_staleness=2, mini_batches=mini_batches, micro_batch_tokens=40,
+    trainer = Trainer(engine, algo, max_staleness=2, mini_batches=mini_batches, micro_batch_tokens=budget,
                       temperature=0.7, proximal_from_forward=from_forward)
     metrics = [trainer.train_step(make_table(seed), learner_version=2) for seed in (1, 2)]
     return trainer, engine, metrics
@@ -90,14 +90,30 @@ def test_m2po_keeps_the_separate_pass_because_its_mask_needs_the_whole_mini_batc
     assert not coupled.proximal_from_forward
 
 
-def test_a_step_on_padded_micro_batches_equals_the_step_on_packed_ones():
-    (_, packed, metrics), (_, padded, metrics2) = (run(from_forward=True, fused=True, mini_batches=2, layout=layout)
-                                                   for layout in ("packed", "padded"))
+@pytest.mark.parametrize(("layout", "budget"), [("padded", 40), ("shared_prompt", 1000)])
+def test_a_step_on_padded_or_shared_prompt_micro_batches_equals_the_step_on_packed_ones(layout, budget):
+    """Same micro-batches (a budget that holds a mini-batch whole for shared_prompt, whose plan
+    keeps groups together), so even the row-weighted metrics agree."""
+    (_, packed, metrics), (_, padded, metrics2) = (
+        run(from_forward=True, fused=True, mini_batches=2, layout=name, budget=budget) for name in ("packed", layout))
     for before, after in zip(metrics, metrics2, strict=True):
         assert after.keys() == before.keys()
         for key, value in before.items():
             assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     for grads, grads2 in zip(packed.grads, padded.grads, strict=True):
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads2[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_micro_batches_cut_differently_give_the_same_update():
+    """With the small budget the shared_prompt plan groups rows unlike the packed one: the loss
+    and gradients (globally normalised) still agree; only row-weighted metric means may not."""
+    (_, packed, metrics), (_, shared, metrics2) = (run(from_forward=True, fused=True, mini_batches=2, layout=name)
+                                                   for name in ("packed", "shared_prompt"))
+    for before, after in zip(metrics, metrics2, strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-7)
+        assert after["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-4)
+    for grads, grads2 in zip(packed.grads, shared.grads, strict=True):
         for name, grad in grads.items():
             torch.testing.assert_close(grads2[name], grad, atol=1e-6, rtol=1e-4)
 
