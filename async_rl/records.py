@@ -186,7 +186,7 @@ class HeldoutRecord(Record):
     accuracy: float
     prompts: int
     no_answer: float
-    weights_from: Literal["start", "publisher", "exported"]
+    weights_from: Literal["start", "publisher", "exported", "deferred"]
     eval_s: float
     result: str
     time: float

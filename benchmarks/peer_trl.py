@@ -2,7 +2,7 @@
 one run after the other in one invocation.
 
     python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3]
-                                  [--systems ours,ours-all-groups,trl] [--quick]
+                                  [--systems ours,ours-all-groups,trl] [--set KEY=VALUE ...] [--quick]
 
 Needs the optional ``peer`` extra (``pip install -e '.[peer]'``: TRL, never on the product path).
 Per seed: ``async-rl train`` from the shared SFT start for ``--budget-min`` minutes (tiny.yaml, no
@@ -10,8 +10,11 @@ SFT), then TRL's ``GRPOTrainer`` on the same model for the same training wall-cl
 8 completions per policy update, T 0.7, at most 48 new tokens, lr 5e-5 with 10 warm-up steps,
 clip 0.2/0.28, β 0 (TRL's DAPO loss), the task's math-verify reward (``async_rl/rewards/math.py``),
 ``transformers.generate`` for rollouts on the CPU. Both answer the held-out problems greedily
-(the job's evaluator at versions 0, 10, 20, …; TRL every 10 updates, its evaluation time left out
-of its clock; ``--heldout`` problems, tiny.yaml's 500 by default).
+(the job's evaluator at versions 0, 10, 20, …, deferred to the end of the job with
+``learner.eval.defer`` so that it takes no cores from training, each accuracy placed at the time
+the learner published that version; TRL every 10 updates, its evaluation time left out of its
+clock; ``--heldout`` problems, tiny.yaml's 500 by default). ``--set KEY=VALUE`` changes the job's
+config for every job system.
 
 Three systems: ``ours`` is tiny.yaml as it ships (the buffer's zero-advantage filter on: every
 group a policy update trains has unequal rewards, so one update costs ~2.3 generated groups per
@@ -89,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems per evaluation")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1.5 min each, 50 held-out problems")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the job's systems (repeatable), e.g. learner.eval.every=1000")
     args = parser.parse_args()
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = [name for name in args.systems if name not in SYSTEMS]
@@ -109,8 +114,9 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
     cmd = [str(BIN), "train", f"run.dir={run_dir}", f"model.path={args.root / 'shared' / 'sft_model'}",
            "learner.sft.epochs=0", "learner.max_steps=0", f"run.max_minutes={args.budget_min + STARTUP_MIN}",
            f"run.seed={seed}",
-           f"learner.eval.prompts={args.heldout}", "learner.checkpoint.every=0", "logging.console=plain",
-           *SYSTEMS[system]]
+           f"learner.eval.prompts={args.heldout}", "learner.eval.defer=true", "learner.checkpoint.every=0",
+           "logging.console=plain",
+           *SYSTEMS[system], *args.set]
     with open(args.root / f"{name}.log", "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
@@ -118,7 +124,8 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
     learner, actor, evals = records(run_dir, "learner"), records(run_dir, "actor-0"), records(run_dir, "eval")
     start = learner[0]["time"] - learner[0]["step_s"] - learner[0]["sample_wait_s"]  # the first step's start
     learner = [r for r in learner if r["time"] - start <= args.budget_min * 60]  # the same training clock as TRL's
-    evals = [e for e in evals if e["version"] <= learner[-1]["version"]]
+    evals = sorted((e for e in evals if e["version"] <= learner[-1]["version"]), key=lambda e: e["version"])
+    published = {r["version"]: r["time"] - start for r in learner}  # a version's training clock
     span = learner[-1]["time"] - start
     completions = sum(r["rows"] for r in learner)
     return {
@@ -129,7 +136,7 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
         "completions_per_s": actor_rate([a for a in actor if a["time"] <= learner[-1]["time"]]),
         "trained_completions_per_s": completions / span,
         "step_s_median": sorted(r["step_s"] for r in learner)[len(learner) // 2],
-        "heldout": [{"t": max(0.0, e["time"] - e["eval_s"] - start), "version": e["version"], "accuracy": e["accuracy"]}
+        "heldout": [{"t": published.get(e["version"], 0.0), "version": e["version"], "accuracy": e["accuracy"]}
                     for e in evals],
     }
 

@@ -526,6 +526,15 @@ class Controller:
             self._event("stopped")
         return self.status()
 
+    def deferred_evaluations(self, timeout_s: float) -> list[int]:
+        """The held-out evaluations kept for the end of the job (``learner.eval.defer``)."""
+        if self.heldout is None:
+            return []
+        done = self.heldout.deferred(timeout_s)
+        if done:
+            self._event(f"deferred evaluations done: {len(done)} versions")
+        return done
+
     def final_evaluation(self) -> HeldoutRecord | None:
         """The held-out evaluation of the finished learner's exported policy (``heldout.py``)."""
         if self.heldout is None or self.final_version is None:

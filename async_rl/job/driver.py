@@ -28,6 +28,7 @@ from async_rl.records import ControllerLaunch, ControlRequest, JobStatus
 
 # How often the driver supervises, serves control requests and refreshes the display.
 TICK_S = 1.0
+DEFERRED_EVAL_TIMEOUT_S = 1800.0  # every kept version of a long job, evaluated at its end
 
 
 def run_job(cfg: Config, console, *, resume: bool = False) -> int:
@@ -133,6 +134,9 @@ def _watch(cfg: Config, run_dir: Path, controller, control, console, ray) -> Job
             if deadline is not None and time.monotonic() > deadline:
                 console.print(f"run.max_minutes={cfg.run.max_minutes:g} reached")
                 break
+    if status is not None and not status.failure and cfg.learner.eval.every and cfg.learner.eval.defer:
+        console.print("held-out evaluation of the versions kept for the end (learner.eval.defer)")
+        ray.get(controller.deferred_evaluations.remote(DEFERRED_EVAL_TIMEOUT_S))
     if status is not None and status.finished and not status.failure:
         console.print("held-out evaluation of the final policy")
         ray.get(controller.final_evaluation.remote())

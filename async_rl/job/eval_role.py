@@ -9,6 +9,9 @@ its version and writes the full result document to ``eval/vNNNNNN.json``.
 The learner exits right after its last publish, which may never reach the subscriber; the
 controller then hands over the exported policy (``final_model``) with ``evaluate_exported``.
 
+With ``learner.eval.defer`` a due version's weights are written to ``eval/pending`` instead and
+evaluated when the controller calls ``evaluate_deferred`` at the end of the job, in version order.
+
 Threads: ``run`` blocks a Ray thread until ``stop``; weights arrive on the subscriber's thread;
 ``evaluate_exported`` and ``evaluated`` on others. One lock serialises load + evaluate.
 """
@@ -83,14 +86,34 @@ class EvaluatorWorker:
             return self.records.get(version)
 
     def _on_weights(self, version: int, named_tensors) -> None:
-        """The subscriber's callback: evaluate a due version; the thread is held until done."""
+        """The subscriber's callback: evaluate a due version (or keep it, deferred); the thread is
+        held until done."""
         every, final = self.cfg.learner.eval.every, self.cfg.learner.max_steps
         if version in self.records or not is_due(version, every=every, final=final):
             return
         with self._lock:
-            if version not in self.records:  # the exported policy may have been evaluated meanwhile
-                self.evaluator.load(version, named_tensors)
-                self._evaluate("publisher")
+            if version in self.records:  # the exported policy may have been evaluated meanwhile
+                return
+            if self.cfg.learner.eval.defer:
+                keep_pending(self.run_dir, version, named_tensors)
+                return
+            self.evaluator.load(version, named_tensors)
+            self._evaluate("publisher")
+
+    def evaluate_deferred(self) -> list[int]:
+        """Evaluate every kept version not evaluated yet, oldest first, removing each file after
+        its record is written. Returns the versions evaluated."""
+        from safetensors.torch import load_file
+
+        done = []
+        with self._lock:
+            for version, path in pending_versions(self.run_dir):
+                if version not in self.records:
+                    self.evaluator.load(version, list(load_file(path).items()))
+                    self._evaluate("deferred")
+                    done.append(version)
+                path.unlink()
+        return done
 
     def _evaluate(self, source: str) -> None:
         import time
@@ -108,3 +131,25 @@ class EvaluatorWorker:
         self.records[version] = record
         self.metrics.write(record)
         log.info("held-out v%d: %.3f (%s)", version, record.accuracy, source)
+
+
+PENDING_DIR = "pending"
+
+
+def keep_pending(run_dir: Path, version: int, named_tensors) -> Path:
+    """Write a due version's weights for a deferred evaluation (atomically: a partial file is
+    never taken for a version)."""
+    from safetensors.torch import save_file
+
+    out = run_dir / EVAL_DIR / PENDING_DIR / f"v{version:06d}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    save_file({name: tensor.contiguous() for name, tensor in named_tensors}, str(partial))
+    partial.replace(out)
+    return out
+
+
+def pending_versions(run_dir: Path) -> list[tuple[int, Path]]:
+    """The kept versions and their files, oldest first."""
+    paths = (run_dir / EVAL_DIR / PENDING_DIR).glob("v*.safetensors")
+    return sorted((int(path.stem[1:]), path) for path in paths)

@@ -66,6 +66,18 @@ class HeldoutEvaluator:
             self._event(f"final evaluation failed ({type(err).__name__})", detail=str(err))
             return None
 
+    def deferred(self, timeout_s: float) -> list[int]:
+        """Have the evaluator evaluate the versions it kept (``learner.eval.defer``)."""
+        import ray
+
+        if self.handle is None:
+            return []
+        try:
+            return ray.get(self.handle.evaluate_deferred.remote(), timeout=timeout_s)
+        except Exception as err:  # the kept weights stay in eval/pending
+            self._event(f"deferred evaluations failed ({type(err).__name__})", detail=str(err))
+            return []
+
     def stop(self, grace_s: float) -> None:
         """Ask the evaluator to stop, give it ``grace_s``, then end its process."""
         import ray

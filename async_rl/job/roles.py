@@ -80,6 +80,9 @@ class EvaluatorRole:
     def evaluate_exported(self, version: int, model_dir: str) -> HeldoutRecord | None:
         return self.worker.evaluate_exported(version, model_dir)
 
+    def evaluate_deferred(self) -> list[int]:
+        return self.worker.evaluate_deferred()
+
     def evaluated(self) -> list[int]:
         return self.worker.evaluated()
 
