@@ -172,10 +172,20 @@ def expand_versions(spans, n_tokens: int, fallback: int) -> list[int]:
 
 
 def sampled_logprobs(token_ids: Sequence[int], steps) -> list[float]:
-    """The logprob of each sampled token from vLLM's per-step logprob maps."""
+    """The logprob of each sampled token from vLLM's per-step logprobs: a list of per-step maps,
+    or (``flat_logprobs``) a ``FlatLogprobs`` whose step i spans ``start_indices[i]:end_indices[i]``
+    of its flat lists."""
     if steps is None or len(steps) != len(token_ids):
         raise RuntimeError("vLLM returned no logprob for some sampled tokens (logprobs=0 not honoured)")
-    return [float(step[token].logprob) for token, step in zip(token_ids, steps, strict=True)]
+    if not hasattr(steps, "start_indices"):
+        return [float(step[token].logprob) for token, step in zip(token_ids, steps, strict=True)]
+    ids, values, out = steps.token_ids, steps.logprobs, []
+    for token, start, end in zip(token_ids, steps.start_indices, steps.end_indices, strict=True):
+        at = next((j for j in range(start, end) if ids[j] == token), None)
+        if at is None:
+            raise RuntimeError(f"vLLM returned no logprob for sampled token {token}")
+        out.append(float(values[at]))
+    return out
 
 
 def sweep_stale_staging(staging_dir: Path) -> list[Path]:
@@ -260,7 +270,7 @@ class VllmEngine:
             final = output
         if final is None:
             raise RuntimeError("vLLM finished a request without output")
-        return [self._sample(c, submitted_at) for c in sorted(final.outputs, key=lambda c: c.index)]
+        return [self._sample(c, submitted_at, params.detokenize) for c in sorted(final.outputs, key=lambda c: c.index)]
 
     def reseed(self, *stream: object) -> None:
         """Sample from the stream named by ``stream`` from now on (e.g. the job's seed and the
@@ -275,20 +285,32 @@ class VllmEngine:
 
         cfg = self._cfg
         seed = self._seeds.take(n) if self._seeds is not None else None
+        # Without stop strings vLLM need not detokenize token by token (nor decode each logprob's
+        # token): the text is decoded once per finished sample (``_sample``), and the logprobs come
+        # flat, a few lists per request instead of a dict and an object per token.
+        stop = list(cfg.stop) or None
         return SamplingParams(
             n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_tokens=cfg.max_tokens, stop=list(cfg.stop) or None, seed=seed, logprobs=0,
+            max_tokens=cfg.max_tokens, stop=stop, seed=seed, logprobs=0, flat_logprobs=True,
+            detokenize=stop is not None,
         )
 
-    def _sample(self, completion, submitted_at: int) -> Sample:
+    def _sample(self, completion, submitted_at: int, detokenized: bool) -> Sample:
         tokens = list(completion.token_ids)
+        text = completion.text if detokenized else self.decode(tokens)
         return Sample(
             token_ids=tokens,
             logprobs=sampled_logprobs(tokens, completion.logprobs),
             versions=expand_versions(completion.weight_versions, len(tokens), submitted_at),
             finish_reason=str(completion.finish_reason),
-            text=completion.text,
+            text=text,
         )
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """A sample's text: its tokens decoded at once, special tokens skipped. vLLM's
+        incremental detokenizer gives the same text, except for a tail that does not decode to
+        whole characters, which it drops at the end and this keeps as U+FFFD."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     @property
     def max_model_len(self) -> int:

@@ -88,6 +88,37 @@ def test_generation_returns_n_samples_with_one_logprob_and_version_per_token(ser
     assert len({tuple(s.token_ids) for s in samples}) > 1  # n distinct draws, not one repeated
 
 
+def test_a_sample_text_decoded_once_equals_vllms_own_detokenization(served):
+    """Rollouts skip vLLM's per-token detokenizer (no stop strings): the text decoded once per
+    sample is what that detokenizer makes of the same tokens, except that vLLM holds back a tail
+    that does not decode to whole characters yet (and drops it when the sample ends there); the
+    one-shot decode keeps it as replacement characters. Untrained weights emit such tails."""
+    import uuid
+
+    from vllm.sampling_params import RequestOutputKind
+
+    loop, engine = served
+    params = engine.sampling_params(16)
+    assert not params.detokenize and params.flat_logprobs
+    params.detokenize, params.output_kind = True, RequestOutputKind.FINAL_ONLY
+    prompt = {"prompt_token_ids": encode_prompt(engine.tokenizer, MESSAGES)}
+
+    async def detokenized():
+        final = None
+        async for output in engine._llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+            final = output
+        return final.outputs
+
+    outputs = loop.run(detokenized())
+    assert len(outputs) == 16 and sum(bool(c.text) for c in outputs) >= 8
+    exact = 0
+    for completion in outputs:
+        decoded = engine.decode(list(completion.token_ids))
+        exact += decoded == completion.text
+        assert decoded == completion.text or (decoded.startswith(completion.text) and decoded.endswith("\ufffd"))
+    assert exact >= 8
+
+
 def test_behaviour_logprobs_match_a_transformers_forward_on_the_same_weights(served, tiny_model_dir):
     loop, engine = served
     prompt = encode_prompt(engine.tokenizer, MESSAGES)

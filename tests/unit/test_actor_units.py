@@ -90,6 +90,17 @@ def test_sampled_logprobs_reads_the_sampled_token_of_each_step():
         sampled_logprobs([5, 9], None)
 
 
+def test_sampled_logprobs_reads_flat_logprobs():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    flat = FlatLogprobs()
+    flat.append({5: Logprob(-0.5, rank=1)})
+    flat.append({2: Logprob(-3.0, rank=2), 9: Logprob(-1.25, rank=1)})
+    assert sampled_logprobs([5, 9], flat) == [-0.5, -1.25]
+    with pytest.raises(RuntimeError, match="sampled token 4"):
+        sampled_logprobs([5, 4], flat)
+
+
 def test_rope_overrides_turn_on_yarn_and_scale_the_position_limit():
     hf = {"max_position_embeddings": 32768, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
     out = rope_overrides(hf, {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 32768})
