@@ -1,6 +1,6 @@
 """One learner step taken apart, beside its compute bound, and the local job's core budget.
 
-    python benchmarks/step_profile.py [--run-dir RUN] [--steps 6] [--threads 1] [--job] [--quick] [KEY=VALUE ...]
+    python benchmarks/step_profile.py [--run-dir RUN] [--steps 6] [--threads 1] [--job] [--quick] [--before KEY=VALUE] [--tag T] [KEY=VALUE ...]
 
 1. The learner step, offline (this process, one DeepSpeed rank, ``--threads`` torch threads):
    batches of ``learner.batch.groups_per_step`` groups (``RUN/buffer`` segments and ``RUN/sft_model`` of
