@@ -266,7 +266,11 @@ def plan_micro_batches(
 ) -> list[list[list[int]]]:
     """Per rank, its micro-batches (lists of rows), every rank with the same count."""
     shards = shard_rows([lengths[r] for r in rows], world_size)
-    plans = [pack_rows([rows[i] for i in shard], lengths, budget) for shard in shards]
+    return _equal_counts([pack_rows([rows[i] for i in shard], lengths, budget) for shard in shards])
+
+
+def _equal_counts(plans: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Pad every rank's micro-batches with empty ones (fillers) to the longest rank's count."""
     count = max(1, max(len(p) for p in plans))
     return [p + [[]] * (count - len(p)) for p in plans]
 
@@ -285,6 +289,7 @@ def plan_shared_micro_batches(
     for row in rows:
         members.setdefault(int(groups[row]), []).append(row)
     units: list[list[int]] = []
+    costs: list[int] = []
     for group_rows in members.values():
         prompt = prompt_lengths[group_rows[0]]
         piece, cost = [], prompt
@@ -292,16 +297,15 @@ def plan_shared_micro_batches(
             more = max(response_lengths[row] - 1, 1)
             if piece and cost + more > budget:
                 units.append(piece)
+                costs.append(cost)
                 piece, cost = [], prompt
             piece.append(row)
             cost += more
         units.append(piece)
-    costs = [prompt_lengths[u[0]] + sum(max(response_lengths[r] - 1, 1) for r in u) for u in units]
+        costs.append(cost)
     shards = shard_rows(costs, world_size)
-    plans = [[[row for unit in bin_ for row in units[unit]] for bin_ in pack_rows(shard, costs, budget)]
-             for shard in shards]
-    count = max(1, max(len(p) for p in plans))
-    return [p + [[]] * (count - len(p)) for p in plans]
+    return _equal_counts([[[row for unit in bin_ for row in units[unit]] for bin_ in pack_rows(shard, costs, budget)]
+                          for shard in shards])
 
 
 def plan_for_layout(
