@@ -162,6 +162,7 @@ class ActorMetricsRecord(Record):
     """``metrics/actor-N.jsonl``: one row every few seconds; most keys are ``Actor.metrics()``'s."""
 
     tokens_per_s: float
+    tokens: int = 0  # response tokens generated since the actor started (the cost of its rows)
     groups_done: int
     weight_version: int
     weight_update_s: float | None  # the last weight update, from receipt to serving

@@ -178,6 +178,7 @@ class Rollouts:
     groups_generated: int = 0
     samples: int = 0
     correct: int = 0
+    tokens: int = 0  # response tokens generated, discarded groups included (the cost of a step)
 
 
 async def collect_groups(engine, scoring, prompts: Iterator[PromptRow], *, groups: int, n: int,
@@ -197,6 +198,7 @@ async def collect_groups(engine, scoring, prompts: Iterator[PromptRow], *, group
             engine, scoring, encode_prompt(engine.tokenizer, row.messages), data_source=row.data_source,
             truth=row.ground_truth, extra_info=row.extra_info, n=n) for row in rows))
         for row, group in zip(rows, results, strict=True):
+            out.tokens += sum(len(s.token_ids) for s in group.samples)
             if not group.complete:
                 continue
             out.groups_generated += 1

@@ -47,3 +47,23 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (0 for a single value)."""
     values = list(values)
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+
+def accuracy_axes(ax, xlabel: str) -> None:
+    """Label, grid and legend one panel of held-out accuracy against ``xlabel``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (its folder made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -3,6 +3,14 @@ under controlled staleness, and the real job's async vs sync at equal wall-clock
 
     python benchmarks/learning_study.py [--quick] [--seeds 3] [--steps 24] [--eval-every 6]
                                         [--set KEY=VALUE ...] [--tag NAME]
+    python benchmarks/learning_study.py --section {staleness,staleness-long,objectives,recipe} [--reuse]
+
+``--section`` runs one section of issue #16 as one command (``SECTIONS``: its arms and settings,
+the defaults its other flags then override): ``learning_study_SECTION.json`` with every seed's
+curve, and ``docs/study-SECTION-{steps,walltime,tokens}.png`` (held-out accuracy against learner
+step, wall-clock and response tokens generated). ``--reuse`` takes the runs that
+``ROOT/lockstep_runs.jsonl`` already holds with the same arm, seed and settings instead of running
+them again (the log is appended to, never rewritten, so studies sharing a root add up).
 
 ``--set`` overrides tiny.yaml (the temperature, the SFT epochs, the warmup: a setting that
 changes the SFT warm start needs its own ``--root``); ``--tag`` marks a probe, whose JSON is
@@ -34,7 +42,7 @@ Part 2, async vs sync: the real ``async-rl train`` in both modes (``e2e_bench.ru
 the same SFT start for the same wall-clock; wall-clock to the target accuracy from the job's own
 ``metrics/eval.jsonl`` (its own held-out set of ``data.synth.n_heldout`` prompts).
 
-Writes ``benchmarks/results/learning_study.json`` and ``docs/learning-study-{steps,walltime}.png``;
+Writes ``benchmarks/results/learning_study.json`` and ``docs/learning-study-{steps,walltime,tokens}.png``;
 each finished lockstep run is also appended to ``ROOT/lockstep_runs.jsonl`` as it ends.
 ``--quick`` is plumbing only: one seed, GPPO and PPO, two steps, no SFT, a small held-out set,
 no async/sync; it writes ``learning_study_quick.json`` and keeps its plots under ``--root``.
@@ -56,8 +64,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import accuracy_axes, print_table, save_figure, write_result  # noqa: E402
 from _common import mean_sd as mean_std  # noqa: E402
-from _common import print_table, write_result  # noqa: E402
 
 from async_rl.seeds import derive_seed  # noqa: E402
 
@@ -68,8 +76,8 @@ TARGET_GAIN = 0.05
 # The held-out split draws from its own seed stream (tasks/arith), apart from train and SFT.
 HELDOUT_SPLIT = "study-heldout"
 ALL_ARMS = "gppo,dapo,cispo,ppo,gppo-s2,gppo-s4,gppo-s8"
-# Every finished lockstep run, one JSON line each, under --root (``_quick`` for --quick).
-RUNS_LOG = "lockstep_runs{}.jsonl"
+# Every finished lockstep run, one JSON line each, appended under --root (``--reuse`` reads it).
+RUN_LOG = "lockstep_runs.jsonl"
 QUICK_ARMS = "gppo,ppo"
 
 
@@ -116,6 +124,42 @@ class EvalPoint:
     step: int
     time_s: float  # wall-clock since the run started, evaluations excluded
     accuracy: float
+    tokens: int = 0  # response tokens generated since the run started (discarded groups included)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of issue #16 as one command (``--section NAME``): its arms and settings, the
+    defaults that its flags take (an explicit flag still wins)."""
+
+    arms: str
+    steps: int = 16
+    groups: int = 16
+    mini_batches: int = 4
+    eval_every: int = 4
+    lr: float = 2e-5
+    about: str = ""
+
+
+# Four optimizer steps per learner step at lr 2e-5: the policy moves within a step and between
+# versions (tokens reach the clip), without the overshoot that lr 5e-5 showed (RESULTS.md, #16 §1).
+SECTIONS: dict[str, Section] = {
+    "staleness": Section(
+        "gppo,gppo-s2,gppo-s4,gppo-s8,gppo-s8+linear,gppo-s8+inverse,gppo-s8+coupled,gppo-s8+coupled+linear,"
+        "gppo-s8+nocorr", about="#16 §1: decoupled GPPO over staleness, the clip schedules and the corrections"),
+    "staleness-long": Section(
+        "gppo,gppo-s16,gppo-s32", steps=48, eval_every=8,
+        about="#16 §1: staleness 16 and 32 (rows are exactly 32 stale from step 32 on)"),
+    "objectives": Section(
+        "gppo,dapo,cispo,gspo,ppo,gppo-s8,dapo-s8,cispo-s8,gspo-s8,ppo-s8",
+        about="#16 §2: GPPO against DAPO clip-higher, CISPO, GSPO and PPO-clip at staleness 0 and 8"),
+    "recipe": Section(
+        "gppo,gppo+sft0,gppo+nofilter", mini_batches=1, lr=5e-5,
+        about="#16 §2: what in the recipe earns the gain (the SFT term, the zero-advantage filter)"),
+}
+# What makes two lockstep runs of one arm and seed the same run (``--reuse``).
+RUN_SETTINGS = ("quick", "steps", "groups", "mini_batches", "eval_every", "heldout", "lr", "filter_zero_advantage",
+                "overrides")
 
 
 # --------------------------------------------------------------------------- curve arithmetic
@@ -139,7 +183,7 @@ def mean_curve(curves: Sequence[Sequence[EvalPoint]]) -> list[dict]:
     for i, step in enumerate(steps):
         acc, acc_std = mean_std([c[i].accuracy for c in curves])
         out.append({"step": step, "time_s": statistics.fmean(c[i].time_s for c in curves),
-                    "accuracy": acc, "accuracy_std": acc_std})
+                    "tokens": statistics.fmean(c[i].tokens for c in curves), "accuracy": acc, "accuracy_std": acc_std})
     return out
 
 
@@ -242,7 +286,7 @@ def study_data(cfg, root: Path, n_heldout: int) -> tuple[list, list]:
     return train, problems
 
 
-def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int) -> Study:
+def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int, *, work_dir: Path) -> Study:
     from actors.prompts import encode_prompt
     from async_rl.reference import Serving
 
@@ -250,7 +294,7 @@ def start_study(cfg, root: Path, policy_dir: Path, n_heldout: int) -> Study:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     train, heldout = study_data(cfg, root, n_heldout)
     started = time.perf_counter()
-    serving = Serving.start(cfg, policy_dir, work_dir=root / "vllm")
+    serving = Serving.start(cfg, policy_dir, work_dir=work_dir)
     print(f"engine: vLLM-CPU up in {time.perf_counter() - started:.0f} s; {len(train)} train prompts, "
           f"{len(heldout)} held-out problems", flush=True)
     ids = [encode_prompt(serving.engine.tokenizer, p.messages) for p in heldout]
@@ -298,21 +342,39 @@ def run_arm(study: Study, arm: Arm, seed: int, args, start_accuracy: float) -> d
     study.serving.engine.reseed("study", seed)
     curve = [EvalPoint(0, 0.0, start_accuracy)]
     steps: list[dict] = []
-    clock = 0.0
+    clock, tokens = 0.0, 0
     for k in range(args.steps):
         step = reference.step(k)
         clock += step.step_s
+        tokens += step.rollouts.tokens
         steps.append(step_record(step))
         if (k + 1) % args.eval_every == 0 or k + 1 == args.steps:
             eval_start = time.perf_counter()
             study.serving.serve(*reference.lagged.latest)
-            curve.append(EvalPoint(k + 1, clock, study.evaluate()))
+            curve.append(EvalPoint(k + 1, clock, study.evaluate(), tokens))
             print_progress(arm, seed, args, curve[-1], steps[-args.eval_every:], study.last_slips,
                            time.perf_counter() - eval_start, clock)
     del reference
     gc.collect()
-    return {"arm": arm.name, "seed": seed, "curve": [vars(p) for p in curve], "steps": steps,
-            "diagnostics": diagnostics(steps)}
+    return {"arm": arm.name, "seed": seed, "settings": run_settings(args), "curve": [vars(p) for p in curve],
+            "steps": steps, "diagnostics": diagnostics(steps)}
+
+
+def run_settings(args) -> dict:
+    return {key: getattr(args, key) for key in RUN_SETTINGS}
+
+
+def logged_runs(path: Path, args) -> dict[tuple[str, int], dict]:
+    """The runs in the log at ``path`` made with ``args``' settings, by (arm, seed); the last wins."""
+    if not path.exists():
+        return {}
+    settings = json.loads(json.dumps(run_settings(args)))  # tuples compare as JSON lists
+    out = {}
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        if run.get("settings") == settings:
+            out[(run["arm"], run["seed"])] = run
+    return out
 
 
 def print_progress(arm: Arm, seed: int, args, point: EvalPoint, recent: list[dict], slips: dict,
@@ -330,7 +392,7 @@ def step_record(step) -> dict:
     r, metrics = step.rollouts, step.metrics
     return {
         "step": step.step, "policy_version": step.version, "groups": len(r.kept),
-        "groups_generated": r.groups_generated, "sample_accuracy": r.correct / max(r.samples, 1),
+        "groups_generated": r.groups_generated, "tokens_generated": r.tokens, "sample_accuracy": r.correct / max(r.samples, 1),
         "load_s": step.load_s, "rollout_s": step.rollout_s, "step_s": step.step_s,
         "staleness_mean": metrics.get("staleness/mean", float("nan")),
         "clip_frac": sum(metrics.get(f"clip/{side}_frac", 0.0) for side in ("high", "low", "dual")),
@@ -416,20 +478,36 @@ def print_job(job: list[dict]) -> None:
     )
 
 
-def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path) -> list[Path]:
-    """Accuracy vs step and vs wall-clock: objectives at s = 0 | the staleness sweep (| the job)."""
+def plot_panels(arms: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The arms a figure's panels compare: the objectives at each staleness (or one objective over
+    staleness), then the modified arms beside the plain arms they modify."""
+    plain = [a for a in arms if not a.get("modifiers")]
+    losses = sorted({a["loss"] for a in plain})
+    if len(losses) > 1:
+        panels = [(f"objectives at staleness {s}", [a for a in plain if a["staleness"] == s])
+                  for s in sorted({a["staleness"] for a in plain})]
+    else:
+        panels = [(f"{losses[0].upper()} over staleness", plain)] if plain else []
+    modified = [a for a in arms if a.get("modifiers")]
+    if modified:
+        bases = {(a["loss"], a["staleness"]) for a in modified}
+        base_arms = [a for a in plain if (a["loss"], a["staleness"]) in bases or a["staleness"] == 0]
+        panels.append(("ablations and corrections", base_arms + modified))
+    return panels
+
+
+def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path, prefix: str) -> list[Path]:
+    """Accuracy vs learner step, vs wall-clock and vs generated tokens (``PREFIX-{steps,walltime,
+    tokens}.png``), one panel per ``plot_panels`` group (and the job's curves beside wall-clock)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plain = [a for a in arms if not a.get("modifiers")]
-    groups = [("objectives at staleness 0", [a for a in plain if a["staleness"] == 0]),
-              ("decoupled GPPO vs staleness", [a for a in plain if a["loss"] == "gppo"])]
-    if len(plain) < len(arms):
-        groups.append(("ablations and corrections", [a for a in arms if a["loss"] == "gppo"]))
+    groups = plot_panels(arms)
     paths = []
-    axes_x = (("step", "steps", "learner step"), ("time_s", "walltime", "seconds (evaluation excluded)"))
+    axes_x = (("step", "steps", "learner step"), ("time_s", "walltime", "seconds (evaluation excluded)"),
+              ("tokens", "tokens", "response tokens generated"))
     for x_key, name, label in axes_x:
         panels = groups + ([("the real job: async vs sync", None)] if job and x_key == "time_s" else [])
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
@@ -438,27 +516,18 @@ def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path) -> lis
                 for j in job:
                     ax.plot([p["time_s"] for p in j["curve"]], [p["accuracy"] for p in j["curve"]],
                             marker="o", label=j["mode"])
-                ax.set_xlabel("seconds since the job's first evaluation")
             else:
                 for a in members:
-                    xs = [p[x_key] for p in a["mean_curve"]]
+                    xs = [p.get(x_key, 0) for p in a["mean_curve"]]
                     ys = [p["accuracy"] for p in a["mean_curve"]]
                     sd = [p["accuracy_std"] for p in a["mean_curve"]]
                     ax.plot(xs, ys, marker="o", label=f"{a['arm']} (s={a['staleness']})")
                     ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
                                     [y + s for y, s in zip(ys, sd, strict=True)], alpha=0.15)
                 ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
-                ax.set_xlabel(label)
             ax.set_title(title)
-            ax.set_ylabel("held-out greedy accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"learning-study-{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+            accuracy_axes(ax, "seconds since the job's first evaluation" if members is None else label)
+        paths.append(save_figure(fig, out_dir / f"{prefix}-{name}.png"))
     return paths
 
 
@@ -467,6 +536,12 @@ def plot(arms: list[dict], job: list[dict], target: float, out_dir: Path) -> lis
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", choices=sorted(SECTIONS), default=None,
+                        help="one section of the study as one command: its arms and settings become the defaults, "
+                             "its tag is its name, its plots go to docs/study-SECTION-*.png; "
+                             + "; ".join(f"{k}: {v.about}" for k, v in SECTIONS.items()))
+    parser.add_argument("--reuse", action="store_true",
+                        help="take runs already in ROOT/lockstep_runs.jsonl with the same arm, seed and settings")
     parser.add_argument("--quick", action="store_true",
                         help="plumbing only: 1 seed, gppo+ppo, 2 steps, no SFT, no job")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (prompt order and samples)")
@@ -488,7 +563,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", default="",
                         help="a probe's name: writes learning_study_TAG.json and keeps its plots under --root")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "learning_study")
+    section = parser.parse_known_args(argv)[0].section
+    if section:
+        preset = SECTIONS[section]
+        parser.set_defaults(arms=preset.arms, steps=preset.steps, groups=preset.groups, mini_batches=preset.mini_batches,
+                            eval_every=preset.eval_every, lr=preset.lr, job_min=0.0, tag=section)
     args = parser.parse_args(argv)
+    if args.section and args.quick:
+        parser.error("--section and --quick: choose one")
     args.arms = args.arms if args.arms is not None or args.quick else ALL_ARMS
     if args.quick:
         args.seeds, args.steps, args.eval_every = 1, 2, 1
@@ -541,30 +623,37 @@ def prepare(args) -> tuple[object, Path]:
 
 
 def run_lockstep(args, cfg, policy_dir: Path) -> dict:
-    """Part 1: every arm × seed on one engine; the SFT start is evaluated once for all."""
-    study = start_study(cfg, args.root, policy_dir, args.heldout)
-    runs_log = args.root / RUNS_LOG.format("_quick" if args.quick else "")
-    runs_log.unlink(missing_ok=True)
+    """Part 1: every arm × seed on one engine; the SFT start is evaluated once for all. With
+    ``--reuse``, a run already in the log with the same arm, seed and settings is not run again."""
+    runs_log = args.root / RUN_LOG
+    done = logged_runs(runs_log, args) if args.reuse else {}
+    todo = [(arm, seed) for arm in args.arm_list for seed in range(args.seeds) if (arm.name, seed) not in done]
+    print(f"lockstep: {len(args.arm_list) * args.seeds} runs, {len(todo)} to run"
+          + (f", {len(args.arm_list) * args.seeds - len(todo)} from {runs_log}" if args.reuse else ""), flush=True)
+    study, heldout, train_prompts = None, args.heldout, None
+    if todo:
+        # Each study process keeps its own vLLM IPC folder, so two may share a --root.
+        study = start_study(cfg, args.root, policy_dir, args.heldout, work_dir=args.root / "vllm" / (args.tag or "study"))
+        heldout, train_prompts = len(study.heldout), len(study.train_rows)
     try:
-        start = study.evaluate()
-        print(f"start: {study.last_slips}", flush=True)
+        start = study.evaluate() if study else next(iter(done.values()))["curve"][0]["accuracy"]
+        if study:
+            print(f"start: {study.last_slips}", flush=True)
         target = args.target if args.target is not None else start + TARGET_GAIN
         print(f"start: held-out accuracy {start:.3f}, target {target:.3f}, lr {args.lr:g}", flush=True)
-        runs: dict[str, list[dict]] = {arm.name: [] for arm in args.arm_list}
-        total = len(args.arm_list) * args.seeds
-        for arm in args.arm_list:
-            for seed in range(args.seeds):
-                print(f"run {sum(map(len, runs.values())) + 1}/{total}: {arm.name} (objective {arm.loss}, "
-                      f"staleness {arm.staleness}), seed {seed}", flush=True)
-                run = run_arm(study, arm, seed, args, start)
-                runs[arm.name].append(run)
-                with runs_log.open("a") as log:  # kept even if a later stage fails
-                    log.write(json.dumps(run) + "\n")
+        for i, (arm, seed) in enumerate(todo):
+            print(f"run {i + 1}/{len(todo)}: {arm.name} (objective {arm.loss}, staleness {arm.staleness}), "
+                  f"seed {seed}", flush=True)
+            run = run_arm(study, arm, seed, args, start)
+            done[(arm.name, seed)] = run
+            with runs_log.open("a") as log:  # one write per run: parallel studies may share the log
+                log.write(json.dumps(run) + "\n")
     finally:
-        study.close()
+        if study:
+            study.close()
+    runs = {arm.name: [done[(arm.name, seed)] for seed in range(args.seeds)] for arm in args.arm_list}
     return {
-        "start_accuracy": start, "target": target, "heldout_problems": len(study.heldout),
-        "train_prompts": len(study.train_rows),
+        "start_accuracy": start, "target": target, "heldout_problems": heldout, "train_prompts": train_prompts,
         "arms": [summarize_arm(arm, runs[arm.name], target) for arm in args.arm_list],
         "runs": [r for arm_runs in runs.values() for r in arm_runs],
     }
@@ -572,7 +661,11 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
 
 def save(args, lockstep: dict, job: list[dict], extra: dict) -> None:
     """The JSON result and the plots (rewritten once the job part is in)."""
-    plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick or args.tag else DOCS)
+    if args.section:
+        plots = plot(lockstep["arms"], job, lockstep["target"], DOCS, f"study-{args.section}")
+    else:
+        plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick or args.tag else DOCS,
+                     "learning-study")
     settings = {k: v for k, v in vars(args).items() if k not in ("arm_list", "root")}
     write_result("learning_study" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""), {
         "settings": settings, **lockstep, "async_vs_sync": job, **extra,

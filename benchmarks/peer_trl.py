@@ -2,7 +2,9 @@
 one run after the other in one invocation.
 
     python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3]
-                                  [--systems ours,ours-all-groups,trl] [--set KEY=VALUE ...] [--quick]
+                                  [--systems ours,ours-all-groups,trl] [--set KEY=VALUE ...] [--tag T] [--quick]
+
+Issue #16 §4 (async vs sync, the real job) is ``--systems ours-sync,ours,ours-2actors,trl --tag async``.
 
 Needs the optional ``peer`` extra (``pip install -e '.[peer]'``: TRL, never on the product path).
 Per seed: ``async-rl train`` from the shared SFT start for ``--budget-min`` minutes (tiny.yaml, no
@@ -20,13 +22,20 @@ Three systems: ``ours`` is tiny.yaml as it ships (the buffer's zero-advantage fi
 group a policy update trains has unequal rewards, so one update costs ~2.3 generated groups per
 trained group on the tiny task); ``ours-all-groups`` is the same job with
 ``buffer.filter_zero_advantage=false``: every generated group is trained, groups with all-equal
-rewards included, which is TRL's batch (16 prompts as sampled); ``trl`` is TRL.
+rewards included, which is TRL's batch (16 prompts as sampled); ``trl`` is TRL. Two more job
+systems on request: ``ours-sync`` (``algorithm.mode=sync``: the actor generates one learner
+batch per version and waits, the baseline of AReaL's and verl's comparisons) and ``ours-2actors``
+(two vLLM actors for one learner). With ``ours-sync`` among them, each system's training seconds to
+``TARGET_SHARE`` of sync's mean gain are reported per seed, and the speedup that sync's measured
+learner busy fraction implies for a cluster where the roles do not share cores
+(``implied_speedups``: its model is in the docstring).
 
 Reported per seed and system: policy updates per minute, groups with a learning signal (rewards
 not all equal) trained per minute and completions per second over the
 training wall-clock (the job's from the start of its first learner step, its start-up given on top
-of the budget and the records past the budget dropped; TRL's from its first step), and held-out
-accuracy against that clock. Writes ``benchmarks/results/peer_trl.json``
+of the budget and the records past the budget dropped; TRL's from its first step), the learner's
+and the actors' busy fractions, and held-out accuracy against that clock and against the response
+tokens generated (plots ``docs/peer-trl[-TAG]-{walltime,tokens}.png``). Writes ``benchmarks/results/peer_trl.json``
 (``_quick``: 1 seed, 1.5 min each, 50 held-out problems; the plumbing, and the rates already).
 """
 
@@ -44,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import mean_sd, print_table, write_result  # noqa: E402
+from _common import accuracy_axes, mean_sd, print_table, save_figure, write_result  # noqa: E402
 from e2e_bench import SHARED, records, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +64,14 @@ STARTUP_MIN = 1.5  # the job's Ray, vLLM and evaluator start-up, given on top of
 SYSTEMS = {
     "ours": [],
     "ours-all-groups": ["buffer.filter_zero_advantage=false"],  # TRL's batch: every generated group trained
+    "ours-sync": ["algorithm.mode=sync"],  # the same job, generation and training alternating (#16 §4's baseline)
+    "ours-2actors": ["actors.count=2"],  # two vLLM actors feeding one learner
     "trl": None,
 }
+DEFAULT_SYSTEMS = ("ours", "ours-all-groups", "trl")
+# Issue #16 §4's target: this share of the sync job's mean gain (its last held-out accuracy over
+# its start), reached by each system on the training clock.
+TARGET_SHARE = 0.9
 
 
 def main() -> None:
@@ -77,9 +92,12 @@ def main() -> None:
             run = run_trl(args, seed) if system == "trl" else run_ours(args, seed, system)
             results[system].append(run)
     report(results, args)
-    write_result("peer_trl" + ("_quick" if args.quick else ""), {
-        "budget_min": args.budget_min, "seeds": args.seeds, "heldout": args.heldout, "runs": results,
-        "summary": summary(results),
+    name = "peer_trl" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    plots = plot(results, args.root if args.quick else REPO / "docs", name.replace("_", "-"))
+    write_result(name, {
+        "budget_min": args.budget_min, "seeds": args.seeds, "heldout": args.heldout, "systems": args.systems,
+        "set": args.set, "runs": results, "summary": summary(results),
+        "plots": [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in plots],
     })
 
 
@@ -90,8 +108,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--start", type=Path, default=None, help="a run folder whose model/data/sft_model to start from")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems per evaluation")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, of {', '.join(SYSTEMS)} (default {','.join(DEFAULT_SYSTEMS)})")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1.5 min each, 50 held-out problems")
+    parser.add_argument("--tag", default="", help="names the result peer_trl_TAG.json and its plots docs/peer-trl-TAG-*.png")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the job's systems (repeatable), e.g. learner.eval.every=1000")
     args = parser.parse_args()
@@ -121,24 +141,40 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
         raise SystemExit(f"{system} seed {seed} failed with exit code {code}; see {args.root / f'{name}.log'}")
-    learner, actor, evals = records(run_dir, "learner"), records(run_dir, "actor-0"), records(run_dir, "eval")
+    learner, evals = records(run_dir, "learner"), records(run_dir, "eval")
+    actors = [records(run_dir, path.stem) for path in sorted((run_dir / "metrics").glob("actor-*.jsonl"))]
     start = learner[0]["time"] - learner[0]["step_s"] - learner[0]["sample_wait_s"]  # the first step's start
     learner = [r for r in learner if r["time"] - start <= args.budget_min * 60]  # the same training clock as TRL's
     evals = sorted((e for e in evals if e["version"] <= learner[-1]["version"]), key=lambda e: e["version"])
     published = {r["version"]: r["time"] - start for r in learner}  # a version's training clock
     span = learner[-1]["time"] - start
     completions = sum(r["rows"] for r in learner)
+    within = [[a for a in actor if a["time"] <= learner[-1]["time"]] for actor in actors]
     return {
+        "actors": len(actors), "learner_busy": learner[-1]["busy_fraction"],
+        "actor_busy": sum(busy_share(a) for a in within) / max(len(within), 1),
+        "tokens_generated": sum(tokens_by(a, learner[-1]["time"]) for a in actors),
         "seed": seed, "updates": learner[-1]["step"], "train_s": span,
         "updates_per_min": 60 * learner[-1]["step"] / span,
         "signal_groups_per_min": 60 * sum(r["groups"] - r["groups_all_equal"] for r in learner) / span,
         "groups_all_equal_share": sum(r["groups_all_equal"] for r in learner) / sum(r["groups"] for r in learner),
-        "completions_per_s": actor_rate([a for a in actor if a["time"] <= learner[-1]["time"]]),
+        "completions_per_s": sum(actor_rate(a) for a in within if a),
         "trained_completions_per_s": completions / span,
         "step_s_median": sorted(r["step_s"] for r in learner)[len(learner) // 2],
-        "heldout": [{"t": published.get(e["version"], 0.0), "version": e["version"], "accuracy": e["accuracy"]}
+        "heldout": [{"t": published.get(e["version"], 0.0), "version": e["version"], "accuracy": e["accuracy"],
+                     "tokens": sum(tokens_by(a, start + published.get(e["version"], 0.0)) for a in actors)}
                     for e in evals],
     }
+
+
+def busy_share(actor: list[dict]) -> float:
+    """The share of an actor's metric records with requests in flight (its busy fraction, sampled)."""
+    return sum(1 for a in actor if a["groups_in_flight"] > 0) / max(len(actor), 1)
+
+
+def tokens_by(actor: list[dict], when: float) -> int:
+    """Response tokens the actor had generated by unix time ``when`` (its last record before)."""
+    return max((a.get("tokens", 0) for a in actor if a["time"] <= when), default=0)
 
 
 def actor_rate(actor: list[dict]) -> float:
@@ -215,6 +251,11 @@ def trl_child(seed: int, budget_min: float, heldout: int, root: Path) -> None:
     clock.start()
     trainer.train()
     span = clock.elapsed()
+    batch = cfg.learner.batch.groups_per_step * n
+    per_step = {h["step"]: h["completions/mean_length"] * batch for h in trainer.state.log_history
+                if "completions/mean_length" in h}
+    for point in clock.heldout:  # the tokens generated by the updates before each evaluation
+        point["tokens"] = round(sum(t for step, t in per_step.items() if step <= point["version"]))
     updates = trainer.state.global_step
     groups = cfg.learner.batch.groups_per_step
     zero_std = [h["frac_reward_zero_std"] for h in trainer.state.log_history if "frac_reward_zero_std" in h]
@@ -226,6 +267,7 @@ def trl_child(seed: int, budget_min: float, heldout: int, root: Path) -> None:
         "completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
         "trained_completions_per_s": updates * cfg.learner.batch.groups_per_step * n / span,
         "step_s_median": span / max(updates, 1), "heldout": clock.heldout, "torch_threads": torch.get_num_threads(),
+        "tokens_generated": round(sum(per_step.values())), "actors": 1,
     }
     (root / f"trl-s{seed}.json").write_text(json.dumps(result, indent=1))
 
@@ -283,12 +325,49 @@ def greedy_accuracy(model, tok, rows, cfg, batch: int = 100) -> float:
 
 def summary(results: dict) -> dict:
     out = {}
+    target = sync_target(results)
     for system, runs in results.items():
         keys = ("updates_per_min", "signal_groups_per_min", "completions_per_s", "groups_all_equal_share")
         out[system] = {key: mean_sd([r[key] for r in runs]) for key in keys}
         out[system]["heldout_last"] = mean_sd([r["heldout"][-1]["accuracy"] for r in runs])
         out[system]["heldout_start"] = mean_sd([r["heldout"][0]["accuracy"] for r in runs])
+        for key in ("learner_busy", "actor_busy", "tokens_generated"):
+            if all(key in r for r in runs):
+                out[system][key] = mean_sd([r[key] for r in runs])
+        if target is not None:
+            reached = [time_to(r["heldout"], target) for r in runs]
+            out[system]["time_to_target_s"] = reached
+            out[system]["seeds_reaching"] = sum(t is not None for t in reached)
+            if all(t is not None for t in reached):
+                out[system]["time_to_target"] = mean_sd(reached)
+    if target is not None:
+        out["target"] = target
+        out["implied_cluster_speedup"] = implied_speedups(results["ours-sync"])
     return out
+
+
+def sync_target(results: dict) -> float | None:
+    """``TARGET_SHARE`` of the sync job's mean gain over its start (None without sync runs)."""
+    sync = results.get("ours-sync")
+    if not sync:
+        return None
+    start = sum(r["heldout"][0]["accuracy"] for r in sync) / len(sync)
+    last = sum(r["heldout"][-1]["accuracy"] for r in sync) / len(sync)
+    return start + TARGET_SHARE * (last - start)
+
+
+def time_to(heldout: list[dict], target: float) -> float | None:
+    """The training clock of the first evaluated version at or above ``target``."""
+    return next((h["t"] for h in heldout if h["accuracy"] >= target - 1e-12), None)
+
+
+def implied_speedups(sync_runs: list[dict], actors: tuple[int, ...] = (1, 2, 4)) -> dict:
+    """What async would gain where actors and learner do not share cores. Model: in sync mode a
+    version costs generation g plus training t, measured with the whole machine each (the learner's
+    busy fraction b = t / (g + t)); with dedicated hardware for each role and k actors of the same
+    speed, async costs max(g / k, t) a version, so the speedup is 1 / max(b, (1 − b) / k)."""
+    b, _ = mean_sd([r["learner_busy"] for r in sync_runs])
+    return {"learner_busy_in_sync": b, **{f"actors_{k}": 1.0 / max(b, (1.0 - b) / k, 1e-9) for k in actors}}
 
 
 def report(results: dict, args) -> None:
@@ -296,15 +375,51 @@ def report(results: dict, args) -> None:
     for system, runs in results.items():
         for r in runs:
             rows.append([system, r["seed"], r["updates"], r["updates_per_min"], r["signal_groups_per_min"],
-                         r["groups_all_equal_share"], r["completions_per_s"], r["step_s_median"], r["heldout"][0]["accuracy"], r["heldout"][-1]["accuracy"],
-                         r["heldout"][-1]["t"]])
+                         r["groups_all_equal_share"], r["completions_per_s"], r["step_s_median"],
+                         r.get("learner_busy"), r.get("actor_busy"), r["heldout"][0]["accuracy"],
+                         r["heldout"][-1]["accuracy"], r["heldout"][-1]["t"]])
     print_table(f"async-rl vs TRL GRPOTrainer, {args.budget_min:g} min of training each, {args.heldout} held-out",
                 ["system", "seed", "updates", "updates/min", "signal groups/min", "all-equal share",
-                 "completions/s", "s/update", "held-out start",
+                 "completions/s", "s/update", "learner busy", "actor busy", "held-out start",
                  "held-out last", "at s"], rows)
     curve = [[system, r["seed"], " ".join(f"{h['t']:.0f}s:{h['accuracy']:.3f}" for h in r["heldout"])]
              for system, runs in results.items() for r in runs]
     print_table("held-out greedy accuracy against training wall-clock", ["system", "seed", "t:accuracy"], curve)
+    target = sync_target(results)
+    if target is not None:
+        speedups = implied_speedups(results["ours-sync"])
+        rows = [[system, " ".join("—" if t is None else f"{t:.0f}" for t in (time_to(r["heldout"], target)
+                                                                            for r in runs))]
+                for system, runs in results.items()]
+        print_table(f"training seconds to {target:.3f} held-out ({TARGET_SHARE:.0%} of sync's gain), per seed",
+                    ["system", "seconds"], rows)
+        print(f"implied speedup of async where roles do not share cores (sync learner busy "
+              f"{speedups['learner_busy_in_sync']:.2f}): 1 actor {speedups['actors_1']:.2f}x, "
+              f"2 actors {speedups['actors_2']:.2f}x, 4 actors {speedups['actors_4']:.2f}x", flush=True)
+
+
+def plot(results: dict, out_dir: Path, prefix: str) -> list[Path]:
+    """Held-out accuracy of every system and seed against the training clock and against the
+    response tokens generated (``PREFIX-{walltime,tokens}.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, name, label in (("t", "walltime", "training seconds"), ("tokens", "tokens", "response tokens generated")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (system, runs) in enumerate(results.items()):
+            for j, r in enumerate(runs):
+                points = [h for h in r["heldout"] if key in h]
+                ax.plot([h[key] for h in points], [h["accuracy"] for h in points], color=f"C{i}", alpha=0.7,
+                        marker="o", markersize=3, label=system if j == 0 else None)
+        target = sync_target(results)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"{TARGET_SHARE:.0%} of sync's gain")
+        accuracy_axes(ax, label)
+        paths.append(save_figure(fig, out_dir / f"{prefix}-{name}.png"))
+    return paths
 
 
 if __name__ == "__main__":

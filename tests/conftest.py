@@ -1,8 +1,15 @@
-"""Shared fixtures: one tiny model per test session; GPU-marked tests skip without CUDA."""
+"""Shared fixtures: one tiny model per test session, the benchmark scripts as modules; GPU-marked
+tests skip without CUDA."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,3 +69,24 @@ def exposed_listeners():
         return {addr: name for addr, name in listening_ips(root_pid).items() if not is_loopback(addr.rsplit(":", 1)[0])}
 
     return exposed
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(name)``: ``benchmarks/NAME.py`` as a module (loaded once per session), for
+    tests of a benchmark's pure logic; its sibling modules (``_common``) import as they do there."""
+    loaded: dict[str, object] = {}
+    sys.path.insert(0, str(BENCHMARKS))
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses resolve their annotations through it
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

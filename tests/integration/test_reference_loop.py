@@ -31,7 +31,8 @@ SAME_WEIGHTS_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_model_dir, tmp_path_factory):
+def setup(tiny_model_dir, tmp_path_factory):
+    """One engine for the module: the config, the serving side and the train rows."""
     work = tmp_path_factory.mktemp("reference")
     cfg = load_config("tiny", [
         f"run.dir={work}", "actors.kv_cache_gib=0.25", f"actors.n_samples_per_prompt={N}",
@@ -42,14 +43,20 @@ def reference_run(tiny_model_dir, tmp_path_factory):
     rows = [parse_row(r, number=i + 1, stem="train") for i, r in enumerate(raw)]
     serving = Serving.start(cfg, tiny_model_dir, work_dir=work / "vllm")
     try:
-        reference = Reference.start(cfg, serving, tiny_model_dir, prompt_stream(rows, seed=0))
-        checksums, steps = [serving.loop.run(serving.engine.weight_checksums())], []
-        for k in range(STEPS):
-            steps.append(reference.step(k))
-            checksums.append(serving.loop.run(serving.engine.weight_checksums()))
-        yield reference, steps, checksums
+        yield cfg, serving, rows
     finally:
         serving.close()
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup, tiny_model_dir):
+    cfg, serving, rows = setup
+    reference = Reference.start(cfg, serving, tiny_model_dir, prompt_stream(rows, seed=0))
+    checksums, steps = [serving.loop.run(serving.engine.weight_checksums())], []
+    for k in range(STEPS):
+        steps.append(reference.step(k))
+        checksums.append(serving.loop.run(serving.engine.weight_checksums()))
+    return reference, steps, checksums
 
 
 def test_each_step_trains_on_the_groups_it_generated_and_scored(reference_run):
@@ -57,6 +64,9 @@ def test_each_step_trains_on_the_groups_it_generated_and_scored(reference_run):
     for k, step in enumerate(steps):
         assert step.step == k and len(step.rollouts.kept) == GROUPS
         assert step.rollouts.samples == step.rollouts.groups_generated * N >= GROUPS * N
+        kept_tokens = sum(len(s.token_ids) for _, group in step.rollouts.kept for s in group.samples)
+        assert step.rollouts.tokens >= kept_tokens >= GROUPS * N
+        assert (step.rollouts.tokens > kept_tokens) == (step.rollouts.groups_generated > GROUPS)
         for _, group in step.rollouts.kept:
             assert len(group.samples) == len(group.rewards) == N and group.informative
             assert {r.status for r in group.rewards} <= {"correct", "wrong", "no_answer"}
@@ -83,3 +93,37 @@ def test_the_policy_version_advances_and_the_engine_serves_each_new_version(refe
         weight = step.metrics["weight/max"]
         assert abs(weight - 1.0) < SAME_WEIGHTS_TOLERANCE, f"step {step.step}: behaviour weight {weight}"
         assert step.metrics["grad_norm"] > 0
+
+
+@pytest.fixture(scope="module")
+def study(load_benchmark):
+    return load_benchmark("learning_study")
+
+
+def test_the_study_harness_runs_an_arm_with_rows_exactly_as_stale_as_its_lag(setup, tiny_model_dir, study):
+    """The short version of benchmarks/learning_study.py's lockstep run (issue #16): an arm one
+    version stale, evaluated after every step on a few held-out problems."""
+    from actors.prompts import encode_prompt
+    from async_rl.evaluation.benchmarks import Problem
+
+    cfg, serving, rows = setup
+    heldout = [Problem(r.prompt_id, r.messages, r.ground_truth, r.data_source, r.extra_info) for r in rows[:8]]
+    ids = [encode_prompt(serving.engine.tokenizer, p.messages) for p in heldout]
+    harness = study.Study(cfg, tiny_model_dir, serving, rows[8:], heldout, ids)
+    args = study.parse_args(["--arms", "gppo-s1", "--steps", "3", "--eval-every", "1", "--groups", str(GROUPS),
+                             "--mini-batches", "1", "--lr", str(LR), "--heldout", str(len(heldout))])
+    start = harness.evaluate()
+    run = study.run_arm(harness, args.arm_list[0], 0, args, start)
+
+    assert [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in run["curve"]) and run["curve"][0]["accuracy"] == start
+    tokens = [p["tokens"] for p in run["curve"]]
+    assert tokens[0] == 0 and all(b > a for a, b in zip(tokens, tokens[1:], strict=False))
+    assert tokens[-1] == sum(s["tokens_generated"] for s in run["steps"])
+    # Step k generates with version max(0, k − 1): rows are exactly 1 stale from step 1 on.
+    assert [s["policy_version"] for s in run["steps"]] == [0, 0, 1]
+    assert [s["staleness_mean"] for s in run["steps"]] == [0, 1, 1]
+    # One version of lag at this learning rate moves the behaviour weight away from 1 (0.93 measured).
+    assert run["steps"][0]["weight_mean"] == pytest.approx(1.0, abs=SAME_WEIGHTS_TOLERANCE)
+    assert abs(run["steps"][2]["weight_mean"] - 1.0) > SAME_WEIGHTS_TOLERANCE
+    assert run["settings"] == study.run_settings(args)

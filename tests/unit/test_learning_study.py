@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-STUDY_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_study.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("learning_study", STUDY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def study(load_benchmark):
+    return load_benchmark("learning_study")
 
 
 def test_first_reaching_returns_the_first_point_at_or_above_the_target(study):
@@ -117,3 +107,68 @@ def test_slip_breakdown_splits_minus_answers_into_right_slipped_and_other(study)
     problems, results = zip(*cases, strict=True)
     shares = study.slip_breakdown(problems, results)
     assert shares == {"minus_right": 0.25, "minus_slipped": 0.5, "minus_other": 0.25, "plus_accuracy": 0.5}
+
+
+def test_a_section_sets_its_arms_and_settings_as_defaults_and_an_explicit_flag_still_wins(study):
+    args = study.parse_args(["--section", "staleness"])
+    preset = study.SECTIONS["staleness"]
+    assert [a.name for a in args.arm_list] == preset.arms.split(",")
+    assert (args.steps, args.groups, args.mini_batches, args.eval_every, args.lr) == (16, 16, 4, 4, 2e-5)
+    assert (args.tag, args.job_min) == ("staleness", 0.0)
+    args = study.parse_args(["--section", "staleness-long", "--seeds", "5", "--arms", "gppo-s32"])
+    assert (args.steps, args.eval_every, args.seeds) == (48, 8, 5)
+    assert [a.name for a in args.arm_list] == ["gppo-s32"]
+    for name in study.SECTIONS:  # every preset parses and fits its own step budget
+        args = study.parse_args(["--section", name])
+        assert args.groups % args.mini_batches == 0 and args.steps % args.eval_every == 0, name
+        assert max(a.staleness for a in args.arm_list) < args.steps, name
+    with pytest.raises(SystemExit):
+        study.parse_args(["--section", "replay"])
+    with pytest.raises(SystemExit):
+        study.parse_args(["--section", "staleness", "--quick"])
+
+
+def test_logged_runs_are_reused_only_with_the_same_arm_seed_and_settings(study, tmp_path):
+    import json
+
+    args = study.parse_args(["--section", "objectives"])
+    other = study.parse_args(["--section", "objectives", "--lr", "1e-5"])
+    log = tmp_path / "lockstep_runs.jsonl"
+    assert study.logged_runs(log, args) == {}
+    runs = [{"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 1},
+            {"arm": "gppo", "seed": 1, "settings": study.run_settings(other), "curve": [], "n": 2},
+            {"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert {k: r["n"] for k, r in study.logged_runs(log, args).items()} == {("gppo", 0): 3}  # the last wins
+    assert {k: r["n"] for k, r in study.logged_runs(log, other).items()} == {("gppo", 1): 2}
+
+
+def test_curves_average_generated_tokens_and_old_records_without_them_still_load(study):
+    seed_a = [study.EvalPoint(0, 0.0, 0.2, 0), study.EvalPoint(4, 10.0, 0.4, 1000)]
+    seed_b = [study.EvalPoint(0, 0.0, 0.2, 0), study.EvalPoint(4, 12.0, 0.2, 3000)]
+    assert [p["tokens"] for p in study.mean_curve([seed_a, seed_b])] == [0, 2000]
+    assert study.EvalPoint(**{"step": 4, "time_s": 1.0, "accuracy": 0.5}).tokens == 0
+
+
+def test_plot_panels_compare_objectives_per_staleness_and_modified_arms_beside_their_base(study):
+    def arm(name):
+        a = study.parse_arm(name)
+        return {"arm": a.name, "loss": a.loss, "staleness": a.staleness, "modifiers": list(a.modifiers)}
+
+    objectives = [arm(n) for n in ("gppo", "ppo", "gppo-s8", "ppo-s8")]
+    assert [(t, [a["arm"] for a in m]) for t, m in study.plot_panels(objectives)] == [
+        ("objectives at staleness 0", ["gppo", "ppo"]), ("objectives at staleness 8", ["gppo-s8", "ppo-s8"])]
+    staleness = [arm(n) for n in ("gppo", "gppo-s4", "gppo-s8", "gppo-s8+linear", "gppo-s8+coupled")]
+    assert [(t, [a["arm"] for a in m]) for t, m in study.plot_panels(staleness)] == [
+        ("GPPO over staleness", ["gppo", "gppo-s4", "gppo-s8"]),
+        ("ablations and corrections", ["gppo", "gppo-s8", "gppo-s8+linear", "gppo-s8+coupled"])]
+
+
+def test_plot_draws_accuracy_against_step_wallclock_and_tokens(study, tmp_path):
+    curve = [{"step": s, "time_s": 3.0 * s, "tokens": 900 * s, "accuracy": 0.3 + 0.01 * s, "accuracy_std": 0.01}
+             for s in (0, 4, 8)]
+    arms = [{"arm": name, "loss": "gppo", "staleness": s, "modifiers": mods, "mean_curve": curve}
+            for name, s, mods in (("gppo", 0, []), ("gppo-s8", 8, []), ("gppo-s8+coupled", 8, ["coupled"]))]
+    paths = study.plot(arms, [], 0.35, tmp_path, "study-x")
+    assert [p.name for p in paths] == ["study-x-steps.png", "study-x-walltime.png", "study-x-tokens.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

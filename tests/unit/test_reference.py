@@ -148,6 +148,7 @@ def test_collect_groups_replaces_zero_advantage_groups_when_filtering(monkeypatc
     assert [row.prompt_id for row, _ in out.kept] == ["p1", "p4", "p6"]
     assert out.groups_generated == 7  # ceil(3 × 1.5) = 5 prompts keep 2, then ceil(1 × 1.5) = 2
     assert out.samples == 14 and out.correct == 11
+    assert out.tokens == 14 * 2  # every generated sample's tokens count, discarded groups' included
 
     out = asyncio.run(collect_groups(FakeEngine(), scoring(AlternatingRewards()), iter(rows), groups=3, n=2,
                                      informative_only=False))

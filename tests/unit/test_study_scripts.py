@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def staleness(load_benchmark):
+    return load_benchmark("staleness_study")
 
 
 @pytest.fixture(scope="module")
-def staleness():
-    return load("staleness_study")
-
-
-@pytest.fixture(scope="module")
-def default_run():
-    return load("default_run")
+def default_run(load_benchmark):
+    return load_benchmark("default_run")
 
 
 def run(cap: int, seed: int, curve: list[float], staleness_mean: float = 1.0) -> dict:

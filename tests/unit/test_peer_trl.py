@@ -1,0 +1,52 @@
+"""Pure logic of benchmarks/peer_trl.py's async-vs-sync report (issue #16 §4): the target sync
+sets, time to it, the implied cluster speedup, and the per-actor counters read from metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def peer(load_benchmark):
+    return load_benchmark("peer_trl")
+
+
+def run(points, busy=0.4):
+    return {"heldout": [{"t": t, "accuracy": a} for t, a in points], "learner_busy": busy}
+
+
+def test_the_target_is_a_share_of_syncs_mean_gain_and_time_to_it_is_the_first_version_there(peer):
+    results = {"ours-sync": [run([(0, 0.30), (60, 0.50), (120, 0.60)]), run([(0, 0.30), (60, 0.55), (120, 0.50)])],
+               "ours": [run([(0, 0.30), (30, 0.56), (90, 0.62)])]}
+    target = peer.sync_target(results)
+    assert target == pytest.approx(0.30 + peer.TARGET_SHARE * (0.55 - 0.30))
+    assert peer.time_to(results["ours"][0]["heldout"], target) == 30
+    assert [peer.time_to(r["heldout"], target) for r in results["ours-sync"]] == [120, 60]
+    assert peer.time_to(run([(0, 0.30), (60, 0.52)])["heldout"], target) is None
+    assert peer.sync_target({"ours": results["ours"]}) is None
+
+
+def test_implied_speedup_is_bounded_by_the_slower_role(peer):
+    # Training 40% of a sync version: one actor bounds async at 1 / 0.6; two actors at 1 / 0.4.
+    speedups = peer.implied_speedups([run([], busy=0.38), run([], busy=0.42)])
+    assert speedups["learner_busy_in_sync"] == pytest.approx(0.40)
+    assert speedups["actors_1"] == pytest.approx(1 / 0.6)
+    assert speedups["actors_2"] == pytest.approx(1 / 0.4)
+    assert speedups["actors_4"] == pytest.approx(1 / 0.4)  # the learner is now the bound
+    assert peer.implied_speedups([run([], busy=0.5)])["actors_1"] == pytest.approx(2.0)
+
+
+def test_actor_counters_are_read_at_a_time_and_busy_is_the_share_of_records_in_flight(peer):
+    actor = [{"time": 10.0, "tokens": 0, "groups_in_flight": 0}, {"time": 20.0, "tokens": 500, "groups_in_flight": 4},
+             {"time": 30.0, "tokens": 900, "groups_in_flight": 2}, {"time": 40.0, "tokens": 1200, "groups_in_flight": 0}]
+    assert [peer.tokens_by(actor, t) for t in (5.0, 20.0, 35.0, 99.0)] == [0, 500, 900, 1200]
+    assert peer.busy_share(actor) == 0.5
+    assert peer.tokens_by([{"time": 1.0}], 2.0) == 0  # records written before the counter existed
+
+
+def test_plot_draws_every_seed_against_wallclock_and_tokens(peer, tmp_path):
+    results = {"ours-sync": [{"heldout": [{"t": 0, "tokens": 0, "accuracy": 0.3}, {"t": 60, "tokens": 5000, "accuracy": 0.5}]}],
+               "trl": [{"heldout": [{"t": 0, "tokens": 0, "accuracy": 0.3}, {"t": 50, "tokens": 4000, "accuracy": 0.4}]}]}
+    paths = peer.plot(results, tmp_path, "peer-trl-x")
+    assert [p.name for p in paths] == ["peer-trl-x-walltime.png", "peer-trl-x-tokens.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
