@@ -10,12 +10,19 @@ with many writers one fsync covers many batches (as databases and Kafka do).
 When a round ends the thread writes a byte to a pipe that the loop polls beside its socket.
 An fsync that fails leaves the page cache in an unknown state: ``error`` is set and the
 owner must stop and recover from disk rather than acknowledge anything more.
+
+:class:`CommitQueue` is what an owner holds acknowledgements in until their round has ended:
+the service loop's replies, and a single in-process writer's acks (``ReplayStore.insert_many``),
+which keeps several batches in flight so that its next batch's work runs while the fsync of
+the ones before runs.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import threading
+from collections.abc import Callable
 
 
 class GroupCommit:
@@ -56,6 +63,10 @@ class GroupCommit:
         except BlockingIOError:
             pass
 
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until the thread has ended a round since the last :meth:`poll` (or the timeout)."""
+        select.select([self.wake_fd], [], [], timeout_s)
+
     def _run(self) -> None:
         while True:
             with self._ready:
@@ -87,3 +98,45 @@ class GroupCommit:
         self._thread.join()
         os.close(self.wake_fd)
         os.close(self._wake_tx)
+
+
+class CommitQueue:
+    """Acknowledgements held until the group-commit round that covers them has ended.
+
+    Rounds only grow in the order things are held, so :meth:`settle` releases them in that
+    order. It also keeps the fsync thread busy: when a round ends and something still waits,
+    the next round starts at once (it covers every write made meanwhile); a write made while
+    the thread is idle starts its own round (``ReplayStore._covering_round``).
+    """
+
+    def __init__(self, commit: GroupCommit, sync_fds: Callable[[], list[int]]) -> None:
+        self.commit = commit
+        self._sync_fds = sync_fds  # what a round must fsync, taken when it starts
+        self._held: list[tuple[int, object]] = []
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, round_: int, item) -> None:
+        """Keep ``item`` until round ``round_`` has ended."""
+        self._held.append((round_, item))
+
+    def settle(self) -> list:
+        """The items whose round has ended, in the order held; starts the next round when
+        items still wait and the thread is idle. Raises the ``OSError`` of a failed fsync:
+        nothing held may then be acknowledged (see :meth:`drop`)."""
+        self.commit.poll()
+        if self.commit.error is not None:
+            raise self.commit.error
+        done = self.commit.completed
+        ready = [item for round_, item in self._held if round_ <= done]
+        self._held = [(round_, item) for round_, item in self._held if round_ > done]
+        if self._held and not self.commit.busy:
+            self.commit.start(self._sync_fds())
+        return ready
+
+    def drop(self) -> list:
+        """Everything still held, released unacknowledged (after a failed fsync)."""
+        items = [item for _, item in self._held]
+        self._held.clear()
+        return items

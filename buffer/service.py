@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import zmq
 from async_rl.config import BufferConfig
 from async_rl.weights.keys import secure_server
 from buffer import inspection
+from buffer.commit import CommitQueue
 from buffer.schema import MAX_POLICY_VERSION, TRAJECTORY_SCHEMA, SchemaError, warm_up
 from buffer.segments import decode_checksummed
 from buffer.store import AppendFailed, RateLimited, ReplayStore
@@ -88,9 +88,8 @@ class ParkedSample:
 
 @dataclass
 class DurableReply:
-    """A reply held back until group-commit round ``round`` has fsynced what it promises."""
+    """A reply held back (in a ``CommitQueue``) until a group commit has fsynced what it promises."""
 
-    round: int
     identity: bytes
     header: dict
     payload: list | None
@@ -106,7 +105,7 @@ class BufferService:
     parked: list[ParkedSample] = field(default_factory=list)
     stopping: bool = False
     parent_pid: int | None = None  # stop when this process is gone (no orphaned services)
-    waiting: list[DurableReply] = field(default_factory=list)
+    waiting: CommitQueue | None = None  # replies held for their group commit (fsync: batch)
     failed: bool = False  # an fsync failed: stop, and let a restart recover from disk
 
     def bind(self, host: str, port: int) -> str:
@@ -123,6 +122,8 @@ class BufferService:
             self.socket.bind_to_random_port(f"tcp://{host}")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.commit = self.store.start_group_commit()  # None unless fsync: batch
+        if self.commit is not None:
+            self.waiting = CommitQueue(self.commit, self.store.sync_fds)
         warm_up()
         return self.address
 
@@ -144,35 +145,27 @@ class BufferService:
             self._reply(parked.identity, parked.header, ok=False, error="shutting down")
         self.parked.clear()
         while self.waiting and not self.failed:
-            select.select([self.commit.wake_fd], [], [], POLL_MS / 1000)
+            self.commit.wait(POLL_MS / 1000)
             self._group_commit()
 
     def _group_commit(self) -> None:
         """Send the replies whose round has fsynced; start the next round if one is needed."""
         if self.commit is None or self.failed:
             return
-        self.commit.poll()
-        if self.commit.error is not None:
-            self._fsync_failed(self.commit.error)
+        try:
+            ready = self.waiting.settle()
+        except OSError as err:
+            self._fsync_failed(err)
             return
-        done = self.commit.completed
-        held = []
-        for reply in self.waiting:
-            if reply.round <= done:
-                self._reply(reply.identity, reply.header, reply.payload, **reply.fields)
-            else:
-                held.append(reply)
-        self.waiting = held
-        if held and not self.commit.busy:
-            self.commit.start(self.store.sync_fds())
+        for reply in ready:
+            self._reply(reply.identity, reply.header, reply.payload, **reply.fields)
 
     def _fsync_failed(self, error: OSError) -> None:
         log.critical("fsync failed (%s): nothing more is acknowledged; stopping so that a "
                      "restart recovers from what is on disk", error)
-        for reply in self.waiting:
+        for reply in self.waiting.drop():
             self._reply(reply.identity, reply.header, ok=False, retry=True,
                         error=f"AppendFailed: fsync failed ({error}); the buffer restarts, retry")
-        self.waiting.clear()
         self.failed = self.stopping = True
 
     def _reply_durable(self, identity: bytes, request: dict, payload: list | None = None, *,
@@ -184,8 +177,7 @@ class BufferService:
             return
         if "fsynced" in fields:
             fields["fsynced"] = True  # the reply waits for the round that covers the rows
-        round_ = covered_by or self.commit.next_round
-        self.waiting.append(DurableReply(round_, identity, request, payload, fields))
+        self.waiting.hold(covered_by or self.commit.next_round, DurableReply(identity, request, payload, fields))
 
     def _receive_all(self) -> None:
         while True:

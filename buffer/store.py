@@ -46,6 +46,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from async_rl.config import BufferConfig
-from buffer.commit import GroupCommit
+from buffer.commit import CommitQueue, GroupCommit
 from buffer.index import EVICTION_REASONS, Column, RowFacts, Status, TrajectoryIndex, hash_ids
 from buffer.journal import Journal, read_journal
 from buffer.rate_limiter import RateLimiter
@@ -98,6 +99,17 @@ class RateLimited(RuntimeError):
 class AppendFailed(RuntimeError):
     """Writing a batch to its segment failed (a full disk, an I/O error). Nothing of the batch
     is stored and the segment was cut back to its last good batch; retry later."""
+
+
+class InsertsStopped(RuntimeError):
+    """``insert_many`` stopped at batch ``index``, refused (the cause says why: SchemaError,
+    RateLimited, AppendFailed); nothing from it on was stored. ``acks`` has one entry per
+    batch: the ack of each batch before it, durable, and None from it on."""
+
+    def __init__(self, message: str, *, index: int, acks: list[Ack | None]) -> None:
+        super().__init__(message)
+        self.index = index
+        self.acks = acks
 
 
 @dataclass
@@ -283,6 +295,58 @@ class ReplayStore:
         self._after_insert()
         return ack
 
+    def insert_many(self, batches: Iterable[pa.RecordBatch | pa.Table], *, window: int = 4) -> list[Ack]:
+        """Store the batches of one writer in order and return their acks, each given only once
+        an fsync covered its rows (as :meth:`insert`), with up to ``window`` batches written but
+        not yet durable (as a Kafka producer's ``max.in.flight``).
+
+        Under ``fsync: batch`` the fsyncs run on the group-commit thread (started here), so the
+        next batch is validated, encoded, written and indexed while the fsync of the ones before
+        runs (``os.fsync`` releases the GIL); one round covers every batch written before it
+        started. Other policies insert one batch after another. A batch refused raises
+        :class:`InsertsStopped` once the batches before it are durable; an fsync that fails
+        raises its ``OSError`` and the store acknowledges nothing more.
+        """
+        if window < 1:
+            raise ValueError(f"insert_many: window={window}, must be at least 1")
+        commit = self.start_group_commit()
+        pending = CommitQueue(commit, self.sync_fds) if commit is not None else None
+        acks: list[Ack] = []
+        batches = list(batches)
+        for index, batch in enumerate(batches):
+            while pending is not None and len(pending) >= window:
+                acks += self._settled(pending, wait=True)
+            try:
+                ack = self.insert(batch, sync=pending is None)
+            except (SchemaError, RateLimited, AppendFailed) as err:
+                while pending:
+                    acks += self._settled(pending, wait=True)
+                missing = [None] * (len(batches) - len(acks))
+                raise InsertsStopped(f"batch {index}: {type(err).__name__}: {err}", index=index,
+                                     acks=acks + missing) from err
+            if pending is None:
+                acks.append(ack)
+            else:
+                pending.hold(ack.round, ack)
+                acks += self._settled(pending, wait=False)
+        while pending:
+            acks += self._settled(pending, wait=True)
+        return acks
+
+    def _settled(self, pending: CommitQueue, *, wait: bool) -> list[Ack]:
+        """The acks of ``pending`` whose group-commit round has ended (after waiting for the
+        thread to end one, with ``wait``), marked fsynced."""
+        if wait:
+            pending.commit.wait()
+        try:
+            acks = pending.settle()
+        except OSError as err:
+            self._fsync_error = err  # nothing more is acknowledged: see _maybe_fsync
+            raise
+        for ack in acks:
+            ack.fsynced = True
+        return acks
+
     def _durable(self, ack: Ack, sync: bool) -> Ack:
         """Make what ``ack`` promises durable under the fsync policy: here (``sync``), or by
         the group-commit round it names (``ack.round``), started now when the fsync thread
@@ -296,8 +360,9 @@ class ReplayStore:
     def start_group_commit(self) -> GroupCommit | None:
         """Under ``fsync: batch``, start the thread that runs fsyncs while the owner goes on
         (``buffer/commit.py``); ``insert(sync=False)`` then starts a round right after its
-        append. For a loop serving many writers; a single in-process writer fsyncs inline
-        (a handoff to a thread costs more than it overlaps: the thread needs the GIL)."""
+        append. For a loop serving many writers, or one writer that keeps several batches in
+        flight (:meth:`insert_many`): a writer that waits for each fsync before its next batch
+        gains nothing from the thread (``insert`` fsyncs inline)."""
         if self.cfg.fsync == "batch" and not self.read_only and self.group_commit is None:
             self.group_commit = GroupCommit()
             weakref.finalize(self, self.group_commit.close)  # also when collected unclosed (a crash)
