@@ -1,6 +1,7 @@
 """Group commit in the buffer service over loopback ZeroMQ: concurrent writers share fsyncs,
 and every acknowledgement (insert or sample) comes after an fsync that covered it."""
 
+import contextlib
 import errno
 import os
 import threading
@@ -10,10 +11,10 @@ import pyarrow as pa
 import pytest
 
 from async_rl.config import BufferConfig
-from buffer.client import BufferClient, BufferRequestError
+from buffer.client import BufferClient, BufferRequestError, InsertsRefused
 from buffer.service import BufferService
 from buffer.store import ReplayStore
-from buffer.testing import synthetic_batch
+from buffer.testing import synthetic_batch, with_broken_offsets
 
 WRITERS, BATCHES = 8, 4
 SLOW_FSYNC_S = 0.05  # a slow disk: writes that arrive meanwhile must share the next fsync
@@ -37,17 +38,26 @@ def durable(monkeypatch):
     return sizes, counts
 
 
-@pytest.fixture
-def service(tmp_path):
-    cfg = BufferConfig(fsync="batch", min_size_to_sample=1, filter_zero_advantage=False)
-    service = BufferService(ReplayStore(tmp_path, cfg, max_staleness=4), cfg, learner_token="t")
+@contextlib.contextmanager
+def _serving(directory, **cfg):
+    """A service loop on a thread of this process (so its fsyncs are patchable)."""
+    cfg = BufferConfig(fsync="batch", min_size_to_sample=1, filter_zero_advantage=False, **cfg)
+    service = BufferService(ReplayStore(directory, cfg, max_staleness=4), cfg, learner_token="t")
     service.bind("127.0.0.1", 0)
     loop = threading.Thread(target=service.serve)
     loop.start()
-    yield service
-    service.stopping = True
-    loop.join()
-    service.close()
+    try:
+        yield service
+    finally:
+        service.stopping = True
+        loop.join()
+        service.close()
+
+
+@pytest.fixture
+def service(tmp_path):
+    with _serving(tmp_path) as service:
+        yield service
 
 
 def _durable_traj_ids(path, size: int) -> set[str]:
@@ -120,3 +130,92 @@ def test_a_failed_append_reaches_the_writer_as_retryable_and_its_retry_is_stored
         assert client.insert(synthetic_batch(groups=["c"]))["accepted"] == 4
     reopened = ReplayStore(service.store.dir, service.cfg, max_staleness=4, read_only=True)  # as after a crash
     assert reopened.recovery == [] and reopened.index.n_rows == 12
+
+
+def _inserts_waiting_for_fsync(service, monkeypatch) -> list[int]:
+    """Before each insert the service handles: how many replies already wait for an fsync."""
+    real_on_insert, seen = service._on_insert, []
+
+    def on_insert(identity, header, payload):
+        seen.append(len(service.waiting))
+        real_on_insert(identity, header, payload)
+
+    monkeypatch.setattr(service, "_on_insert", on_insert)
+    return seen
+
+
+def test_one_writer_keeps_a_window_of_inserts_in_flight_and_each_ack_follows_an_fsync_that_covered_it(
+    service, durable, tmp_path, monkeypatch
+):
+    sizes, counts = durable
+    waiting = _inserts_waiting_for_fsync(service, monkeypatch)
+    batches = [synthetic_batch(groups=[f"b{i}-{k}" for k in range(i + 1)], seed=i) for i in range(12)]
+    with BufferClient(service.address) as client:
+        acks = client.insert_many(batches, window=4)
+    assert acks == [{"accepted": 4 * (i + 1), "duplicates": 0, "fsynced": True} for i in range(12)]
+    segment = tmp_path / "seg-000001.arrows"
+    acked = {t for batch in batches for t in batch.column("traj_id").to_pylist()}
+    assert acked <= _durable_traj_ids(segment, sizes[segment.name])
+    # Several inserts of the one writer met at the service: they waited for fsyncs together.
+    assert 1 <= max(waiting) <= 3
+    assert counts[segment.name] - 1 < len(batches)
+
+
+def test_a_batch_refused_mid_window_names_itself_and_the_acks_in_flight_are_durable(service, durable, tmp_path):
+    sizes, _ = durable
+    batches = [synthetic_batch(groups=[f"g{i}"], seed=i) for i in range(5)]
+    batches[1] = with_broken_offsets(batches[1], "traj_id")
+    with BufferClient(service.address) as client, pytest.raises(InsertsRefused) as refused:
+        client.insert_many(batches, window=4)
+    assert str(refused.value).startswith("batch 1: SchemaError: malformed Arrow data")
+    assert refused.value.index == 1 and not refused.value.retry
+    acks = refused.value.acks
+    assert acks[1] is None and all(acks[i] == {"accepted": 4, "duplicates": 0, "fsynced": True} for i in (0, 2, 3))
+    segment = tmp_path / "seg-000001.arrows"
+    acked = {t for i, ack in enumerate(acks) if ack for t in batches[i].column("traj_id").to_pylist()}
+    assert acked <= _durable_traj_ids(segment, sizes[segment.name])
+    assert service.store.index.n_rows == 4 * sum(ack is not None for ack in acks)
+
+
+def test_duplicates_across_a_window_are_acknowledged_once_their_first_copy_is_durable(service, durable, tmp_path):
+    a, b = synthetic_batch(groups=["a"]), synthetic_batch(groups=["b"])
+    with BufferClient(service.address) as client:
+        acks = client.insert_many([a, b, a, synthetic_batch(groups=["b", "c"]), a], window=8)
+    assert [(ack["accepted"], ack["duplicates"]) for ack in acks] == [(4, 0), (4, 0), (0, 4), (4, 4), (0, 4)]
+    assert all(ack["fsynced"] for ack in acks)
+    assert service.store.index.n_rows == 12
+
+
+def test_inserts_the_rate_limiter_refuses_within_a_window_are_retried_until_the_learner_catches_up(
+    tmp_path, monkeypatch
+):
+    # samples_per_insert 1 with tolerance 1: an insert is refused while three groups wait unsampled.
+    with _serving(tmp_path, samples_per_insert=1.0, spi_tolerance=1.0) as service:
+        real_reply, refused = service._reply, threading.Event()
+
+        def reply(identity, request, payload=None, **fields):
+            if fields.get("retry"):
+                refused.set()
+            real_reply(identity, request, payload, **fields)
+
+        monkeypatch.setattr(service, "_reply", reply)
+        batches = [synthetic_batch(groups=[f"g{i}"], seed=i) for i in range(8)]
+        sampled = []
+
+        def learner():  # starts once an insert was refused, then samples every group
+            refused.wait(30)
+            with BufferClient(service.address) as client:
+                while len(sampled) < len(batches):
+                    table = client.sample(1, timeout_s=30)
+                    sampled.extend(dict.fromkeys(table.column("group_id").to_pylist()))
+
+        thread = threading.Thread(target=learner, daemon=True)
+        with BufferClient(service.address) as client:
+            for batch in batches[:3]:
+                client.insert(batch)
+            thread.start()
+            acks = client.insert_many(batches[3:], window=4, retry_for_s=60)
+        thread.join(60)
+    assert refused.is_set()
+    assert acks == [{"accepted": 4, "duplicates": 0, "fsynced": True}] * 5
+    assert sorted(sampled) == sorted(f"g{i}" for i in range(8))
