@@ -11,6 +11,11 @@ Rows measured (each also run through the baseline in the same run):
   its own process) with 8 concurrent writers (group commit shares fsyncs between them) and
   with one writer; each as a fraction of the ceiling, against the targets of issue #19 (0.8,
   0.7, 0.5), with the 1-minute load average after each figure;
+- the single writers again, pipelined: up to ``PIPELINE_WINDOW`` batches in flight
+  (``ReplayStore.insert_many``, ``BufferClient.insert_many``), so one batch's work overlaps
+  the fsync of the ones before while every ack still follows an fsync that covered its rows;
+  their baseline column is the synchronous writer of the same run, and the targets of #19
+  apply to them;
 - sample latency p50/p99 for a 512-row batch (64 groups of 8) at 100k and 1M stored rows;
 - resident memory (RSS) after filling 100k and 1M rows.
 Sampling/memory runs use short rows (32 response tokens) so a million rows fill in seconds;
@@ -45,15 +50,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from async_rl.config import BufferConfig  # noqa: E402
 from buffer.testing import synthetic_batch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "buffer_bench.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GROUPS_PER_BATCH, GROUP_SIZE = 32, 8  # 256 rows per insert
 PROMPT_LEN, RESPONSE_LEN = 256, 768  # a "1k-token row"
 SMALL_RESPONSE = 32  # rows used to fill 1M-row buffers quickly
 SAMPLE_GROUPS = 64  # 512 rows per sample
 ZMQ_WRITERS = 8
+PIPELINE_WINDOW = 4  # batches in flight for a pipelined single writer (Kafka's max.in.flight)
 STALENESS_CAP = 4  # the default algorithm.staleness.max_staleness; ingest never samples
 # Ingest as a fraction of the disk's write+fsync ceiling in the same run (issue #19).
 TARGETS = {"ingest_inproc": 0.8, f"ingest_zmq_{ZMQ_WRITERS}_writers": 0.7, "ingest_zmq_1_writer": 0.5,
+           "ingest_inproc_pipelined": 0.8, "ingest_zmq_1_writer_pipelined": 0.5,
            "sample_p50_ms": 2.0, "rss_ratio": 2.0}
 
 
@@ -73,21 +80,27 @@ def _as_dicts(batches):
 # ------------------------------------------------------------------ ingest
 
 
-def ingest_inprocess(directory: Path, batches) -> float:
+def ingest_inprocess(directory: Path, batches, window: int = 0) -> float:
+    """rows/s of one in-process writer: each insert waiting for its fsync, or (``window``) up
+    to that many batches in flight under group commit."""
     from buffer.store import ReplayStore
 
     store = ReplayStore(directory, BufferConfig(fsync="batch"), max_staleness=STALENESS_CAP)
     start = time.perf_counter()
-    for batch in batches:
-        store.insert(batch)
+    if window:
+        store.insert_many(batches, window=window)
+    else:
+        for batch in batches:
+            store.insert(batch)
     elapsed = time.perf_counter() - start
     store.close()
     return sum(b.num_rows for b in batches) / elapsed
 
 
-def ingest_zmq(directory: Path, batches, writers: int) -> float:
+def ingest_zmq(directory: Path, batches, writers: int, window: int = 0) -> float:
     """rows/s into a buffer service from ``writers`` concurrent clients (one thread each, each
-    waiting for its ack before sending its next batch, as an actor's writer does)."""
+    waiting for its ack before sending its next batch, as an actor's writer does; or, with
+    ``window``, keeping up to that many inserts in flight)."""
     from buffer.client import BufferClient
     from buffer.service import start_service
 
@@ -97,8 +110,14 @@ def ingest_zmq(directory: Path, batches, writers: int) -> float:
         for client in clients:
             client.ping()  # connected before the clock starts
         shards = [batches[w::writers] for w in range(writers)]
-        threads = [threading.Thread(target=lambda c, bs: [c.insert(b) for b in bs], args=(c, bs))
-                   for c, bs in zip(clients, shards, strict=True)]
+        def write(client, shard):
+            if window:
+                client.insert_many(shard, window=window)
+            else:
+                for batch in shard:
+                    client.insert(batch)
+
+        threads = [threading.Thread(target=write, args=(c, bs)) for c, bs in zip(clients, shards, strict=True)]
         start = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -292,8 +311,9 @@ def main() -> None:
 
 
 def _ingest_rows(results: dict, n_batches: int, baseline_batches: int) -> None:
-    """The ceiling, then the three ingest figures, then the ceiling again, in one run; the
-    baselines get fewer batches (their rows are Python dicts: memory, not the disk, limits)."""
+    """The ceiling, then the ingest figures (each pipelined writer right after its synchronous
+    one), then the ceiling again, in one run; the baselines get fewer batches (their rows are
+    Python dicts: memory, not the disk, limits)."""
     batches = _batches(n_batches)
     dicts = _as_dicts(batches[:baseline_batches])
     work = Path(tempfile.mkdtemp(prefix="buffer-bench-"))
@@ -308,15 +328,19 @@ def _ingest_rows(results: dict, n_batches: int, baseline_batches: int) -> None:
         rows["ingest_batches"], rows["baseline_batches"] = n_batches, baseline_batches
         measure("disk_ceiling_before", disk_ceiling, work, batches)
         measure("ingest_inproc", ingest_inprocess, work / "inproc", batches)
+        measure("ingest_inproc_pipelined", ingest_inprocess, work / "inproc-pipelined", batches, PIPELINE_WINDOW)
         measure("ingest_inproc_baseline", baseline_ingest_inprocess, work, dicts)
         measure(f"ingest_zmq_{ZMQ_WRITERS}_writers", ingest_zmq, work / "zmq8", batches, ZMQ_WRITERS)
         measure("ingest_zmq_1_writer", ingest_zmq, work / "zmq1", batches, 1)
+        measure("ingest_zmq_1_writer_pipelined", ingest_zmq, work / "zmq1-pipelined", batches, 1, PIPELINE_WINDOW)
         measure("ingest_zmq_baseline", baseline_ingest_zmq, work, dicts)
         measure("disk_ceiling_after", disk_ceiling, work, batches)
         rows["disk_ceilings"] = [rows.pop("disk_ceiling_before"), rows.pop("disk_ceiling_after")]
         rows["disk_ceiling"] = max(rows["disk_ceilings"])
         rows["ingest_loadavg_1min"] = load
-        for name in ("ingest_inproc", f"ingest_zmq_{ZMQ_WRITERS}_writers", "ingest_zmq_1_writer"):
+        rows["pipeline_window"] = PIPELINE_WINDOW
+        for name in ("ingest_inproc", f"ingest_zmq_{ZMQ_WRITERS}_writers", "ingest_zmq_1_writer",
+                     "ingest_inproc_pipelined", "ingest_zmq_1_writer_pipelined"):
             rows[f"{name}_vs_ceiling"] = rows[name] / rows["disk_ceiling"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -336,6 +360,12 @@ def _report(results: dict, small: int, large: int) -> None:
          _target(TARGETS[zmq8], ceiling, r[zmq8]), True),
         ("ingest traj/s ZMQ, 1 writer", r["ingest_zmq_1_writer"], r["ingest_zmq_baseline"],
          _target(TARGETS["ingest_zmq_1_writer"], ceiling, r["ingest_zmq_1_writer"]), True),
+        # baseline: the synchronous writer above, in this run
+        (f"  pipelined ({PIPELINE_WINDOW} in flight) in-process", r["ingest_inproc_pipelined"], r["ingest_inproc"],
+         _target(TARGETS["ingest_inproc_pipelined"], ceiling, r["ingest_inproc_pipelined"]), True),
+        (f"  pipelined ({PIPELINE_WINDOW} in flight) ZMQ, 1 writer", r["ingest_zmq_1_writer_pipelined"],
+         r["ingest_zmq_1_writer"],
+         _target(TARGETS["ingest_zmq_1_writer_pipelined"], ceiling, r["ingest_zmq_1_writer_pipelined"]), True),
         (f"sample p50 ms, 512 rows @ {small:,}", sb["p50_ms"], bb["p50_ms"], "<= 2", False),
         (f"sample p99 ms, 512 rows @ {small:,}", sb["p99_ms"], bb["p99_ms"], "", False),
         (f"sample p50 ms, 512 rows @ {large:,}", sl["p50_ms"], bl["p50_ms"], "<= 2", False),
@@ -356,9 +386,11 @@ def _report(results: dict, small: int, large: int) -> None:
         print(f"{name:44s} {ours:12.2f} {base:12.2f} {target:>26s}  {'-' if better is None else 'yes' if better else 'NO'}")
     print("1-min loadavg after each ingest figure: "
           + ", ".join(f"{name} {value:.1f}" for name, value in r["ingest_loadavg_1min"].items()))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    print("pipelined rows: their baseline column is the synchronous writer of this run")
+    path = RESULTS_DIR / ("buffer_bench_quick.json" if results["quick"] else "buffer_bench.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
 
 
 def _target(fraction: float, ceiling: float, value: float) -> str:

@@ -25,7 +25,9 @@ after an fsync that covers it; ``interval`` acknowledges at once and fsyncs ever
 crash of the process alone loses nothing, the page cache outlives it); ``never`` leaves it to
 the OS. Callers that share fsyncs between requests (the service's group commit) pass
 ``sync=False`` and reply once the round in ``Ack.round`` (or, for a sample or a version, a
-round started after the call) has ended; see :meth:`ReplayStore.start_group_commit`. After a
+round started after the call) has ended; see :meth:`ReplayStore.start_group_commit`. One
+in-process writer does the same with :meth:`ReplayStore.insert_many`, keeping a window of
+batches in flight so that one batch's work overlaps the fsync of the ones before. After a
 failed fsync the store acknowledges nothing more: what the kernel dropped is unknown.
 A group that can never be sampled again is retired with a reason; a closed segment whose
 groups are all retired is deleted.
