@@ -4,7 +4,9 @@ one run after the other in one invocation.
     python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3]
                                   [--systems ours,ours-all-groups,trl] [--set KEY=VALUE ...] [--tag T] [--quick]
 
-Issue #16 §4 (async vs sync, the real job) is ``--systems ours-sync,ours,ours-2actors,trl --tag async``.
+Issue #16 §4 (async vs sync, the real job) is ``--systems ours-sync,ours,ours-2actors,trl --tag async``;
+§3 (does replay pay) is ``--systems ours,ours-reuse2,ours-reuse4 --tag replay`` (accuracy against
+generated tokens and against the clock).
 
 Needs the optional ``peer`` extra (``pip install -e '.[peer]'``: TRL, never on the product path).
 Per seed: ``async-rl train`` from the shared SFT start for ``--budget-min`` minutes (tiny.yaml, no
@@ -66,6 +68,10 @@ SYSTEMS = {
     "ours-all-groups": ["buffer.filter_zero_advantage=false"],  # TRL's batch: every generated group trained
     "ours-sync": ["algorithm.mode=sync"],  # the same job, generation and training alternating (#16 §4's baseline)
     "ours-2actors": ["actors.count=2"],  # two vLLM actors feeding one learner
+    # Replay reuse (#16 §3): each group trained up to 2 or 4 times, fresher and less-used groups
+    # first (buffer/samplers.py ``prioritized``: priority decays with age and with each use).
+    "ours-reuse2": ["buffer.max_times_sampled=2", "buffer.sampler=prioritized"],
+    "ours-reuse4": ["buffer.max_times_sampled=4", "buffer.sampler=prioritized"],
     "trl": None,
 }
 DEFAULT_SYSTEMS = ("ours", "ours-all-groups", "trl")
@@ -141,10 +147,15 @@ def run_ours(args, seed: int, system: str = "ours") -> dict:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
         raise SystemExit(f"{system} seed {seed} failed with exit code {code}; see {args.root / f'{name}.log'}")
+    return read_job(run_dir, seed, args.budget_min)
+
+
+def read_job(run_dir: Path, seed: int, budget_min: float) -> dict:
+    """One job's figures from its metrics files, over its first ``budget_min`` of training."""
     learner, evals = records(run_dir, "learner"), records(run_dir, "eval")
     actors = [records(run_dir, path.stem) for path in sorted((run_dir / "metrics").glob("actor-*.jsonl"))]
     start = learner[0]["time"] - learner[0]["step_s"] - learner[0]["sample_wait_s"]  # the first step's start
-    learner = [r for r in learner if r["time"] - start <= args.budget_min * 60]  # the same training clock as TRL's
+    learner = [r for r in learner if r["time"] - start <= budget_min * 60]  # the same training clock as TRL's
     evals = sorted((e for e in evals if e["version"] <= learner[-1]["version"]), key=lambda e: e["version"])
     published = {r["version"]: r["time"] - start for r in learner}  # a version's training clock
     span = learner[-1]["time"] - start

@@ -50,3 +50,31 @@ def test_plot_draws_every_seed_against_wallclock_and_tokens(peer, tmp_path):
     paths = peer.plot(results, tmp_path, "peer-trl-x")
     assert [p.name for p in paths] == ["peer-trl-x-walltime.png", "peer-trl-x-tokens.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_read_job_sums_actors_and_cuts_at_the_budget(peer, tmp_path):
+    import json
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+
+    def write(role, rows):
+        (metrics / f"{role}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def step(i, t):  # the first step starts at t = 100 (its end 102 minus 2 s of work and wait)
+        return {"time": t, "step": i, "version": i, "step_s": 1.5, "sample_wait_s": 0.5, "rows": 128, "groups": 16,
+                "groups_all_equal": 4, "busy_fraction": 0.5 + 0.01 * i}
+
+    write("learner", [step(1, 102.0), step(2, 130.0), step(3, 170.0)])  # step 3 lies past a 0.5 min budget
+    for k in (0, 1):
+        write(f"actor-{k}", [{"time": 100.0, "tokens": 0, "rows_acked": 0, "groups_in_flight": 8},
+                             {"time": 125.0, "tokens": 1000 * (k + 1), "rows_acked": 64, "groups_in_flight": 8},
+                             {"time": 160.0, "tokens": 3000 * (k + 1), "rows_acked": 128, "groups_in_flight": 0}])
+    write("eval", [{"version": 0, "accuracy": 0.3}, {"version": 2, "accuracy": 0.5}, {"version": 3, "accuracy": 0.6}])
+    job = peer.read_job(tmp_path, seed=7, budget_min=0.5)
+    assert (job["seed"], job["updates"], job["actors"]) == (7, 2, 2)
+    assert job["train_s"] == pytest.approx(30.0) and job["updates_per_min"] == pytest.approx(4.0)
+    assert job["learner_busy"] == pytest.approx(0.52)  # the last step within the budget
+    assert job["tokens_generated"] == 1000 + 2000  # both actors, by the last step within the budget
+    assert job["actor_busy"] == 1.0  # the records after it are not counted
+    assert [(h["version"], h["t"], h["tokens"]) for h in job["heldout"]] == [(0, 0.0, 0), (2, 30.0, 3000)]
