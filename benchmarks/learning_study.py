@@ -192,7 +192,7 @@ def summarize_arm(arm: Arm, runs: Sequence[dict], target: float) -> dict:
     curves = [[EvalPoint(**p) for p in run["curve"]] for run in runs]
     mean = mean_curve(curves)
     final, final_std = mean_std([c[-1].accuracy for c in curves])
-    keys = runs[0]["diagnostics"]
+    keys = [k for k in runs[0]["diagnostics"] if all(k in run["diagnostics"] for run in runs)]  # older logs lack some
     diagnostics = {key: statistics.fmean(run["diagnostics"][key] for run in runs) for key in keys}
     return {
         "arm": arm.name, "loss": arm.loss, "staleness": arm.staleness, "modifiers": list(arm.modifiers),
@@ -396,6 +396,7 @@ def step_record(step) -> dict:
         "load_s": step.load_s, "rollout_s": step.rollout_s, "step_s": step.step_s,
         "staleness_mean": metrics.get("staleness/mean", float("nan")),
         "clip_frac": sum(metrics.get(f"clip/{side}_frac", 0.0) for side in ("high", "low", "dual")),
+        "clip_seq_frac": sum(metrics.get(f"clip/{side}_seq_frac", 0.0) for side in ("high", "low")),  # GSPO
         "weight_mean": metrics.get("weight/mean", float("nan")), "approx_kl": metrics.get("approx_kl", float("nan")),
         "grad_norm": metrics.get("grad_norm", float("nan")), "entropy": metrics.get("entropy", float("nan")),
     }
@@ -403,7 +404,7 @@ def step_record(step) -> dict:
 
 def diagnostics(steps: Sequence[dict]) -> dict:
     """Means over a run's steps of what explains its curve (clipping, weights, speed)."""
-    keys = ("clip_frac", "weight_mean", "approx_kl", "staleness_mean", "sample_accuracy", "step_s",
+    keys = ("clip_frac", "clip_seq_frac", "weight_mean", "approx_kl", "staleness_mean", "sample_accuracy", "step_s",
             "groups_generated")
     out = {}
     for key in keys:
