@@ -23,7 +23,7 @@ def test_embedded_default_and_klear_recipe_validate():
     assert klear.algorithm.loss.dual_clip_c == 10.0
     assert klear.learner.optimizer.lr == 1e-6 and klear.learner.optimizer.weight_decay == 0.1
     assert klear.learner.batch.groups_per_step == 128 and klear.actors.n_samples_per_prompt == 8
-    assert klear.reward.math.require_think_format and klear.algorithm.staleness.max_staleness == 4
+    assert klear.reward.math.require_think_format and klear.algorithm.staleness.max_staleness == 8
     assert klear.algorithm.sft_coef == 0.1 and klear.algorithm.kl_coef == 0.0
 
 
