@@ -662,7 +662,7 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
 
 def save(args, lockstep: dict, job: list[dict], extra: dict) -> None:
     """The JSON result and the plots (rewritten once the job part is in)."""
-    if args.section:
+    if args.section and args.tag == args.section:  # a probe with its own --tag keeps its plots under --root
         plots = plot(lockstep["arms"], job, lockstep["target"], DOCS, f"study-{args.section}")
     else:
         plots = plot(lockstep["arms"], job, lockstep["target"], args.root if args.quick or args.tag else DOCS,
