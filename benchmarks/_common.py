@@ -43,6 +43,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def first_reaching(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The x of the first (x, accuracy) point with accuracy >= target, else None."""
+    for x, accuracy in points:
+        if accuracy >= target - 1e-12:
+            return x
+    return None
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (0 for a single value)."""
     values = list(values)

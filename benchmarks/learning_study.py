@@ -64,7 +64,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import accuracy_axes, print_table, save_figure, write_result  # noqa: E402
+from _common import accuracy_axes, first_reaching, print_table, save_figure, write_result  # noqa: E402
 from _common import mean_sd as mean_std  # noqa: E402
 
 from async_rl.seeds import derive_seed  # noqa: E402
@@ -165,12 +165,6 @@ RUN_SETTINGS = ("quick", "steps", "groups", "mini_batches", "eval_every", "heldo
 # --------------------------------------------------------------------------- curve arithmetic
 
 
-def first_reaching(points: Sequence[tuple[float, float]], target: float) -> float | None:
-    """The x of the first (x, accuracy) point with accuracy >= target, else None."""
-    for x, accuracy in points:
-        if accuracy >= target - 1e-12:
-            return x
-    return None
 
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import accuracy_axes, mean_sd, print_table, save_figure, write_result  # noqa: E402
+from _common import accuracy_axes, first_reaching, mean_sd, print_table, save_figure, write_result  # noqa: E402
 from e2e_bench import SHARED, records, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -369,7 +369,7 @@ def sync_target(results: dict) -> float | None:
 
 def time_to(heldout: list[dict], target: float) -> float | None:
     """The training clock of the first evaluated version at or above ``target``."""
-    return next((h["t"] for h in heldout if h["accuracy"] >= target - 1e-12), None)
+    return first_reaching([(h["t"], h["accuracy"]) for h in heldout], target)
 
 
 def implied_speedups(sync_runs: list[dict], actors: tuple[int, ...] = (1, 2, 4)) -> dict:
