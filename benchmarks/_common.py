@@ -51,6 +51,26 @@ def first_reaching(points: Sequence[tuple[float, float]], target: float) -> floa
     return None
 
 
+def logged_runs(path: Path, settings: dict, key: str) -> dict[tuple[str, int], dict]:
+    """The runs an append-only JSON-lines log at ``path`` holds with these ``settings``, by
+    (``run[key]``, seed); the last line wins. What a study's ``--reuse`` takes instead of running."""
+    if not path.exists():
+        return {}
+    settings = json.loads(json.dumps(settings))  # tuples compare as JSON lists
+    out = {}
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        if run.get("settings") == settings:
+            out[(run[key], run["seed"])] = run
+    return out
+
+
+def log_run(path: Path, run: dict) -> None:
+    """Append one finished run to the log at ``path`` (one write per run: parallel studies may share it)."""
+    with path.open("a") as log:
+        log.write(json.dumps(run) + "\n")
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (0 for a single value)."""
     values = list(values)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -64,7 +63,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import accuracy_axes, first_reaching, print_table, save_figure, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    accuracy_axes,
+    first_reaching,
+    log_run,
+    logged_runs,
+    print_table,
+    save_figure,
+    write_result,
+)
 from _common import mean_sd as mean_std  # noqa: E402
 
 from async_rl.seeds import derive_seed  # noqa: E402
@@ -358,19 +365,6 @@ def run_settings(args) -> dict:
     return {key: getattr(args, key) for key in RUN_SETTINGS}
 
 
-def logged_runs(path: Path, args) -> dict[tuple[str, int], dict]:
-    """The runs in the log at ``path`` made with ``args``' settings, by (arm, seed); the last wins."""
-    if not path.exists():
-        return {}
-    settings = json.loads(json.dumps(run_settings(args)))  # tuples compare as JSON lists
-    out = {}
-    for line in path.read_text().splitlines():
-        run = json.loads(line)
-        if run.get("settings") == settings:
-            out[(run["arm"], run["seed"])] = run
-    return out
-
-
 def print_progress(arm: Arm, seed: int, args, point: EvalPoint, recent: list[dict], slips: dict,
                    eval_s: float, clock: float) -> None:
     print(f"  {arm.name} seed {seed}: step {point.step}/{args.steps} held-out {point.accuracy:.3f}, "
@@ -621,7 +615,7 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
     """Part 1: every arm × seed on one engine; the SFT start is evaluated once for all. With
     ``--reuse``, a run already in the log with the same arm, seed and settings is not run again."""
     runs_log = args.root / RUN_LOG
-    done = logged_runs(runs_log, args) if args.reuse else {}
+    done = logged_runs(runs_log, run_settings(args), "arm") if args.reuse else {}
     todo = [(arm, seed) for arm in args.arm_list for seed in range(args.seeds) if (arm.name, seed) not in done]
     print(f"lockstep: {len(args.arm_list) * args.seeds} runs, {len(todo)} to run"
           + (f", {len(args.arm_list) * args.seeds - len(todo)} from {runs_log}" if args.reuse else ""), flush=True)
@@ -641,8 +635,7 @@ def run_lockstep(args, cfg, policy_dir: Path) -> dict:
                   f"seed {seed}", flush=True)
             run = run_arm(study, arm, seed, args, start)
             done[(arm.name, seed)] = run
-            with runs_log.open("a") as log:  # one write per run: parallel studies may share the log
-                log.write(json.dumps(run) + "\n")
+            log_run(runs_log, run)
     finally:
         if study:
             study.close()

@@ -3,10 +3,14 @@ one run after the other in one invocation.
 
     python benchmarks/peer_trl.py [--root runs/peer_trl] [--start RUN] [--budget-min 11] [--seeds 3]
                                   [--systems ours,ours-all-groups,trl] [--set KEY=VALUE ...] [--tag T] [--quick]
+                                  [--reuse]
 
-Issue #16 §4 (async vs sync, the real job) is ``--systems ours-sync,ours,ours-2actors,trl --tag async``;
-§3 (does replay pay) is ``--systems ours,ours-reuse2,ours-reuse4 --tag replay`` (accuracy against
-generated tokens and against the clock).
+Issue #16 §3 (does replay pay) is ``--systems ours,ours-reuse2,ours-reuse4 --tag replay`` (accuracy
+against generated tokens and against the clock); §4 (async vs sync, the real job) is ``--systems
+ours-sync,ours,ours-2actors,trl --tag async``. Every finished run is appended to
+``ROOT/peer_runs.jsonl``; with ``--reuse`` a run already there with the same system, seed, budget,
+held-out size and ``--set`` is taken instead of run again (§4 after §3 at the same ``--root`` runs
+``ours`` once; a study that stopped resumes).
 
 Needs the optional ``peer`` extra (``pip install -e '.[peer]'``: TRL, never on the product path).
 Per seed: ``async-rl train`` from the shared SFT start for ``--budget-min`` minutes (tiny.yaml, no
@@ -55,7 +59,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import accuracy_axes, first_reaching, mean_sd, print_table, save_figure, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    accuracy_axes,
+    first_reaching,
+    log_run,
+    logged_runs,
+    mean_sd,
+    print_table,
+    save_figure,
+    write_result,
+)
 from e2e_bench import SHARED, records, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +91,8 @@ DEFAULT_SYSTEMS = ("ours", "ours-all-groups", "trl")
 # Issue #16 §4's target: this share of the sync job's mean gain (its last held-out accuracy over
 # its start), reached by each system on the training clock.
 TARGET_SHARE = 0.9
+# Every finished run, one JSON line each, appended under --root (``--reuse`` reads it).
+RUN_LOG = "peer_runs.jsonl"
 
 
 def main() -> None:
@@ -92,11 +107,7 @@ def main() -> None:
             if not (args.root / "shared" / name).exists():
                 shutil.copytree(args.start / name, args.root / "shared" / name)
     warm_start(args.root)  # the shared SFT start (cached): model, data, sft_model
-    results = {system: [] for system in args.systems}
-    for seed in range(args.seeds):
-        for system in args.systems:
-            run = run_trl(args, seed) if system == "trl" else run_ours(args, seed, system)
-            results[system].append(run)
+    results = run_all(args)
     report(results, args)
     name = "peer_trl" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     plots = plot(results, args.root if args.quick else REPO / "docs", name.replace("_", "-"))
@@ -107,7 +118,28 @@ def main() -> None:
     })
 
 
-def parse_args() -> argparse.Namespace:
+def run_all(args) -> dict[str, list[dict]]:
+    """Every system x seed, seed-major; each finished run is appended to ``ROOT/peer_runs.jsonl``,
+    and with ``--reuse`` one already there with the same system, seed and settings is not run again
+    (so §3 and §4 share their ``ours`` runs, and a study that stopped resumes where it stopped)."""
+    log, settings = args.root / RUN_LOG, run_settings(args)
+    done = logged_runs(log, settings, "system") if args.reuse else {}
+    todo = [(system, seed) for seed in range(args.seeds) for system in args.systems if (system, seed) not in done]
+    print(f"{len(args.systems) * args.seeds} runs, {len(todo)} to run"
+          + (f", {len(args.systems) * args.seeds - len(todo)} from {log}" if args.reuse else ""), flush=True)
+    for system, seed in todo:
+        run = run_trl(args, seed) if system == "trl" else run_ours(args, seed, system)
+        done[(system, seed)] = {"system": system, "settings": settings, **run}
+        log_run(log, done[(system, seed)])
+    return {system: [done[(system, seed)] for seed in range(args.seeds)] for system in args.systems}
+
+
+def run_settings(args) -> dict:
+    """What makes two runs of one system and seed the same run (``--reuse``)."""
+    return {"budget_min": args.budget_min, "heldout": args.heldout, "set": args.set, "quick": args.quick}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "peer_trl")
     parser.add_argument("--budget-min", type=float, default=11.0, help="training wall-clock per system and seed")
@@ -120,7 +152,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tag", default="", help="names the result peer_trl_TAG.json and its plots docs/peer-trl-TAG-*.png")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the job's systems (repeatable), e.g. learner.eval.every=1000")
-    args = parser.parse_args()
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"take runs already in ROOT/{RUN_LOG} with the same system, seed and settings")
+    args = parser.parse_args(argv)
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = [name for name in args.systems if name not in SYSTEMS]
     if unknown or not args.systems:

@@ -1,6 +1,6 @@
 """The staleness cap in the live job: held-out accuracy at exact versions per cap, over seeds.
 
-    python benchmarks/staleness_study.py [--caps 0,1,4,8] [--seeds 3] [--steps 40] [--quick]
+    python benchmarks/staleness_study.py [--caps 0,1,4,8] [--seeds 3] [--steps 40] [--quick] [--reuse]
 
 Every run is the real ``async-rl train`` (async mode, tiny.yaml) from one shared SFT start, with
 ``algorithm.staleness.max_staleness`` set to the cap and ``run.seed`` to the seed (prompt order and sampling),
@@ -8,7 +8,9 @@ for the same number of learner steps. The job's evaluator scores the held-out se
 every ``--eval-every``, and the last, each at exactly one version. Reported per cap: the final
 accuracy and the gain over the start (mean ± sd over seeds), the mean staleness the learner
 trained at, and the learner's busy fraction; each seed's curve is in the JSON. The lockstep
-counterpart (rows exactly s versions stale) is ``learning_study.py --arms gppo,gppo-s1,gppo-s4,gppo-s8``.
+counterpart (rows exactly s versions stale) is ``learning_study.py --section staleness``. Every
+finished run is appended to ``ROOT/live_runs.jsonl``; ``--reuse`` takes a run already there with the
+same cap, seed, steps, evaluation cadence and held-out size instead of running it again.
 
 ``--quick``: caps 0 and 1, one seed, 4 steps, 100 held-out problems, no SFT (plumbing only, the
 random model learns nothing); writes ``staleness_study_quick.json``.
@@ -25,10 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import mean_sd, print_table, write_result  # noqa: E402
+from _common import log_run, logged_runs, mean_sd, print_table, write_result  # noqa: E402
 from e2e_bench import records, run_mode, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Every finished run, one JSON line each, appended under --root (``--reuse`` reads it).
+RUN_LOG = "live_runs.jsonl"
+# What makes two runs of one cap and seed the same run (``--reuse``).
+RUN_SETTINGS = ("steps", "eval_every", "heldout", "quick")
 
 
 def run_cap(root: Path, cap: int, seed: int, args) -> dict:
@@ -76,6 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems per evaluation")
     parser.add_argument("--quick", action="store_true", help="plumbing only: caps 0,1, 1 seed, 4 steps, no SFT")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "staleness_study")
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"take runs already in ROOT/{RUN_LOG} with the same cap, seed and settings")
     args = parser.parse_args(argv)
     if args.quick:
         args.caps, args.seeds, args.steps, args.eval_every, args.heldout = "0,1", 1, 4, 2, 100
@@ -98,11 +106,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.quick:
         warm_start(args.root)
     runs: list[dict] = []
-    total = len(args.cap_list) * args.seeds
+    total, log = len(args.cap_list) * args.seeds, args.root / RUN_LOG
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    done = logged_runs(log, settings, "cap") if args.reuse else {}
     for seed in range(args.seeds):  # seed-major: an interrupted sweep still covers every cap
         for cap in args.cap_list:
+            if (cap, seed) in done:
+                print(f"run {len(runs) + 1}/{total}: cap {cap}, seed {seed} from {log}", flush=True)
+                runs.append(done[(cap, seed)])
+                continue
             print(f"run {len(runs) + 1}/{total}: cap {cap}, seed {seed}", flush=True)
-            runs.append(run_cap(args.root, cap, seed, args))
+            runs.append({**run_cap(args.root, cap, seed, args), "settings": settings})
+            log_run(log, runs[-1])
             curve = " ".join(f"v{p['version']}:{p['accuracy']:.3f}" for p in runs[-1]["curve"])
             print(f"  {curve} ({runs[-1]['wall_s']:.0f} s)", flush=True)
             save(args, runs, started)  # an interrupted sweep keeps every finished run

@@ -129,18 +129,18 @@ def test_a_section_sets_its_arms_and_settings_as_defaults_and_an_explicit_flag_s
 
 
 def test_logged_runs_are_reused_only_with_the_same_arm_seed_and_settings(study, tmp_path):
-    import json
+    from _common import log_run, logged_runs
 
     args = study.parse_args(["--section", "objectives"])
     other = study.parse_args(["--section", "objectives", "--lr", "1e-5"])
     log = tmp_path / "lockstep_runs.jsonl"
-    assert study.logged_runs(log, args) == {}
-    runs = [{"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 1},
-            {"arm": "gppo", "seed": 1, "settings": study.run_settings(other), "curve": [], "n": 2},
-            {"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 3}]
-    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
-    assert {k: r["n"] for k, r in study.logged_runs(log, args).items()} == {("gppo", 0): 3}  # the last wins
-    assert {k: r["n"] for k, r in study.logged_runs(log, other).items()} == {("gppo", 1): 2}
+    assert logged_runs(log, study.run_settings(args), "arm") == {}
+    for run in [{"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 1},
+                {"arm": "gppo", "seed": 1, "settings": study.run_settings(other), "curve": [], "n": 2},
+                {"arm": "gppo", "seed": 0, "settings": study.run_settings(args), "curve": [], "n": 3}]:
+        log_run(log, run)
+    assert {k: r["n"] for k, r in logged_runs(log, study.run_settings(args), "arm").items()} == {("gppo", 0): 3}
+    assert {k: r["n"] for k, r in logged_runs(log, study.run_settings(other), "arm").items()} == {("gppo", 1): 2}
 
 
 def test_curves_average_generated_tokens_and_old_records_without_them_still_load(study):

@@ -78,3 +78,30 @@ def test_read_job_sums_actors_and_cuts_at_the_budget(peer, tmp_path):
     assert job["tokens_generated"] == 1000 + 2000  # both actors, by the last step within the budget
     assert job["actor_busy"] == 1.0  # the records after it are not counted
     assert [(h["version"], h["t"], h["tokens"]) for h in job["heldout"]] == [(0, 0.0, 0), (2, 30.0, 3000)]
+
+
+def test_reuse_takes_logged_runs_with_the_same_settings_and_runs_only_the_rest(peer, tmp_path, monkeypatch):
+    calls = []
+
+    def fake(args, seed, system="trl"):
+        calls.append((system, seed))
+        return {"seed": seed, "heldout": [], "n": len(calls)}
+
+    monkeypatch.setattr(peer, "run_ours", fake)
+    monkeypatch.setattr(peer, "run_trl", fake)
+    first = peer.parse_args(["--root", str(tmp_path), "--systems", "ours,ours-reuse2", "--seeds", "2"])
+    peer.run_all(first)
+    assert calls == [("ours", 0), ("ours-reuse2", 0), ("ours", 1), ("ours-reuse2", 1)]
+    calls.clear()
+    second = peer.parse_args(["--root", str(tmp_path), "--systems", "ours-sync,ours", "--seeds", "2", "--reuse"])
+    results = peer.run_all(second)
+    assert calls == [("ours-sync", 0), ("ours-sync", 1)]  # ours comes from the log
+    assert [r["n"] for r in results["ours"]] == [1, 3] and [r["seed"] for r in results["ours-sync"]] == [0, 1]
+    calls.clear()
+    other = peer.parse_args(["--root", str(tmp_path), "--systems", "ours", "--seeds", "1", "--reuse",
+                             "--set", "learner.eval.every=5"])
+    peer.run_all(other)
+    assert calls == [("ours", 0)]  # another --set is another run
+    calls.clear()
+    peer.run_all(first)  # without --reuse everything runs again
+    assert len(calls) == 4

@@ -38,6 +38,22 @@ def test_staleness_study_flags_name_the_bad_value(staleness):
     assert quick.cap_list == [0, 1] and quick.seeds == 1 and quick.steps == 4
 
 
+def test_staleness_study_reuses_logged_runs_of_the_same_settings(staleness, tmp_path, monkeypatch):
+    ran, written = [], {}
+    monkeypatch.setattr(staleness, "warm_start", lambda root: None)
+    monkeypatch.setattr(staleness, "write_result", lambda name, payload: written.update(payload))
+    monkeypatch.setattr(staleness, "run_cap", lambda root, cap, seed, args: ran.append((cap, seed)) or run(cap, seed, [0.3, 0.6]))
+    staleness.main(["--root", str(tmp_path), "--caps", "0,8", "--seeds", "2", "--steps", "16"])
+    assert ran == [(0, 0), (8, 0), (0, 1), (8, 1)]
+    ran.clear()
+    staleness.main(["--root", str(tmp_path), "--caps", "0,8,16", "--seeds", "2", "--steps", "16", "--reuse"])
+    assert ran == [(16, 0), (16, 1)]  # caps 0 and 8 come from the log
+    assert [c["cap"] for c in written["caps"]] == [0, 8, 16] and len(written["runs"]) == 6
+    ran.clear()
+    staleness.main(["--root", str(tmp_path), "--caps", "0", "--seeds", "1", "--steps", "8", "--reuse"])
+    assert ran == [(0, 0)]  # other steps: another run
+
+
 def test_default_run_reads_a_finished_run_folder(default_run, tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "config.yaml").write_text("run:\n  seed: 2\n")
