@@ -31,10 +31,13 @@ trained group on the tiny task); ``ours-all-groups`` is the same job with
 rewards included, which is TRL's batch (16 prompts as sampled); ``trl`` is TRL. Two more job
 systems on request: ``ours-sync`` (``algorithm.mode=sync``: the actor generates one learner
 batch per version and waits, the baseline of AReaL's and verl's comparisons) and ``ours-2actors``
-(two vLLM actors for one learner). With ``ours-sync`` among them, each system's training seconds to
-``TARGET_SHARE`` of sync's mean gain are reported per seed, and the speedup that sync's measured
-learner busy fraction implies for a cluster where the roles do not share cores
-(``implied_speedups``: its model is in the docstring).
+(two vLLM actors for one learner); ``ours-reuse2`` / ``ours-reuse4`` train every group up to 2 / 4
+times, the prioritized sampler preferring fresh groups and decaying priority with age. Each system's
+training seconds and generated tokens to a target are reported (mean ± sd, and per seed): the
+target is ``TARGET_SHARE`` of the mean gain of ``ours-sync`` where it runs, else of the first system
+listed. With ``ours-sync`` among them, the speedup that sync's measured learner busy fraction implies
+for a cluster where the roles do not share cores is reported too (``implied_speedups``: its model is
+in the docstring).
 
 Reported per seed and system: policy updates per minute, groups with a learning signal (rewards
 not all equal) trained per minute and completions per second over the
@@ -88,8 +91,8 @@ SYSTEMS = {
     "trl": None,
 }
 DEFAULT_SYSTEMS = ("ours", "ours-all-groups", "trl")
-# Issue #16 §4's target: this share of the sync job's mean gain (its last held-out accuracy over
-# its start), reached by each system on the training clock.
+# The target: this share of the reference system's mean gain (its last held-out accuracy over its
+# start; the sync job's in #16 §4), reached by each system on the training clock and in generated tokens.
 TARGET_SHARE = 0.9
 # Every finished run, one JSON line each, appended under --root (``--reuse`` reads it).
 RUN_LOG = "peer_runs.jsonl"
@@ -370,7 +373,7 @@ def greedy_accuracy(model, tok, rows, cfg, batch: int = 100) -> float:
 
 def summary(results: dict) -> dict:
     out = {}
-    target = sync_target(results)
+    target = target_accuracy(results)
     for system, runs in results.items():
         keys = ("updates_per_min", "signal_groups_per_min", "completions_per_s", "groups_all_equal_share")
         out[system] = {key: mean_sd([r[key] for r in runs]) for key in keys}
@@ -379,31 +382,47 @@ def summary(results: dict) -> dict:
         for key in ("learner_busy", "actor_busy", "tokens_generated"):
             if all(key in r for r in runs):
                 out[system][key] = mean_sd([r[key] for r in runs])
+        if all("trained_completions_per_s" in r for r in runs):  # > 1: rows trained more than once (replay)
+            out[system]["trained_per_generated"] = mean_sd(
+                [r["trained_completions_per_s"] / max(r["completions_per_s"], 1e-9) for r in runs])
         if target is not None:
-            reached = [time_to(r["heldout"], target) for r in runs]
-            out[system]["time_to_target_s"] = reached
-            out[system]["seeds_reaching"] = sum(t is not None for t in reached)
-            if all(t is not None for t in reached):
-                out[system]["time_to_target"] = mean_sd(reached)
+            for name, reach in (("time", time_to), ("tokens", tokens_to)):
+                reached = [reach(r["heldout"], target) for r in runs]
+                out[system][f"{name}_to_target_per_seed"] = reached
+                if all(t is not None for t in reached):
+                    out[system][f"{name}_to_target"] = mean_sd(reached)
+            out[system]["seeds_reaching"] = sum(t is not None for t in out[system]["time_to_target_per_seed"])
     if target is not None:
-        out["target"] = target
+        out["reference"], out["target"] = reference_system(results), target
+    if "ours-sync" in results:
         out["implied_cluster_speedup"] = implied_speedups(results["ours-sync"])
     return out
 
 
-def sync_target(results: dict) -> float | None:
-    """``TARGET_SHARE`` of the sync job's mean gain over its start (None without sync runs)."""
-    sync = results.get("ours-sync")
-    if not sync:
+def reference_system(results: dict) -> str:
+    """The system whose gain sets the target: the sync job where it runs (§4's baseline), else the
+    first system listed (§3's ``ours``, without reuse)."""
+    return "ours-sync" if "ours-sync" in results else next(iter(results))
+
+
+def target_accuracy(results: dict) -> float | None:
+    """``TARGET_SHARE`` of the reference system's mean gain over its start (None without its runs)."""
+    runs = [r for r in results.get(reference_system(results), []) if r["heldout"]]
+    if not runs:
         return None
-    start = sum(r["heldout"][0]["accuracy"] for r in sync) / len(sync)
-    last = sum(r["heldout"][-1]["accuracy"] for r in sync) / len(sync)
+    start = sum(r["heldout"][0]["accuracy"] for r in runs) / len(runs)
+    last = sum(r["heldout"][-1]["accuracy"] for r in runs) / len(runs)
     return start + TARGET_SHARE * (last - start)
 
 
 def time_to(heldout: list[dict], target: float) -> float | None:
     """The training clock of the first evaluated version at or above ``target``."""
     return first_reaching([(h["t"], h["accuracy"]) for h in heldout], target)
+
+
+def tokens_to(heldout: list[dict], target: float) -> float | None:
+    """The response tokens generated by the first evaluated version at or above ``target``."""
+    return first_reaching([(h["tokens"], h["accuracy"]) for h in heldout if "tokens" in h], target)
 
 
 def implied_speedups(sync_runs: list[dict], actors: tuple[int, ...] = (1, 2, 4)) -> dict:
@@ -430,17 +449,32 @@ def report(results: dict, args) -> None:
     curve = [[system, r["seed"], " ".join(f"{h['t']:.0f}s:{h['accuracy']:.3f}" for h in r["heldout"])]
              for system, runs in results.items() for r in runs]
     print_table("held-out greedy accuracy against training wall-clock", ["system", "seed", "t:accuracy"], curve)
-    target = sync_target(results)
-    if target is not None:
-        speedups = implied_speedups(results["ours-sync"])
-        rows = [[system, " ".join("—" if t is None else f"{t:.0f}" for t in (time_to(r["heldout"], target)
-                                                                            for r in runs))]
-                for system, runs in results.items()]
-        print_table(f"training seconds to {target:.3f} held-out ({TARGET_SHARE:.0%} of sync's gain), per seed",
-                    ["system", "seconds"], rows)
+    summ, target = summary(results), target_accuracy(results)
+    rows = []
+    for system in results:
+        row = summ[system]
+        rows.append([system, len(results[system]), pm(row["updates_per_min"], 1), pm(row.get("learner_busy"), 2),
+                     pm(row.get("actor_busy"), 2), pm(row.get("tokens_generated"), 0, 1e3),
+                     pm(row.get("trained_per_generated"), 2), pm(row["heldout_last"], 3),
+                     pm(row.get("time_to_target"), 0), pm(row.get("tokens_to_target"), 0, 1e3),
+                     f"{row.get('seeds_reaching', 0)}/{len(results[system])}"])
+    print_table(f"mean ± sd over seeds; target {target:.3f} held-out = start + {TARGET_SHARE:.0%} of "
+                f"{reference_system(results)}'s mean gain" if target is not None else "mean ± sd over seeds",
+                ["system", "seeds", "updates/min", "learner busy", "actor busy", "k tokens generated",
+                 "trained / generated", "held-out last", "s to target", "k tokens to target", "seeds reaching"], rows)
+    if "ours-sync" in results:
+        speedups = summ["implied_cluster_speedup"]
         print(f"implied speedup of async where roles do not share cores (sync learner busy "
               f"{speedups['learner_busy_in_sync']:.2f}): 1 actor {speedups['actors_1']:.2f}x, "
               f"2 actors {speedups['actors_2']:.2f}x, 4 actors {speedups['actors_4']:.2f}x", flush=True)
+
+
+def pm(value, digits: int, scale: float = 1.0) -> str:
+    """A (mean, sd) pair as "m ± sd" in units of ``scale``; "—" when absent."""
+    if value is None:
+        return "—"
+    mean, sd = value
+    return f"{mean / scale:.{digits}f} ± {sd / scale:.{digits}f}"
 
 
 def plot(results: dict, out_dir: Path, prefix: str) -> list[Path]:
@@ -459,9 +493,10 @@ def plot(results: dict, out_dir: Path, prefix: str) -> list[Path]:
                 points = [h for h in r["heldout"] if key in h]
                 ax.plot([h[key] for h in points], [h["accuracy"] for h in points], color=f"C{i}", alpha=0.7,
                         marker="o", markersize=3, label=system if j == 0 else None)
-        target = sync_target(results)
+        target = target_accuracy(results)
         if target is not None:
-            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"{TARGET_SHARE:.0%} of sync's gain")
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1,
+                       label=f"{TARGET_SHARE:.0%} of {reference_system(results)}'s gain")
         accuracy_axes(ax, label)
         paths.append(save_figure(fig, out_dir / f"{prefix}-{name}.png"))
     return paths

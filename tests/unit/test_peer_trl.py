@@ -18,12 +18,34 @@ def run(points, busy=0.4):
 def test_the_target_is_a_share_of_syncs_mean_gain_and_time_to_it_is_the_first_version_there(peer):
     results = {"ours-sync": [run([(0, 0.30), (60, 0.50), (120, 0.60)]), run([(0, 0.30), (60, 0.55), (120, 0.50)])],
                "ours": [run([(0, 0.30), (30, 0.56), (90, 0.62)])]}
-    target = peer.sync_target(results)
+    target = peer.target_accuracy(results)
+    assert peer.reference_system(results) == "ours-sync"
     assert target == pytest.approx(0.30 + peer.TARGET_SHARE * (0.55 - 0.30))
     assert peer.time_to(results["ours"][0]["heldout"], target) == 30
     assert [peer.time_to(r["heldout"], target) for r in results["ours-sync"]] == [120, 60]
     assert peer.time_to(run([(0, 0.30), (60, 0.52)])["heldout"], target) is None
-    assert peer.sync_target({"ours": results["ours"]}) is None
+    # Without sync (§3) the first system listed sets it: here ours, gain 0.32.
+    assert peer.reference_system({"ours": results["ours"]}) == "ours"
+    assert peer.target_accuracy({"ours": results["ours"]}) == pytest.approx(0.30 + peer.TARGET_SHARE * 0.32)
+
+
+def test_replay_is_compared_by_tokens_to_target_and_rows_trained_per_row_generated(peer, capsys):
+    def job(points, trained, generated):
+        return {"seed": 0, "heldout": [{"t": t, "tokens": k, "accuracy": a} for t, k, a in points],
+                "updates_per_min": 20.0, "signal_groups_per_min": 300.0, "completions_per_s": generated,
+                "groups_all_equal_share": 0.0, "trained_completions_per_s": trained, "tokens_generated": 9000,
+                "updates": 40, "step_s_median": 1.0}
+    results = {"ours": [job([(0, 0, 0.3), (60, 6000, 0.5), (120, 12000, 0.6)], 50.0, 50.0)],
+               "ours-reuse2": [job([(0, 0, 0.3), (60, 3000, 0.58), (120, 6000, 0.61)], 100.0, 50.0)]}
+    summary = peer.summary(results)
+    assert summary["reference"] == "ours" and summary["target"] == pytest.approx(0.3 + peer.TARGET_SHARE * 0.3)
+    assert summary["ours"]["tokens_to_target_per_seed"] == [12000]
+    assert summary["ours-reuse2"]["tokens_to_target"] == (3000, 0.0)  # half the generation to the same accuracy
+    assert summary["ours-reuse2"]["trained_per_generated"] == (2.0, 0.0)
+    assert "implied_cluster_speedup" not in summary  # only with sync among the systems
+    peer.report(results, peer.parse_args(["--systems", "ours,ours-reuse2", "--seeds", "1"]))
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ours-reuse2 ")][-1]
+    assert row.split()[-7:] == ["60", "±", "0", "3", "±", "0", "1/1"]  # 60 s and 3k tokens to target, 1 of 1 seed
 
 
 def test_implied_speedup_is_bounded_by_the_slower_role(peer):
