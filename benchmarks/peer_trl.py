@@ -442,7 +442,7 @@ def report(results: dict, args) -> None:
                          r["groups_all_equal_share"], r["completions_per_s"], r["step_s_median"],
                          r.get("learner_busy"), r.get("actor_busy"), r["heldout"][0]["accuracy"],
                          r["heldout"][-1]["accuracy"], r["heldout"][-1]["t"]])
-    print_table(f"async-rl vs TRL GRPOTrainer, {args.budget_min:g} min of training each, {args.heldout} held-out",
+    print_table(f"{', '.join(results)}: {args.budget_min:g} min of training each, {args.heldout} held-out",
                 ["system", "seed", "updates", "updates/min", "signal groups/min", "all-equal share",
                  "completions/s", "s/update", "learner busy", "actor busy", "held-out start",
                  "held-out last", "at s"], rows)
