@@ -67,7 +67,8 @@ def run_job(cfg: Config, console, *, resume: bool = False) -> int:
         status = ray.get(controller.stop.remote())
         control.close()
         ray.shutdown()
-        signal.signal(signal.SIGINT, interrupted)
+        for signum, handler in interrupted.items():
+            signal.signal(signum, handler)
     summary = _summary(run_dir)
     console.print(summary)
     return 1 if status.failure else 0
@@ -161,16 +162,18 @@ def _handle(request: ControlRequest, controller, ray, run_dir: Path) -> Any:
         raise err.cause from None
 
 
-def _install_interrupt(run_dir: Path):
-    """Ctrl-C asks for the same graceful stop as `async-rl stop`; a second one aborts."""
-    previous = signal.getsignal(signal.SIGINT)
+def _install_interrupt(run_dir: Path) -> dict:
+    """Ctrl-C, and SIGTERM (what a batch scheduler or `kill` sends before SIGKILL), ask for the
+    same graceful stop as `async-rl stop`; a second one aborts. Returns the handlers replaced."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def on_interrupt(signum, frame):
         if stop_requested(run_dir):
             raise KeyboardInterrupt
         request_stop(run_dir)
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    for signum in previous:
+        signal.signal(signum, on_interrupt)
     return previous
 
 

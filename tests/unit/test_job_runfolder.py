@@ -100,6 +100,26 @@ def test_stop_requests_are_global_or_per_role(tmp_path):
     assert not stop_requested(tmp_path, "learner")
 
 
+def test_sigterm_and_ctrl_c_ask_for_the_graceful_stop_and_a_second_one_aborts(tmp_path):
+    import os
+    import signal
+
+    from async_rl.job.driver import _install_interrupt
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = _install_interrupt(tmp_path)
+    try:
+        assert previous == before
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before SIGKILL
+        assert stop_requested(tmp_path)  # the same request as `async-rl stop`, not a dead driver
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+
+
 def test_run_json_updates_merge_and_missing_folder_is_explained(tmp_path):
     update_run_json(tmp_path, pid=1, control_address="tcp://127.0.0.1:1")
     update_run_json(tmp_path, buffer_address="tcp://127.0.0.1:2")
