@@ -71,6 +71,14 @@ def log_run(path: Path, run: dict) -> None:
         log.write(json.dumps(run) + "\n")
 
 
+def pm(value: tuple[float, float] | None, digits: int, scale: float = 1.0) -> str:
+    """A (mean, sd) pair as "m ± sd" in units of ``scale``; "—" when absent."""
+    if value is None:
+        return "—"
+    mean, sd = value
+    return f"{mean / scale:.{digits}f} ± {sd / scale:.{digits}f}"
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (0 for a single value)."""
     values = list(values)

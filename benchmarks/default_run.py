@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import mean_sd, print_table, write_result  # noqa: E402
+from _common import mean_sd, pm, print_table, write_result  # noqa: E402
 from e2e_bench import records  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +53,7 @@ def run_summary(run_dir: Path, wall_s: float | None = None) -> dict:
 
 
 def mean_sd_text(values: Sequence[float]) -> str:
-    mean, sd = mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f}"
+    return pm(mean_sd(values), 3)
 
 
 def report(runs: Sequence[dict]) -> None:

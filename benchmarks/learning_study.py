@@ -172,9 +172,6 @@ RUN_SETTINGS = ("quick", "steps", "groups", "mini_batches", "eval_every", "heldo
 # --------------------------------------------------------------------------- curve arithmetic
 
 
-
-
-
 def mean_curve(curves: Sequence[Sequence[EvalPoint]]) -> list[dict]:
     """Per evaluation step over seeds: mean wall-clock, mean and std of accuracy."""
     steps = [p.step for p in curves[0]]

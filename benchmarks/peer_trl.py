@@ -68,6 +68,7 @@ from _common import (  # noqa: E402
     log_run,
     logged_runs,
     mean_sd,
+    pm,
     print_table,
     save_figure,
     write_result,
@@ -449,7 +450,8 @@ def report(results: dict, args) -> None:
     curve = [[system, r["seed"], " ".join(f"{h['t']:.0f}s:{h['accuracy']:.3f}" for h in r["heldout"])]
              for system, runs in results.items() for r in runs]
     print_table("held-out greedy accuracy against training wall-clock", ["system", "seed", "t:accuracy"], curve)
-    summ, target = summary(results), target_accuracy(results)
+    summ = summary(results)
+    target = summ.get("target")
     rows = []
     for system in results:
         row = summ[system]
@@ -467,14 +469,6 @@ def report(results: dict, args) -> None:
         print(f"implied speedup of async where roles do not share cores (sync learner busy "
               f"{speedups['learner_busy_in_sync']:.2f}): 1 actor {speedups['actors_1']:.2f}x, "
               f"2 actors {speedups['actors_2']:.2f}x, 4 actors {speedups['actors_4']:.2f}x", flush=True)
-
-
-def pm(value, digits: int, scale: float = 1.0) -> str:
-    """A (mean, sd) pair as "m ± sd" in units of ``scale``; "—" when absent."""
-    if value is None:
-        return "—"
-    mean, sd = value
-    return f"{mean / scale:.{digits}f} ± {sd / scale:.{digits}f}"
 
 
 def plot(results: dict, out_dir: Path, prefix: str) -> list[Path]:
