@@ -1,16 +1,19 @@
 """The staleness cap in the live job: held-out accuracy at exact versions per cap, over seeds.
 
-    python benchmarks/staleness_study.py [--caps 0,1,4,8] [--seeds 3] [--steps 40] [--quick] [--reuse]
+    python benchmarks/staleness_study.py [--caps 0,1,4,8] [--seeds 3] [--steps 40] [--set KEY=VALUE ...]
+                                         [--tag T] [--quick] [--reuse]
 
 Every run is the real ``async-rl train`` (async mode, tiny.yaml) from one shared SFT start, with
 ``algorithm.staleness.max_staleness`` set to the cap and ``run.seed`` to the seed (prompt order and sampling),
 for the same number of learner steps. The job's evaluator scores the held-out set at versions 0,
 every ``--eval-every``, and the last, each at exactly one version. Reported per cap: the final
 accuracy and the gain over the start (mean ± sd over seeds), the mean staleness the learner
-trained at, and the learner's busy fraction; each seed's curve is in the JSON. The lockstep
+trained at, and the learner's busy fraction; each seed's curve is in the JSON. ``--set KEY=VALUE``
+changes every run's job (e.g. more prompts in flight, so the learner rather than generation is the
+bottleneck and a high cap can bind at all). The lockstep
 counterpart (rows exactly s versions stale) is ``learning_study.py --section staleness``. Every
 finished run is appended to ``ROOT/live_runs.jsonl``; ``--reuse`` takes a run already there with the
-same cap, seed, steps, evaluation cadence and held-out size instead of running it again.
+same cap, seed, steps, evaluation cadence, held-out size and ``--set`` instead of running it again.
 
 ``--quick``: caps 0 and 1, one seed, 4 steps, 100 held-out problems, no SFT (plumbing only, the
 random model learns nothing); writes ``staleness_study_quick.json``.
@@ -37,6 +40,13 @@ RUN_LOG = "live_runs.jsonl"
 RUN_SETTINGS = ("steps", "eval_every", "heldout", "quick")
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """What a logged run must share with this sweep to be reused (``--set`` only when given, so
+    runs logged before the option existed still match a sweep without it)."""
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    return {**settings, "set": args.set} if args.set else settings
+
+
 def run_cap(root: Path, cap: int, seed: int, args) -> dict:
     """One live job at staleness cap ``cap`` and ``run.seed`` ``seed``; its curve and costs."""
     name = f"cap{cap}-seed{seed}"
@@ -44,6 +54,7 @@ def run_cap(root: Path, cap: int, seed: int, args) -> dict:
                  f"learner.eval.every={args.eval_every}", f"learner.eval.prompts={args.heldout}"]
     if args.quick:
         overrides += ["learner.batch.groups_per_step=4", "actors.prompts_in_flight=4"]
+    overrides += args.set
     started = time.monotonic()
     summary = run_mode(root, "async", 0, args.quick, overrides, name=name)
     curve = [{"version": e["version"], "accuracy": e["accuracy"]} for e in records(root / name, "eval")]
@@ -68,7 +79,7 @@ def save(args, runs: Sequence[dict], started: float) -> list[dict]:
     caps = [summarize_cap(cap, [r for r in runs if r["cap"] == cap]) for cap in args.cap_list
             if any(r["cap"] == cap for r in runs)]
     settings = {k: v for k, v in vars(args).items() if k not in ("root", "cap_list")}
-    write_result("staleness_study" + ("_quick" if args.quick else ""),
+    write_result("staleness_study" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""),
                  {"settings": settings, "caps": caps, "runs": list(runs), "total_s": time.monotonic() - started})
     return caps
 
@@ -81,6 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="versions between held-out evaluations")
     parser.add_argument("--heldout", type=int, default=500, help="held-out problems per evaluation")
     parser.add_argument("--quick", action="store_true", help="plumbing only: caps 0,1, 1 seed, 4 steps, no SFT")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tiny.yaml override for every run's job (repeatable)")
+    parser.add_argument("--tag", default="", help="results/staleness_study_TAG.json (another sweep's file is kept)")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "staleness_study")
     parser.add_argument("--reuse", action="store_true",
                         help=f"take runs already in ROOT/{RUN_LOG} with the same cap, seed and settings")
@@ -107,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         warm_start(args.root)
     runs: list[dict] = []
     total, log = len(args.cap_list) * args.seeds, args.root / RUN_LOG
-    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    settings = run_settings(args)
     done = logged_runs(log, settings, "cap") if args.reuse else {}
     for seed in range(args.seeds):  # seed-major: an interrupted sweep still covers every cap
         for cap in args.cap_list:

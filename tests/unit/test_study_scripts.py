@@ -54,6 +54,26 @@ def test_staleness_study_reuses_logged_runs_of_the_same_settings(staleness, tmp_
     assert ran == [(0, 0)]  # other steps: another run
 
 
+def test_staleness_study_set_overrides_are_part_of_a_runs_identity(staleness, tmp_path, monkeypatch):
+    ran, written = [], {}
+    monkeypatch.setattr(staleness, "warm_start", lambda root: None)
+    monkeypatch.setattr(staleness, "write_result", lambda name, payload: written.update({name: payload}))
+
+    def run_cap(root, cap, seed, args):
+        ran.append((cap, seed, tuple(args.set)))
+        return run(cap, seed, [0.3, 0.6])
+
+    monkeypatch.setattr(staleness, "run_cap", run_cap)
+    base = ["--root", str(tmp_path), "--caps", "4", "--seeds", "1", "--steps", "16", "--reuse"]
+    staleness.main(base)
+    staleness.main([*base, "--set", "actors.count=2", "--tag", "two"])
+    staleness.main([*base, "--set", "actors.count=2", "--tag", "two"])  # logged: not run again
+    staleness.main(base)  # the run without --set is still in the log
+    assert ran == [(4, 0, ()), (4, 0, ("actors.count=2",))]
+    assert set(written) == {"staleness_study", "staleness_study_two"}
+    assert written["staleness_study_two"]["settings"]["set"] == ["actors.count=2"]
+
+
 def test_default_run_reads_a_finished_run_folder(default_run, tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "config.yaml").write_text("run:\n  seed: 2\n")
