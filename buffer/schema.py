@@ -115,7 +115,7 @@ def _check_values(batch: pa.RecordBatch) -> None:
         raise SchemaError("token_versions: policy versions must be >= 0")
     if not np.isfinite(batch.column("reward").to_numpy()).all():
         raise SchemaError("reward: must be finite (no NaN or infinity)")
-    if np.isnan(_flat(batch, "behavior_logprobs")).any():
+    if np.isnan(_flat(batch, "behavior_logprobs").min()):  # min propagates NaN, allocates nothing
         raise SchemaError("behavior_logprobs: NaN; a logprob must be a number")
 
 
@@ -132,7 +132,8 @@ def _check_no_nulls(batch: pa.RecordBatch) -> None:
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if column.null_count:
             raise SchemaError(f"{name}: {column.null_count} null value(s); every field is required")
-        if pa.types.is_list(column.type) and pc.list_flatten(column).null_count:
+        # A child with no null anywhere needs no flattening (the usual case: no validity buffer).
+        if pa.types.is_list(column.type) and column.values.null_count and pc.list_flatten(column).null_count:
             raise SchemaError(f"{name}: null element inside a list")
 
 

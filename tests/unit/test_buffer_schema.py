@@ -77,6 +77,20 @@ def test_nulls_are_rejected():
         validate_batch(bad)
 
 
+def test_a_null_token_is_rejected_but_a_null_outside_the_rows_is_not_read():
+    batch = _batch()
+    at = batch.schema.get_field_index("response_tokens")
+    # Three rows over a child of 7 tokens; the null sits in row 1, or past the last row's end.
+    inside = pa.ListArray.from_arrays(pa.array([0, 3, 4, 6], pa.int32()),
+                                      pa.array([5, 6, 7, None, 9, 9, 0], pa.int32()))
+    with pytest.raises(SchemaError, match="response_tokens: null element inside a list"):
+        validate_batch(batch.set_column(at, TRAJECTORY_SCHEMA.field("response_tokens"), inside))
+    outside = pa.ListArray.from_arrays(pa.array([0, 3, 4, 6], pa.int32()),
+                                       pa.array([5, 6, 7, 8, 9, 9, None], pa.int32()))
+    kept = validate_batch(batch.set_column(at, TRAJECTORY_SCHEMA.field("response_tokens"), outside))
+    assert kept.column("response_tokens").to_pylist() == [[5, 6, 7], [8], [9, 9]]
+
+
 def test_castable_types_and_column_order_are_normalised():
     table = pa.Table.from_batches([_batch()])
     tokens = pa.array([[5, 6, 7], [8], [9, 9]], pa.list_(pa.int64()))
@@ -133,6 +147,9 @@ def test_a_non_finite_reward_is_rejected(reward):
 def test_a_nan_behavior_logprob_is_rejected():
     with pytest.raises(SchemaError, match="behavior_logprobs: NaN"):
         _batch(behavior_logprobs=[[-0.1, float("nan"), -0.3], [-0.5], [-1.0, -2.0]])
+    with pytest.raises(SchemaError, match="behavior_logprobs: NaN"):  # not hidden by a smaller value
+        _batch(behavior_logprobs=[[-0.1, -0.2, -0.3], [float("-inf")], [-1.0, float("nan")]])
+    assert _batch(behavior_logprobs=[[-0.1, -0.2, -0.3], [float("-inf")], [-1.0, -2.0]]).num_rows == 3
 
 
 def test_a_group_size_beyond_the_bound_is_rejected_and_the_bound_itself_accepted():
