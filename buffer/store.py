@@ -4,7 +4,10 @@ Life of a batch: ``insert`` validates it against the trajectory schema, drops ro
 ``traj_id`` is already stored (inserts are idempotent), appends the rest to the active
 segment (serialized once, with its checksum; a client's message as it came), fsyncs under
 the ``fsync`` policy (or, under group commit, starts the round that covers it), indexes the
-rows (while that round runs) and returns the ack.
+rows (while that round runs) and returns the ack. What depends on the batch alone (validation,
+encoding, hashes, row facts: :func:`prepare_batch`) comes first, so a writer with more batches
+(``insert_many``, the service with requests queued) prepares the next one while this one's
+bytes are written on the append thread.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
@@ -44,11 +47,13 @@ Not thread-safe: one owner (the service loop, or a test) calls it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +175,7 @@ class ReplayStore:
         self._last_fsync = self._last_release = time.monotonic()
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
         self.group_commit: GroupCommit | None = None  # see start_group_commit
+        self._appender: ThreadPoolExecutor | None = None  # see _append
         self._fsync_error: OSError | None = None
 
     # ------------------------------------------------------------------ recovery
@@ -273,8 +279,14 @@ class ReplayStore:
         as it is when every row is new and the schema exact, instead of encoding again.
         """
         self._require_writable()
-        batch = validate_batch(data)
-        fresh, hashes = self._fresh_rows(batch)
+        return self.insert_prepared(prepare_batch(data, encoded), sync=sync)
+
+    def insert_prepared(self, prepared: PreparedBatch, *, sync: bool,
+                         while_writing: Callable[[], None] | None = None) -> Ack:
+        """:meth:`insert` of a batch made ready by :func:`prepare_batch`; ``while_writing``
+        runs while its bytes are written (see :meth:`_append`)."""
+        batch = prepared.batch
+        fresh = self._fresh_rows(batch, prepared.traj_hashes)
         duplicates = batch.num_rows - len(fresh)
         if not len(fresh):  # the first copy may still wait for its fsync: so does this ack
             return self._durable(Ack(0, duplicates, False), sync)
@@ -282,17 +294,12 @@ class ReplayStore:
         if refusal:
             raise RateLimited(refusal)
         if len(fresh) < batch.num_rows:
-            batch = batch.take(pa.array(fresh))
-        if encoded is None or encoded.batch is not batch:  # changed by validation or dedup
-            encoded = encode_batch(batch)
-        # Everything the index needs is computed before the first byte is written: a batch
-        # that cannot be indexed must never reach a segment (recovery would replay it).
-        facts = _row_facts(batch, hashes[fresh], np.arange(batch.num_rows))
-        seg_id = self._append(encoded)
+            prepared = prepared.rows(fresh)
+        seg_id = self._append(prepared.encoded, while_writing)
         self.segments[seg_id].bytes = self._writer.size
-        ack = self._durable(Ack(batch.num_rows, duplicates, False), sync)
+        ack = self._durable(Ack(prepared.batch.num_rows, duplicates, False), sync)
         completed_before = self.index.completed_groups
-        self._index_batch(batch, seg_id, facts)  # under group commit, while the fsync runs
+        self._index_batch(prepared.batch, seg_id, prepared.facts)  # under group commit, while the fsync runs
         self.limiter.inserted += self.index.completed_groups - completed_before
         self._after_insert()
         return ack
@@ -311,15 +318,30 @@ class ReplayStore:
         """
         if window < 1:
             raise ValueError(f"insert_many: window={window}, must be at least 1")
+        self._require_writable()
         commit = self.start_group_commit()
         pending = CommitQueue(commit, self.sync_fds) if commit is not None else None
         acks: list[Ack] = []
         batches = list(batches)
-        for index, batch in enumerate(batches):
+        prepared: dict[int, PreparedBatch | Exception] = {}  # or what preparing it raised
+
+        def prepare(index: int) -> None:
+            if index < len(batches) and index not in prepared:
+                try:
+                    prepared[index] = prepare_batch(batches[index])
+                except Exception as err:  # raised at the batch's own turn, as insert would
+                    prepared[index] = err
+
+        for index in range(len(batches)):
             while pending is not None and len(pending) >= window:
                 acks += self._settled(pending, wait=True)
+            prepare(index)  # unless it was prepared while the batch before was written
             try:
-                ack = self.insert(batch, sync=pending is None)
+                ready = prepared.pop(index)
+                if isinstance(ready, Exception):
+                    raise ready
+                ack = self.insert_prepared(ready, sync=pending is None,
+                                            while_writing=functools.partial(prepare, index + 1))
             except (SchemaError, RateLimited, AppendFailed) as err:
                 while pending:
                     acks += self._settled(pending, wait=True)
@@ -378,23 +400,37 @@ class ReplayStore:
             return self.group_commit.started
         return self.group_commit.next_round
 
-    def _fresh_rows(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Row numbers of the batch whose traj_id is new (first occurrence within the batch),
-        and the traj_id hashes of all its rows."""
-        hashes = hash_ids(batch.column("traj_id").to_pylist())
+    def _fresh_rows(self, batch: pa.RecordBatch, hashes: np.ndarray) -> np.ndarray:
+        """Row numbers of the batch whose traj_id (hashed: ``hashes``) is new (first
+        occurrence within the batch)."""
         _, first = np.unique(hashes, return_index=True)
         first.sort()
         fresh = first[~self.index.traj_hashes.contains(hashes[first])]
         if len(fresh) and len(self.retired):
             groups = hash_ids(batch.column("group_id").take(pa.array(fresh)).to_pylist())
             fresh = fresh[~self.retired.contains(groups)]
-        return fresh, hashes
+        return fresh
 
-    def _append(self, batch: EncodedBatch) -> int:
-        """Write a batch to the active segment; returns the segment id."""
+    def _append(self, batch: EncodedBatch, while_writing: Callable[[], None] | None = None) -> int:
+        """Write a batch to the active segment; returns the segment id.
+
+        ``while_writing`` (work that touches nothing of the store's) runs on this thread while
+        the bytes are written on the append thread: ``os.write`` releases the GIL, so a
+        single writer prepares its next batch meanwhile. The append has ended, and its error
+        is raised here, before this returns.
+        """
         seg_id = self._active_writer()
         try:
-            self._writer.append(batch)
+            if while_writing is None:
+                self._writer.append(batch)
+            else:
+                if self._appender is None:
+                    self._appender = ThreadPoolExecutor(1, thread_name_prefix="buffer-append")
+                written = self._appender.submit(self._writer.append, batch)
+                try:
+                    while_writing()
+                finally:
+                    written.result()
         except OSError as err:
             if self._writer.broken:  # could not cut the failed bytes off: never append there
                 writer, self._writer = self._writer, None
@@ -838,6 +874,9 @@ class ReplayStore:
     def close(self) -> None:
         if self.group_commit is not None:
             self.group_commit.close()  # a round in flight ends first
+        if self._appender is not None:
+            self._appender.shutdown()
+            self._appender = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -883,6 +922,36 @@ class RetiredGroups:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@dataclass
+class PreparedBatch:
+    """A batch checked against the contract, its checksummed message and the facts the index
+    keeps of its rows: the work of an insert that depends on the batch alone, done before
+    the first byte is written (a batch that cannot be indexed must never reach a segment:
+    recovery would replay it)."""
+
+    batch: pa.RecordBatch
+    traj_hashes: np.ndarray  # [rows] uint64
+    encoded: EncodedBatch
+    facts: RowFacts
+
+    def rows(self, keep: np.ndarray) -> PreparedBatch:
+        """The same for the rows ``keep`` (sorted) only: a new batch, so a new message."""
+        batch = self.batch.take(pa.array(keep))
+        traj = self.traj_hashes[keep]
+        return PreparedBatch(batch, traj, encode_batch(batch), _row_facts(batch, traj, np.arange(len(keep))))
+
+
+def prepare_batch(data: pa.RecordBatch | pa.Table, encoded: EncodedBatch | None = None) -> PreparedBatch:
+    """Validate, hash, encode and extract the row facts of a batch (it may come ``encoded``:
+    the checksummed message it was decoded from, kept when validation returns it as it
+    came)."""
+    batch = validate_batch(data)
+    if encoded is None or encoded.batch is not batch:  # changed by validation, or none
+        encoded = encode_batch(batch)
+    traj = hash_ids(batch.column("traj_id").to_pylist())
+    return PreparedBatch(batch, traj, encoded, _row_facts(batch, traj, np.arange(batch.num_rows)))
 
 
 def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> RowFacts:

@@ -8,7 +8,9 @@ import os
 import threading
 
 import pytest
+from ingest_probes import WriteOverlap
 
+import buffer.store
 from async_rl.config import BufferConfig
 from buffer.store import InsertsStopped, ReplayStore
 from buffer.testing import synthetic_batch, with_broken_offsets
@@ -35,7 +37,7 @@ class GatedDisk:
         self.store, self.covered, self.in_flight, self.ends = store, {}, [], []
         self.writer_waits = threading.Event()
         real_fsync, commit = os.fsync, store.start_group_commit()
-        real_wait, real_insert = commit.wait, store.insert
+        real_wait, real_insert = commit.wait, store.insert_prepared
 
         def fsync(fd):
             if threading.current_thread().name == "buffer-fsync":
@@ -58,7 +60,7 @@ class GatedDisk:
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(commit, "wait", wait)
-        monkeypatch.setattr(store, "insert", insert)
+        monkeypatch.setattr(store, "insert_prepared", insert)
 
     def segment_size(self) -> int:
         return (self.store.dir / "seg-000001.arrows").stat().st_size
@@ -151,3 +153,54 @@ def test_insert_many_without_group_commit_inserts_in_order_and_a_bad_window_is_o
     assert store.group_commit is None
     with pytest.raises(ValueError, match="window=0, must be at least 1"):
         store.insert_many(_batches(1), window=0)
+
+
+def test_the_next_batch_is_prepared_on_the_writer_thread_while_the_batch_before_is_written(
+    tmp_path, monkeypatch
+):
+    store = _store(tmp_path, fsync="batch")
+    store.insert(synthetic_batch(groups=["first"]))  # its segment exists: the next writes append
+    batches = _batches(4)
+    probe = WriteOverlap(monkeypatch, buffer.store, len(batches))
+    acks = store.insert_many(batches, window=2)
+    monkeypatch.undo()
+    assert [ack.accepted for ack in acks] == [4, 8, 12, 16] and all(ack.fsynced for ack in acks)
+    assert probe.prepared == batches  # each once, in order
+    assert [overlapped for _, overlapped in probe.writes] == [True] * 4
+    assert all(thread.startswith("buffer-append") for thread, _ in probe.writes)
+    store.close()
+    assert _store(tmp_path).index.n_rows == 4 + 40
+
+
+def test_an_append_failing_while_the_next_batch_is_prepared_stops_the_writer_at_the_failed_batch(
+    tmp_path, monkeypatch
+):
+    store = _store(tmp_path, fsync="batch")
+    store.insert(synthetic_batch(groups=["first"]))
+    size_before = store.segments[1].bytes
+    fd, real_write, calls = store._writer._fd, os.write, []
+
+    def write(target, data):
+        if target == fd:
+            calls.append(len(data))
+            if len(calls) == 3:  # the third batch: part of it reaches the file, then the disk is full
+                real_write(target, bytes(memoryview(data)[:100]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(target, data)
+
+    batches = _batches(5)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", write)
+        with pytest.raises(InsertsStopped, match=r"^batch 2: AppendFailed: .*No space left") as stopped:
+            store.insert_many(batches, window=4)
+    acks = stopped.value.acks
+    assert [None if ack is None else ack.accepted for ack in acks] == [4, 8, None, None, None]
+    assert all(ack.fsynced for ack in acks[:2])
+    # cut back to the end of batch 1; the batch prepared meanwhile (3) was never written
+    assert (tmp_path / "seg-000001.arrows").stat().st_size == size_before + calls[0] + calls[1]
+    assert store.index.n_rows == 4 + 12
+    assert [ack.accepted for ack in store.insert_many(batches[2:], window=4)] == [12, 16, 20]
+    del store  # a crash: every acknowledged row is on disk, nothing of the failed write
+    reopened = _store(tmp_path)
+    assert reopened.recovery == []
+    assert reopened.index.n_rows == 4 + 60
