@@ -5,9 +5,9 @@ Life of a batch: ``insert`` validates it against the trajectory schema, drops ro
 segment (serialized once, with its checksum; a client's message as it came), fsyncs under
 the ``fsync`` policy (or, under group commit, starts the round that covers it), indexes the
 rows (while that round runs) and returns the ack. What depends on the batch alone (validation,
-encoding, hashes, row facts: :func:`prepare_batch`) comes first, so a writer with more batches
-(``insert_many``, the service with requests queued) prepares the next one while this one's
-bytes are written on the append thread.
+hashes, row facts: :func:`prepare_batch`) comes first, so a writer with more batches
+(``insert_many``, the service with requests queued) prepares the next one while this one is
+encoded and written on the append thread.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
@@ -81,7 +81,6 @@ from buffer.segments import (
     EncodedBatch,
     SegmentScan,
     SegmentWriter,
-    encode_batch,
     list_segments,
     quarantine_messages,
     quarantine_segment,
@@ -295,7 +294,7 @@ class ReplayStore:
             raise RateLimited(refusal)
         if len(fresh) < batch.num_rows:
             prepared = prepared.rows(fresh)
-        seg_id = self._append(prepared.encoded, while_writing)
+        seg_id = self._append(prepared.segment_bytes, while_writing)
         self.segments[seg_id].bytes = self._writer.size
         ack = self._durable(Ack(prepared.batch.num_rows, duplicates, False), sync)
         completed_before = self.index.completed_groups
@@ -411,13 +410,15 @@ class ReplayStore:
             fresh = fresh[~self.retired.contains(groups)]
         return fresh
 
-    def _append(self, batch: EncodedBatch, while_writing: Callable[[], None] | None = None) -> int:
-        """Write a batch to the active segment; returns the segment id.
+    def _append(self, batch: EncodedBatch | pa.RecordBatch,
+                while_writing: Callable[[], None] | None = None) -> int:
+        """Write a batch (encoded here unless it comes encoded) to the active segment; returns
+        the segment id.
 
         ``while_writing`` (work that touches nothing of the store's) runs on this thread while
-        the bytes are written on the append thread: ``os.write`` releases the GIL, so a
-        single writer prepares its next batch meanwhile. The append has ended, and its error
-        is raised here, before this returns.
+        the batch is encoded and written on the append thread: Arrow's serialization, xxh3 and
+        ``os.write`` release the GIL, so a single writer prepares its next batch meanwhile. The
+        append has ended, and its error is raised here, before this returns.
         """
         seg_id = self._active_writer()
         try:
@@ -926,32 +927,37 @@ class RetiredGroups:
 
 @dataclass
 class PreparedBatch:
-    """A batch checked against the contract, its checksummed message and the facts the index
-    keeps of its rows: the work of an insert that depends on the batch alone, done before
-    the first byte is written (a batch that cannot be indexed must never reach a segment:
-    recovery would replay it)."""
+    """A batch checked against the contract and the facts the index keeps of its rows: the
+    work of an insert that depends on the batch alone, done before the first byte is written
+    (a batch that cannot be indexed must never reach a segment: recovery would replay it).
+    ``encoded``: the checksummed message a client sent, appended as it came; without one the
+    batch is encoded (serialized and hashed, both without the GIL) where it is appended."""
 
     batch: pa.RecordBatch
     traj_hashes: np.ndarray  # [rows] uint64
-    encoded: EncodedBatch
     facts: RowFacts
+    encoded: EncodedBatch | None = None
+
+    @property
+    def segment_bytes(self) -> EncodedBatch | pa.RecordBatch:
+        """What the segment writer appends (it encodes a plain batch)."""
+        return self.encoded if self.encoded is not None else self.batch
 
     def rows(self, keep: np.ndarray) -> PreparedBatch:
-        """The same for the rows ``keep`` (sorted) only: a new batch, so a new message."""
+        """The same for the rows ``keep`` (sorted) only: a new batch, so no message yet."""
         batch = self.batch.take(pa.array(keep))
         traj = self.traj_hashes[keep]
-        return PreparedBatch(batch, traj, encode_batch(batch), _row_facts(batch, traj, np.arange(len(keep))))
+        return PreparedBatch(batch, traj, _row_facts(batch, traj, np.arange(len(keep))))
 
 
 def prepare_batch(data: pa.RecordBatch | pa.Table, encoded: EncodedBatch | None = None) -> PreparedBatch:
-    """Validate, hash, encode and extract the row facts of a batch (it may come ``encoded``:
-    the checksummed message it was decoded from, kept when validation returns it as it
-    came)."""
+    """Validate, hash and extract the row facts of a batch (it may come ``encoded``: the
+    checksummed message it was decoded from, kept when validation returns it as it came)."""
     batch = validate_batch(data)
-    if encoded is None or encoded.batch is not batch:  # changed by validation, or none
-        encoded = encode_batch(batch)
+    if encoded is not None and encoded.batch is not batch:  # changed by validation
+        encoded = None
     traj = hash_ids(batch.column("traj_id").to_pylist())
-    return PreparedBatch(batch, traj, encoded, _row_facts(batch, traj, np.arange(batch.num_rows)))
+    return PreparedBatch(batch, traj, _row_facts(batch, traj, np.arange(batch.num_rows)), encoded)
 
 
 def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> RowFacts:

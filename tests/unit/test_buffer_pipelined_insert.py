@@ -10,6 +10,7 @@ import threading
 import pytest
 from ingest_probes import WriteOverlap
 
+import buffer.segments
 import buffer.store
 from async_rl.config import BufferConfig
 from buffer.store import InsertsStopped, ReplayStore
@@ -162,8 +163,16 @@ def test_the_next_batch_is_prepared_on_the_writer_thread_while_the_batch_before_
     store.insert(synthetic_batch(groups=["first"]))  # its segment exists: the next writes append
     batches = _batches(4)
     probe = WriteOverlap(monkeypatch, buffer.store, len(batches))
+    real_encode, encoders = buffer.segments.encode_batch, []
+
+    def encode(batch):
+        encoders.append(threading.current_thread().name)
+        return real_encode(batch)
+
+    monkeypatch.setattr(buffer.segments, "encode_batch", encode)
     acks = store.insert_many(batches, window=2)
     monkeypatch.undo()
+    assert len(encoders) == 4 and all(name.startswith("buffer-append") for name in encoders)
     assert [ack.accepted for ack in acks] == [4, 8, 12, 16] and all(ack.fsynced for ack in acks)
     assert probe.prepared == batches  # each once, in order
     assert [overlapped for _, overlapped in probe.writes] == [True] * 4
