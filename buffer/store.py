@@ -311,7 +311,10 @@ class ReplayStore:
         Under ``fsync: batch`` the fsyncs run on the group-commit thread (started here), so the
         next batch is validated, encoded, written and indexed while the fsync of the ones before
         runs (``os.fsync`` releases the GIL); one round covers every batch written before it
-        started. Other policies insert one batch after another. A batch refused raises
+        started. Other policies insert one batch after another. Under every policy a batch is
+        encoded and written on the append thread while the next one is prepared (validated,
+        hashed, its row facts taken) here; what preparing it raised is raised at its own
+        turn, so the batches before it are stored as they would be. A batch refused raises
         :class:`InsertsStopped` once the batches before it are durable; an fsync that fails
         raises its ``OSError`` and the store acknowledges nothing more.
         """
@@ -417,8 +420,10 @@ class ReplayStore:
 
         ``while_writing`` (work that touches nothing of the store's) runs on this thread while
         the batch is encoded and written on the append thread: Arrow's serialization, xxh3 and
-        ``os.write`` release the GIL, so a single writer prepares its next batch meanwhile. The
-        append has ended, and its error is raised here, before this returns.
+        ``os.write`` release the GIL, so a single writer prepares its next batch meanwhile. It
+        must not raise (the batch is written either way): callers keep what preparing a batch
+        raised for that batch's turn. The append has ended, and its error is raised here,
+        before this returns.
         """
         seg_id = self._active_writer()
         try:
