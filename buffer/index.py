@@ -40,6 +40,13 @@ def hash_ids(ids: list[str]) -> np.ndarray:
     return np.fromiter((digest(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
 
 
+def hash_repeated_ids(ids: pa.Array) -> np.ndarray:
+    """:func:`hash_ids` of a string column whose values repeat (a batch's group ids: one per
+    response), hashing each distinct value once."""
+    encoded = pc.dictionary_encode(ids)
+    return hash_ids(encoded.dictionary.to_pylist())[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
 class Column:
     """A growable 1-D numpy array (amortised O(1) append of a block)."""
 

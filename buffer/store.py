@@ -63,7 +63,15 @@ import pyarrow.compute as pc
 
 from async_rl.config import BufferConfig
 from buffer.commit import CommitQueue, GroupCommit
-from buffer.index import EVICTION_REASONS, Column, RowFacts, Status, TrajectoryIndex, hash_ids
+from buffer.index import (
+    EVICTION_REASONS,
+    Column,
+    RowFacts,
+    Status,
+    TrajectoryIndex,
+    hash_ids,
+    hash_repeated_ids,
+)
 from buffer.journal import Journal, read_journal
 from buffer.rate_limiter import RateLimiter
 from buffer.samplers import SAMPLERS
@@ -409,7 +417,7 @@ class ReplayStore:
         first.sort()
         fresh = first[~self.index.traj_hashes.contains(hashes[first])]
         if len(fresh) and len(self.retired):
-            groups = hash_ids(batch.column("group_id").take(pa.array(fresh)).to_pylist())
+            groups = hash_repeated_ids(batch.column("group_id").take(pa.array(fresh)))
             fresh = fresh[~self.retired.contains(groups)]
         return fresh
 
@@ -978,7 +986,7 @@ def _row_facts(batch: pa.RecordBatch, traj: np.ndarray, keep: np.ndarray) -> Row
     return RowFacts(
         offsets=keep,
         traj_hashes=traj[keep],
-        group_hashes=hash_ids(take("group_id").to_pylist()),
+        group_hashes=hash_repeated_ids(take("group_id")),
         group_sizes=pick("group_size"),
         min_versions=min_token_version(batch)[keep],
         rewards=pick("reward"),

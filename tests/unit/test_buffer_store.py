@@ -10,6 +10,7 @@ import pytest
 
 from async_rl.config import BufferConfig
 from buffer import inspection
+from buffer.index import hash_ids, hash_repeated_ids
 from buffer.schema import TRAJECTORY_SCHEMA, SchemaError
 from buffer.segments import SegmentWriter, segment_path
 from buffer.store import RateLimited, ReplayStore
@@ -494,3 +495,12 @@ def test_an_absurd_learner_version_in_an_old_journal_is_ignored_and_stats_work(t
     reopened = _store(tmp_path)
     assert reopened.learner_version == 4
     assert inspection.stats(reopened)["staleness"] == {"1": 4}
+
+
+def test_repeated_ids_hash_once_per_value_to_the_same_hashes():
+    ids = pa.array(["g1", "g0", "g1", "g2", "g0", "g1"])
+    assert hash_repeated_ids(ids).tolist() == hash_ids(ids.to_pylist()).tolist()
+    assert len(set(hash_repeated_ids(ids).tolist())) == 3
+    taken = ids.take(pa.array([5, 3]))  # a slice of another batch, as dedup takes it
+    assert hash_repeated_ids(taken).tolist() == hash_ids(["g1", "g2"]).tolist()
+    assert hash_repeated_ids(pa.array([], pa.string())).tolist() == []
