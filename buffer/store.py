@@ -53,7 +53,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +183,8 @@ class ReplayStore:
         self.journal = None if read_only else Journal(self.dir, self.state, self._stored_groups())
         self.group_commit: GroupCommit | None = None  # see start_group_commit
         self._appender: ThreadPoolExecutor | None = None  # see _append
+        self._scanner: ThreadPoolExecutor | None = None  # see _roll_segment
+        self._roll_scans: dict[int, Future] = {}  # segment id -> its read-back, running
         self._fsync_error: OSError | None = None
 
     # ------------------------------------------------------------------ recovery
@@ -457,6 +459,8 @@ class ReplayStore:
         return seg_id
 
     def _active_writer(self) -> int:
+        if self._roll_scans:
+            self._finish_rolls()
         if self._writer is not None and self._writer.size >= self.cfg.segment_bytes:
             self._roll_segment()
         if self._writer is None:
@@ -467,23 +471,45 @@ class ReplayStore:
         return self._writer_id
 
     def _roll_segment(self) -> None:
-        """Close the active segment and swap its in-memory batches for memory-mapped ones."""
+        """Close the active segment; a background thread reads it back (every checksum) and
+        :meth:`_finish_rolls` then swaps its in-memory batches for memory-mapped ones. Until
+        then the rows are served from memory, as they were while it was active."""
         seg_id, writer = self._writer_id, self._writer
         writer.close()
         self._writer = None
-        scan = scan_segment(writer.path, TRAJECTORY_SCHEMA)
+        if self._scanner is None:
+            self._scanner = ThreadPoolExecutor(1, thread_name_prefix="buffer-roll-scan")
+        # Reading 64 MB back and hashing it (xxh3 releases the GIL) no longer stalls inserts.
+        self._roll_scans[seg_id] = self._scanner.submit(scan_segment, writer.path, TRAJECTORY_SCHEMA)
+        self._delete_dead_segments()
+
+    def _finish_rolls(self, *, wait: bool = False) -> None:
+        """Swap in the memory-mapped batches of every rolled segment whose read-back has
+        ended (all of them, waiting, with ``wait``)."""
+        for seg_id, scanning in list(self._roll_scans.items()):
+            if not (wait or scanning.done()):
+                continue
+            del self._roll_scans[seg_id]
+            try:
+                scan = scanning.result()
+            except OSError as err:
+                scan = SegmentScan(path=segment_path(self.dir, seg_id), file_bytes=0, error=str(err))
+            self._swap_in(seg_id, scan)
+
+    def _swap_in(self, seg_id: int, scan: SegmentScan) -> None:
+        if seg_id not in self.segments:  # deleted while it was read back: nothing to serve
+            return  # (the map closes with its last reference)
         ids = np.flatnonzero(self.batch_segment.view == seg_id)
         if scan.bad or scan.error or len(scan.batches) != len(ids):
             # The file no longer reads back as written (a checksum failed): keep serving the
             # rows from memory; the next recovery quarantines what is bad.
-            log.error("buffer: %s does not read back as written: %s", writer.path.name,
+            log.error("buffer: %s does not read back as written: %s", scan.path.name,
                       [bad.error for bad in scan.bad] or scan.error)
-        else:
-            self.segments[seg_id].mapping = scan.mapping
-            for batch_id, batch in zip(ids.tolist(), scan.batches, strict=True):
-                if self.batches[batch_id] is not None:
-                    self.batches[batch_id] = batch
-        self._delete_dead_segments()
+            return
+        self.segments[seg_id].mapping = scan.mapping
+        for batch_id, batch in zip(ids.tolist(), scan.batches, strict=True):
+            if self.batches[batch_id] is not None:
+                self.batches[batch_id] = batch
 
     def _maybe_fsync(self, *, force: bool) -> bool:
         due = self.cfg.fsync == "interval" and (
@@ -520,6 +546,8 @@ class ReplayStore:
         """Periodic work for the service loop: the interval fsync, releasing mapped pages."""
         if not self.read_only:
             self._maybe_fsync(force=False)
+        if self._roll_scans:
+            self._finish_rolls()
         if time.monotonic() - self._last_release >= RELEASE_PAGES_S:
             self.release_pages()
 
@@ -891,6 +919,10 @@ class ReplayStore:
         if self._appender is not None:
             self._appender.shutdown()
             self._appender = None
+        if self._scanner is not None:
+            self._finish_rolls(wait=True)
+            self._scanner.shutdown()
+            self._scanner = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

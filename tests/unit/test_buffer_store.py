@@ -1,6 +1,7 @@
 """The durable store: idempotent inserts, group-aware sampling, every policy, restarts."""
 
 import json
+import threading
 from collections import Counter
 
 import duckdb
@@ -274,6 +275,36 @@ def test_rows_read_back_after_a_segment_rolls_are_identical(tmp_path):
     table, _ = store.sample(4)
     expected = pa.Table.from_batches(batches).drop_columns(["times_sampled"])
     assert table.drop_columns(["times_sampled"]).equals(expected)
+
+
+def test_a_rolled_segment_is_read_back_off_the_inserting_thread(tmp_path, monkeypatch):
+    import buffer.store as store_module
+
+    release, readers = threading.Event(), []
+    real_scan = store_module.scan_segment
+
+    def slow_scan(path, schema):
+        readers.append(threading.current_thread().name)
+        assert release.wait(10)
+        return real_scan(path, schema)
+
+    monkeypatch.setattr(store_module, "scan_segment", slow_scan)
+    store = _store(tmp_path, segment_bytes=1)  # every insert rolls the previous segment
+    batches = [synthetic_batch(groups=[f"g{i}"], seed=i) for i in range(2)]
+    for batch in batches:
+        store.insert(batch)  # the second rolls segment 1; its read-back waits for `release`
+    store.insert(synthetic_batch(groups=["g2"]))  # inserts go on meanwhile
+    assert store.segments[1].mapping is None
+    table, _ = store.sample(2, peek=True)  # served from memory until the read-back ends
+    assert _groups(table) == ["g0", "g1"]
+    release.set()
+    store._finish_rolls(wait=True)
+    assert readers and all(name.startswith("buffer-roll-scan") for name in readers)
+    assert store.segments[1].mapping is not None  # now memory-mapped
+    table, _ = store.sample(2)
+    expected = pa.Table.from_batches(batches).drop_columns(["times_sampled"])
+    assert table.drop_columns(["times_sampled"]).equals(expected)
+    store.close()
 
 
 def test_state_survives_a_restart(tmp_path):
