@@ -5,9 +5,9 @@ Life of a batch: ``insert`` validates it against the trajectory schema, drops ro
 segment (serialized once, with its checksum; a client's message as it came), fsyncs under
 the ``fsync`` policy (or, under group commit, starts the round that covers it), indexes the
 rows (while that round runs) and returns the ack. What depends on the batch alone (validation,
-hashes, row facts: :func:`prepare_batch`) comes first, so a writer with more batches
-(``insert_many``, the service with requests queued) prepares the next one while this one is
-encoded and written on the append thread.
+hashes, row facts: :func:`prepare_batch`) comes first, so a single writer with more batches
+(``insert_many``) prepares the next one while this one is encoded and written on the append
+thread. A segment that rolls is read back on another thread (:meth:`ReplayStore._roll_segment`).
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
