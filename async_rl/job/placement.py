@@ -92,22 +92,41 @@ def init_ray(cluster: ClusterConfig, *, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    if cluster.ray_address is None:
-        _keep_ray_on_loopback()
-        ray.init(
-            # "local": always a private Ray. With no address Ray joins a cluster that `ray start`
-            # left on this machine (even a stale record of one), and its CPUs are not ours.
-            address="local",
-            _node_ip_address=cluster.bind_host,
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    else:
-        ray.init(address=cluster.ray_address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        if cluster.ray_address is None:
+            _keep_ray_on_loopback()
+            ray.init(
+                # "local": always a private Ray. With no address Ray joins a cluster that `ray start`
+                # left on this machine (even a stale record of one), and its CPUs are not ours.
+                address="local",
+                _node_ip_address=cluster.bind_host,
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        else:
+            ray.init(address=cluster.ray_address, namespace=NAMESPACE, log_to_driver=False)
+    except (SystemExit, KeyboardInterrupt):
+        _kill_started_ray()
+        raise
     return ray
+
+
+def _kill_started_ray() -> None:
+    """A SIGTERM (``ray.init`` installs ``sys.exit`` as its handler) or Ctrl-C while Ray starts:
+    kill every process this driver has started so far (Ray's GCS, raylet and the agents the
+    raylet spawned), children first; ``ray.shutdown()`` alone leaves the agents running."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)
+    for process in reversed(started):  # the deepest (the raylet's agents) before their parents
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=5)
 
 
 def _keep_ray_on_loopback() -> None:
