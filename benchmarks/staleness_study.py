@@ -8,7 +8,8 @@ Every run is the real ``async-rl train`` (async mode, tiny.yaml) from one shared
 for the same number of learner steps. The job's evaluator scores the held-out set at versions 0,
 every ``--eval-every``, and the last, each at exactly one version. Reported per cap: the final
 accuracy and the gain over the start (mean ± sd over seeds), the mean staleness the learner
-trained at, and the learner's busy fraction; each seed's curve is in the JSON. ``--set KEY=VALUE``
+trained at, and the learner's busy fraction; each seed's curve is in the JSON and drawn, with each
+cap's mean, in ``docs/staleness-live[-TAG].png``. ``--set KEY=VALUE``
 changes every run's job (e.g. more prompts in flight, so the learner rather than generation is the
 bottleneck and a high cap can bind at all). The lockstep
 counterpart (rows exactly s versions stale) is ``learning_study.py --section staleness``. Every
@@ -30,7 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import log_run, logged_runs, mean_sd, print_table, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    accuracy_axes,
+    log_run,
+    logged_runs,
+    mean_sd,
+    print_table,
+    save_figure,
+    write_result,
+)
 from e2e_bench import records, run_mode, warm_start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +91,27 @@ def save(args, runs: Sequence[dict], started: float) -> list[dict]:
     write_result("staleness_study" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""),
                  {"settings": settings, "caps": caps, "runs": list(runs), "total_s": time.monotonic() - started})
     return caps
+
+
+def plot(runs: Sequence[dict], caps: Sequence[int], path: Path) -> Path:
+    """Held-out accuracy against the learner version: each seed thin, each cap's mean bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, cap in enumerate(caps):
+        mine = [r for r in runs if r["cap"] == cap and r["curve"]]
+        for r in mine:
+            ax.plot([p["version"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], color=f"C{i}",
+                    alpha=0.3, linewidth=1)
+        versions = sorted({p["version"] for r in mine for p in r["curve"]})
+        means = [statistics.fmean(p["accuracy"] for r in mine for p in r["curve"] if p["version"] == v)
+                 for v in versions]
+        ax.plot(versions, means, color=f"C{i}", marker="o", linewidth=2, label=f"cap {cap} (mean of {len(mine)})")
+    accuracy_axes(ax, "learner version")
+    return save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -136,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {curve} ({runs[-1]['wall_s']:.0f} s)", flush=True)
             save(args, runs, started)  # an interrupted sweep keeps every finished run
     caps = save(args, runs, started)
+    if not args.quick:
+        print(f"wrote {plot(runs, args.cap_list, REPO / 'docs' / ('staleness-live' + (f'-{args.tag}' if args.tag else '') + '.png'))}")
     print_table(
         f"live job, async, {args.steps} learner steps from one SFT start: held-out greedy accuracy at exact "
         f"versions ({args.heldout} problems), mean ± sd over {args.seeds} seed(s)",

@@ -42,6 +42,7 @@ def test_staleness_study_reuses_logged_runs_of_the_same_settings(staleness, tmp_
     ran, written = [], {}
     monkeypatch.setattr(staleness, "warm_start", lambda root: None)
     monkeypatch.setattr(staleness, "write_result", lambda name, payload: written.update(payload))
+    monkeypatch.setattr(staleness, "plot", lambda runs, caps, path: path)  # not into the repo's docs/
     monkeypatch.setattr(staleness, "run_cap", lambda root, cap, seed, args: ran.append((cap, seed)) or run(cap, seed, [0.3, 0.6]))
     staleness.main(["--root", str(tmp_path), "--caps", "0,8", "--seeds", "2", "--steps", "16"])
     assert ran == [(0, 0), (8, 0), (0, 1), (8, 1)]
@@ -58,6 +59,8 @@ def test_staleness_study_set_overrides_are_part_of_a_runs_identity(staleness, tm
     ran, written = [], {}
     monkeypatch.setattr(staleness, "warm_start", lambda root: None)
     monkeypatch.setattr(staleness, "write_result", lambda name, payload: written.update({name: payload}))
+    drawn = []
+    monkeypatch.setattr(staleness, "plot", lambda runs, caps, path: drawn.append(path.name) or path)
 
     def run_cap(root, cap, seed, args):
         ran.append((cap, seed, tuple(args.set)))
@@ -72,6 +75,20 @@ def test_staleness_study_set_overrides_are_part_of_a_runs_identity(staleness, tm
     assert ran == [(4, 0, ()), (4, 0, ("actors.count=2",))]
     assert set(written) == {"staleness_study", "staleness_study_two"}
     assert written["staleness_study_two"]["settings"]["set"] == ["actors.count=2"]
+    assert drawn == ["staleness-live.png", "staleness-live-two.png", "staleness-live-two.png", "staleness-live.png"]
+
+
+def test_the_live_cap_plot_draws_every_seed_and_each_caps_mean(staleness, tmp_path, monkeypatch):
+    runs = [run(0, 0, [0.3, 0.6]), run(0, 1, [0.3, 0.5]), run(16, 0, [0.3, 0.55])]
+    path = staleness.plot(runs, [0, 16], tmp_path / "docs" / "live.png")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = []
+    monkeypatch.setattr(staleness, "save_figure", lambda fig, path: figures.append(fig) or path)
+    staleness.plot(runs, [0, 16], tmp_path / "again.png")
+    lines = figures[0].axes[0].get_lines()
+    assert len(lines) == 5  # three seeds, two means
+    means = {line.get_label(): list(line.get_ydata()) for line in lines if line.get_label().startswith("cap")}
+    assert means == {"cap 0 (mean of 2)": [0.3, 0.55], "cap 16 (mean of 1)": [0.3, 0.55]}
 
 
 def test_default_run_reads_a_finished_run_folder(default_run, tmp_path):
