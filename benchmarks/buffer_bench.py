@@ -4,8 +4,8 @@
 
 Rows measured (each also run through the baseline in the same run):
 - the disk's own ceiling: os.write + fsync per batch of the bytes a segment holds, measured
-  before and after every ingest figure (this disk's ceiling moves by a quarter within a
-  minute: a figure is compared only with the ceilings measured beside it);
+  before and after every ingest figure (this disk's ceiling moves by a quarter or more
+  within minutes: a figure is compared only with the ceilings measured beside it);
 - ingest trajectories/s, 1k-token rows (256 prompt + 768 response tokens), batches of 256
   (48 batches with --quick, 160 without), ``fsync: batch`` (an ack only after an fsync
   covering the rows): in-process with a single writer, over ZeroMQ loopback (the service is
@@ -328,8 +328,8 @@ INGEST_FIGURES = (
 def _ingest_rows(results: dict, n_batches: int, baseline_batches: int, repeats: int) -> None:
     """The ingest figures, ``repeats`` times over: every figure is measured between two
     measurements of the disk's ceiling and taken as a fraction of their mean, and the median
-    of those paired fractions is the figure's result (this disk's ceiling moves by a quarter
-    within a minute, so only a ceiling measured beside a figure is its reference). Then the
+    of those paired fractions is the figure's result (this disk's ceiling moves by a quarter or
+    more within minutes, so only a ceiling measured beside a figure is its reference). Then the
     baselines once (their rows are Python dicts: memory, not the disk, limits, so they get
     fewer batches)."""
     batches = _batches(n_batches)

@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             save(args, runs, started)  # an interrupted sweep keeps every finished run
     caps = save(args, runs, started)
     if not args.quick:
-        print(f"wrote {plot(runs, args.cap_list, REPO / 'docs' / ('staleness-live' + (f'-{args.tag}' if args.tag else '') + '.png'))}")
+        drawn = plot(runs, args.cap_list, REPO / "docs" / f"staleness-live{f'-{args.tag}' if args.tag else ''}.png")
+        print(f"wrote {drawn}")
     print_table(
         f"live job, async, {args.steps} learner steps from one SFT start: held-out greedy accuracy at exact "
         f"versions ({args.heldout} problems), mean ± sd over {args.seeds} seed(s)",
