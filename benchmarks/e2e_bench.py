@@ -6,8 +6,12 @@
 learner batch per policy version and waits for the next. ``async`` lets the actor run up to
 ``algorithm.staleness.max_staleness`` versions ahead. Reported per mode: trajectories/s, learner busy fraction
 (time in train steps / wall), actor busy fraction (share of the actor's metric samples with
-requests in flight), policy versions reached, and the last held-out greedy accuracy.
-``--quick`` skips the SFT warm start and the zero-advantage filter (plumbing only, < 2 min).
+requests in flight), policy versions reached and versions per minute of training (first to
+last learner step), and the last held-out greedy accuracy.
+``--quick`` skips the SFT warm start and the zero-advantage filter and ends each mode at
+``QUICK_VERSIONS`` policy versions instead of a wall-clock budget (~2 min in all, most of it the
+two jobs' start-up): a half-minute budget left sync at 0 versions, the engine's start-up eating
+it, so the quick run compared nothing. What it compares is versions per minute.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from _common import print_table, write_result  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).with_name("async-rl")
 SHARED = ("model", "data", "sft_model")
+QUICK_VERSIONS = 4  # --quick: each mode trains this many versions (sync needs one generation round each)
 
 
 def run_mode(root: Path, mode: str, budget_min: float, quick: bool, overrides: Sequence[str] = (),
@@ -64,9 +69,12 @@ def summarize(run_dir: Path, mode: str, budget_min: float) -> dict:
     learner, actor, evals = records(run_dir, "learner"), records(run_dir, "actor-0"), records(run_dir, "eval")
     span = (actor[-1]["time"] - actor[0]["time"]) if len(actor) > 1 else budget_min * 60
     rows = actor[-1]["rows_acked"] if actor else 0
+    training_s = learner[-1]["time"] - learner[0]["time"] if len(learner) > 1 else 0.0
     return {
         "mode": mode,
         "versions": learner[-1]["version"] if learner else 0,
+        # the learner's pace once both roles run (start-up excluded): steps 1..N span N-1 versions
+        "versions_per_min": (len(learner) - 1) * 60 / training_s if training_s > 0 else 0.0,
         "trajectories_per_s": rows / max(span, 1e-9),
         "learner_busy": learner[-1]["busy_fraction"] if learner else 0.0,
         "actor_busy": sum(1 for r in actor if r["groups_in_flight"] > 0) / max(len(actor), 1),
@@ -94,23 +102,29 @@ def warm_start(root: Path, overrides: Sequence[str] = ()) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="plumbing only, no SFT, 0.5 min per mode")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"no SFT, {QUICK_VERSIONS} versions per mode instead of a wall-clock budget")
     parser.add_argument("--budget-min", type=float, default=4.0, help="wall-clock budget per mode")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "e2e_bench")
     args = parser.parse_args()
-    budget = 0.5 if args.quick else args.budget_min
+    budget = 0 if args.quick else args.budget_min
+    overrides = [f"learner.max_steps={QUICK_VERSIONS}"] if args.quick else []
     args.root.mkdir(parents=True, exist_ok=True)
     if not args.quick:
         warm_start(args.root)
-    results = [run_mode(args.root, mode, budget, args.quick) for mode in ("sync", "async")]
-    rows = [[r["mode"], r["versions"], r["trajectories_per_s"], r["learner_busy"], r["actor_busy"],
-             r["staleness_mean"], r["heldout_start"], r["heldout_accuracy"]] for r in results]
+    results = [run_mode(args.root, mode, budget, args.quick, overrides) for mode in ("sync", "async")]
+    rows = [[r["mode"], r["versions"], r["versions_per_min"], r["trajectories_per_s"], r["learner_busy"],
+             r["actor_busy"], r["staleness_mean"], r["heldout_start"], r["heldout_accuracy"]] for r in results]
+    span = f"{QUICK_VERSIONS} versions" if args.quick else f"{budget:g} min"
     print_table(
-        f"async vs sync, {budget:g} min each (sync is the baseline)",
-        ["mode", "versions", "traj/s", "learner busy", "actor busy", "staleness", "held-out start", "held-out end"],
+        f"async vs sync, {span} each (sync is the baseline)",
+        ["mode", "versions", "versions/min", "traj/s", "learner busy", "actor busy", "staleness", "held-out start",
+         "held-out end"],
         rows,
     )
-    write_result("e2e_bench" + ("_quick" if args.quick else ""), {"quick": args.quick, "budget_min": budget, "modes": results})
+    write_result("e2e_bench" + ("_quick" if args.quick else ""),
+                 {"quick": args.quick, "budget_min": budget, "versions": QUICK_VERSIONS if args.quick else None,
+                  "modes": results})
 
 
 if __name__ == "__main__":

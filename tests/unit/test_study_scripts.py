@@ -13,6 +13,11 @@ def staleness(load_benchmark):
 
 
 @pytest.fixture(scope="module")
+def e2e(load_benchmark):
+    return load_benchmark("e2e_bench")
+
+
+@pytest.fixture(scope="module")
 def default_run(load_benchmark):
     return load_benchmark("default_run")
 
@@ -102,3 +107,20 @@ def test_default_run_reads_a_finished_run_folder(default_run, tmp_path):
     (tmp_path / "metrics" / "eval.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no held-out evaluations"):
         default_run.run_summary(tmp_path)
+
+
+def test_e2e_summary_reports_the_learners_pace_from_its_first_step(e2e, tmp_path):
+    """versions/min counts from the first learner step (engine start-up excluded), so a run that
+    ends at N versions still compares the modes; a run with no step reports 0, not a division error."""
+    metrics = tmp_path / "run" / "metrics"
+    metrics.mkdir(parents=True)
+    steps = [{"version": v, "time": 100.0 + 3.0 * (v - 1), "busy_fraction": 0.5, "staleness_mean": 0.0}
+             for v in (1, 2, 3, 4)]  # 3 versions in 9 s after the first
+    (metrics / "learner.jsonl").write_text("\n".join(json.dumps(r) for r in steps))
+    actor = [{"time": 90.0 + 10 * i, "rows_acked": 64 * i, "groups_in_flight": i % 2} for i in range(3)]
+    (metrics / "actor-0.jsonl").write_text("\n".join(json.dumps(r) for r in actor))
+    summary = e2e.summarize(tmp_path / "run", "sync", 0)
+    assert summary["versions"] == 4 and summary["versions_per_min"] == pytest.approx(20.0)
+    assert summary["trajectories_per_s"] == pytest.approx(128 / 20)
+    (metrics / "learner.jsonl").write_text("")
+    assert e2e.summarize(tmp_path / "run", "sync", 0)["versions_per_min"] == 0.0
