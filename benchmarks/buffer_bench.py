@@ -5,7 +5,13 @@
 Rows measured (each also run through the baseline in the same run):
 - the disk's own ceiling: os.write + fsync per batch of the bytes a segment holds, measured
   before and after every ingest figure (this disk's ceiling moves by a quarter or more
-  within minutes: a figure is compared only with the ceilings measured beside it);
+  within minutes: a figure is compared only with the ceilings measured beside it). Every
+  ceiling and every figure starts its clock right after as many bytes of page cache as it
+  will write were freed (a scratch file written and deleted): on these VMs memory left free
+  for more than a few seconds is handed back to the host, and writing new data into such
+  pages costs 2.5-3.3x as much as into pages freed just before (RESULTS.md, #19). Before,
+  the ceiling rewrote its own just-truncated file (always recycled pages) while a ZeroMQ
+  figure's service started up for a second or two first;
 - ingest trajectories/s, 1k-token rows (256 prompt + 768 response tokens), batches of 256
   (48 batches with --quick, 160 without), ``fsync: batch`` (an ack only after an fsync
   covering the rows): in-process with a single writer, over ZeroMQ loopback (the service is
@@ -90,6 +96,7 @@ def ingest_inprocess(directory: Path, batches, window: int = 0) -> float:
     from buffer.store import ReplayStore
 
     store = ReplayStore(directory, BufferConfig(fsync="batch"), max_staleness=STALENESS_CAP)
+    recycle_page_cache(directory, batches)
     start = time.perf_counter()
     if window:
         store.insert_many(batches, window=window)
@@ -122,6 +129,7 @@ def ingest_zmq(directory: Path, batches, writers: int, window: int = 0) -> float
                     client.insert(batch)
 
         threads = [threading.Thread(target=write, args=(c, bs)) for c, bs in zip(clients, shards, strict=True)]
+        recycle_page_cache(directory, batches)  # after the service's start-up, right before the clock
         start = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -218,14 +226,34 @@ def disk_ceiling(directory: Path, batches) -> float:
     from buffer.segments import encode_batch
 
     payloads = [encode_batch(batch).message for batch in batches]
-    fd = os.open(directory / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    path = directory / "raw.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    recycle_page_cache(directory, batches)
     start = time.perf_counter()
     for data in payloads:
         os.write(fd, data)
         os.fsync(fd)
     elapsed = time.perf_counter() - start
     os.close(fd)
+    path.unlink()  # its pages are not recycled by the next ceiling, as a figure's are not
     return sum(b.num_rows for b in batches) / elapsed
+
+
+def recycle_page_cache(directory: Path, batches) -> None:
+    """Write and delete a scratch file of the bytes ``batches`` take, so that the measurement
+    that follows writes into page cache freed just now, as every ceiling and figure does: on
+    these VMs (free page reporting) pages left free for a few seconds go back to the host and
+    cost 2.5-3.3x as much to write into, so without this a figure's ratio to the ceiling
+    depended on how long its set-up took."""
+    block = bytes(1 << 22)
+    path = directory / "recycle.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for _ in range(0, sum(b.nbytes for b in batches), len(block)):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 # ------------------------------------------------------------------ sample + memory
