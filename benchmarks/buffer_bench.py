@@ -26,7 +26,10 @@ Rows measured (each also run through the baseline in the same run):
   their baseline column is the synchronous writer of the same run, and the targets of #19
   apply to them;
 - sample latency p50/p99 for a 512-row batch (64 groups of 8) at 100k and 1M stored rows;
-- resident memory (RSS) after filling 100k and 1M rows.
+- resident memory (RSS) after filling 100k and 1M rows;
+- the CPU time of one insert of 256 short rows (``fsync: never``) into an empty buffer and
+  into one that holds 1M rows (the first and the last ``INSERT_PROBE`` inserts of the 1M fill):
+  what a full buffer adds to every insert (the baseline column is the empty buffer).
 Sampling/memory runs use short rows (32 response tokens) so a million rows fill in seconds;
 each runs in a fresh process so RSS is not polluted by the other measurements.
 
@@ -65,6 +68,7 @@ GROUPS_PER_BATCH, GROUP_SIZE = 32, 8  # 256 rows per insert
 PROMPT_LEN, RESPONSE_LEN = 256, 768  # a "1k-token row"
 SMALL_RESPONSE = 32  # rows used to fill 1M-row buffers quickly
 SAMPLE_GROUPS = 64  # 512 rows per sample
+INSERT_PROBE = 50  # inserts timed at each end of the 1M-row fill
 ZMQ_WRITERS = 8
 PIPELINE_WINDOW = 4  # batches in flight for a pipelined single writer (Kafka's max.in.flight)
 STALENESS_CAP = 4  # the default algorithm.staleness.max_staleness; ingest never samples
@@ -263,7 +267,7 @@ def _sample_run(kind: str, n_rows: int, n_samples: int, directory: str, out) -> 
     """In a fresh process: fill ``n_rows`` short rows, then time samples and read RSS."""
     n_batches = n_rows // (GROUPS_PER_BATCH * GROUP_SIZE)
     sampler = _fill_store if kind == "buffer" else _fill_baseline
-    sample = sampler(Path(directory), n_batches)
+    sample, fill = sampler(Path(directory), n_batches)
     rss_filled = psutil.Process().memory_info().rss
     times = []
     for _ in range(n_samples):
@@ -274,7 +278,7 @@ def _sample_run(kind: str, n_rows: int, n_samples: int, directory: str, out) -> 
     times_ms = np.array(times) * 1e3
     out.put({"p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99)),
              "rss_mb": rss_filled / 2**20,
-             "rss_after_samples_mb": psutil.Process().memory_info().rss / 2**20})
+             "rss_after_samples_mb": psutil.Process().memory_info().rss / 2**20, **fill})
 
 
 def _fill_store(directory: Path, n_batches: int):
@@ -283,9 +287,16 @@ def _fill_store(directory: Path, n_batches: int):
     cfg = BufferConfig(fsync="never", max_times_sampled=1_000_000,
                        capacity_rows=10_000_000, min_size_to_sample=1)
     store = ReplayStore(directory, cfg, max_staleness=1000)
+    cpu_s = []
     for i in range(n_batches):
-        store.insert(_small_batch(i))
-    return lambda: store.sample(SAMPLE_GROUPS)[0].num_rows
+        batch = _small_batch(i)
+        start = time.thread_time()
+        store.insert(batch)
+        cpu_s.append(time.thread_time() - start)
+    probe = min(INSERT_PROBE, n_batches // 2)
+    fill = {"insert_cpu_ms_empty": 1e3 * statistics.fmean(cpu_s[:probe]),
+            "insert_cpu_ms_full": 1e3 * statistics.fmean(cpu_s[-probe:])}
+    return (lambda: store.sample(SAMPLE_GROUPS)[0].num_rows), fill
 
 
 def _small_batch(i: int):
@@ -302,7 +313,7 @@ def _fill_baseline(directory: Path, n_batches: int):
                      behavior_logprobs=list(r["behavior_logprobs"]),
                      token_versions=list(r["token_versions"])) for r in template]
         base.rows.extend(rows)  # the fill is not what is measured here
-    return lambda: len(base.sample(SAMPLE_GROUPS, 0, 1000, 1_000_000))
+    return (lambda: len(base.sample(SAMPLE_GROUPS, 0, 1000, 1_000_000))), {}
 
 
 def sample_and_memory(kind: str, n_rows: int, n_samples: int) -> dict:
@@ -421,6 +432,9 @@ def _report(results: dict, small: int, large: int) -> None:
         (f"RSS MB @ {small:,} rows", sb["rss_mb"], bb["rss_mb"], "", False),
         (f"RSS MB @ {large:,} rows", sl["rss_mb"], bl["rss_mb"],
          f"<= 2x RSS@{small:,} = {2 * sb['rss_mb']:.0f}", False),
+        # baseline: the same insert into the empty buffer
+        (f"insert CPU ms, 256 short rows @ {large:,}", sl["insert_cpu_ms_full"], sl["insert_cpu_ms_empty"],
+         "baseline: into the empty buffer", None),
     ]
     results["table"] = []
     print(f"\nreplay buffer benchmark{' (quick)' if results['quick'] else ''}; "
@@ -428,7 +442,8 @@ def _report(results: dict, small: int, large: int) -> None:
           f"(loadavg {results['machine']['loadavg_before'][0]:.1f}→{results['machine']['loadavg_after'][0]:.1f})")
     print(f"{'measure':44s} {'buffer':>12s} {'baseline':>12s} {'target':>38s}  better")
     for name, ours, base, target, higher_is_better in table:
-        better = None if base != base else ours > base if higher_is_better else ours < base  # nan: none
+        # nan baseline or None direction: a reference, not a comparison
+        better = None if base != base or higher_is_better is None else ours > base if higher_is_better else ours < base
         results["table"].append({"measure": name, "buffer": ours, "baseline": base,
                                  "target": target, "better_than_baseline": better})
         print(f"{name:44s} {ours:12.2f} {base:12.2f} {target:>38s}  {'-' if better is None else 'yes' if better else 'NO'}")

@@ -723,10 +723,17 @@ class ReplayStore:
 
     def _live_slice(self) -> int:
         """First group number that may still be LIVE: groups only ever leave LIVE, so the
-        oldest LIVE group bounds every scan (old, retired groups are never looked at)."""
+        oldest LIVE group bounds every scan (old, retired groups are never looked at). Found
+        in growing chunks from the last answer: usually the first group looked at."""
         status = self.index.group_status.view
-        live = np.flatnonzero(status[self._live_from :] == Status.LIVE)
-        self._live_from = self._live_from + int(live[0]) if len(live) else len(status)
+        start, chunk = self._live_from, 64
+        while start < len(status):
+            live = np.flatnonzero(status[start : start + chunk] == Status.LIVE)
+            if len(live):
+                start += int(live[0])
+                break
+            start, chunk = start + chunk, chunk * 2
+        self._live_from = min(start, len(status))
         return self._live_from
 
     def _candidates(self) -> np.ndarray:
@@ -837,10 +844,10 @@ class ReplayStore:
         self._retire(np.flatnonzero(flat) + lo, Status.ZERO_ADVANTAGE)
 
     def _evict_to_capacity(self) -> None:
-        idx, lo = self.index, self._live_slice()
-        live = np.flatnonzero(idx.group_status.view[lo:] == Status.LIVE) + lo
-        live_rows = np.cumsum(idx.group_count.view[live][::-1])[::-1]  # rows from g onwards
-        self._retire(live[live_rows > self.cfg.capacity_rows], Status.CAPACITY)
+        idx = self.index
+        excess = self._live_rows() - self.cfg.capacity_rows
+        if excess > 0:
+            self._retire(self._oldest_live_groups(excess), Status.CAPACITY)
         while self._disk_bytes() > self.cfg.capacity_bytes and len(self.segments) > 1:
             oldest = min(self.segments)
             if oldest == self._writer_id and self._writer is not None:
@@ -851,6 +858,29 @@ class ReplayStore:
             self._retire(gids[idx.group_status.view[gids] == Status.LIVE], Status.CAPACITY)
             if oldest in self.segments:
                 self._delete_segment(oldest)
+
+    def _live_rows(self) -> int:
+        """Rows of LIVE groups, what ``capacity_rows`` bounds: each segment counts its own
+        (``Segment.pending``), so this costs one term per segment, not one per group."""
+        return sum(seg.pending for seg in self.segments.values())
+
+    def _oldest_live_groups(self, rows: int) -> np.ndarray:
+        """The fewest oldest LIVE groups holding at least ``rows`` rows (group numbers follow
+        insertion order). Scanned from the oldest LIVE group in growing chunks: the work is
+        proportional to what is evicted, not to what is stored."""
+        status, count = self.index.group_status.view, self.index.group_count.view
+        start, chunk, held, picked = self._live_slice(), 1024, 0, []
+        while start < len(status):
+            live = np.flatnonzero(status[start : start + chunk] == Status.LIVE) + start
+            reached = np.cumsum(count[live]) + held
+            enough = int(np.searchsorted(reached, rows))  # first group at which `rows` is reached
+            if enough < len(live):
+                picked.append(live[: enough + 1])
+                break
+            picked.append(live)
+            held = int(reached[-1]) if len(live) else held
+            start, chunk = start + chunk, chunk * 2
+        return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
 
     def _disk_bytes(self) -> int:
         return sum(seg.bytes for seg in self.segments.values())

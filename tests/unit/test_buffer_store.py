@@ -11,7 +11,7 @@ import pytest
 
 from async_rl.config import BufferConfig
 from buffer import inspection
-from buffer.index import hash_ids, hash_repeated_ids
+from buffer.index import Status, hash_ids, hash_repeated_ids
 from buffer.schema import TRAJECTORY_SCHEMA, SchemaError
 from buffer.segments import SegmentWriter, segment_path
 from buffer.store import RateLimited, ReplayStore
@@ -242,6 +242,32 @@ def test_capacity_in_rows_evicts_oldest_groups_first(tmp_path):
         store.insert(synthetic_batch(groups=[name]))
     assert store.state.evicted_rows == {"capacity": 4}
     assert _groups(store.sample(5, peek=True)[0]) == ["b", "c"]
+
+
+def test_capacity_eviction_takes_the_fewest_oldest_live_groups_as_the_buffer_churns(tmp_path):
+    """The running count of live rows (one term per segment) stays equal to the index's, and
+    each insert past capacity_rows retires a prefix of the LIVE groups in age order, no longer
+    than needed, whatever samples, staleness and rolling segments did before."""
+    rng = np.random.default_rng(0)
+    store = _store(tmp_path, capacity_rows=40, max_times_sampled=1, segment_bytes=20_000, max_staleness=2)
+    idx = store.index
+    for step in range(60):
+        before = idx.group_status.view.copy()
+        sizes = rng.integers(1, 4, size=rng.integers(1, 4))
+        for k, size in enumerate(sizes):
+            store.insert(synthetic_batch(groups=[f"s{step}-{k}"], group_size=int(size), version=step // 8))
+        status = idx.group_status.view
+        live = status == Status.LIVE
+        assert store._live_rows() == int(idx.group_count.view[live].sum()) <= 40
+        evicted = np.flatnonzero((status[: len(before)] == Status.CAPACITY) & (before == Status.LIVE))
+        if len(evicted):
+            assert evicted.max() < np.flatnonzero(live).min()  # the oldest went first
+            assert store._live_rows() + idx.group_count.view[evicted.max()] > 40  # and no more than needed
+        if step % 5 == 4:
+            store.sample(2)
+            store.set_learner_version(step // 6)
+            assert store._live_rows() == int(idx.group_count.view[idx.group_status.view == Status.LIVE].sum())
+    assert store.state.evicted_groups["capacity"] > 10
 
 
 def test_capacity_in_bytes_deletes_the_oldest_segments(tmp_path):
