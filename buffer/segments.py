@@ -71,14 +71,17 @@ class SegmentWriter:
     appended to again (the store rolls to a new segment).
     """
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, *, sync: bool = True) -> None:
+        """``sync=False``: the caller has the header and the file's name in its directory
+        fsynced before it acknowledges anything written here (a group commit's next round)."""
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.size = 0
         self.broken = False
         self._write(schema.with_metadata(CHECKSUM_FLAG).serialize())
-        self.fsync()
-        fsync_dir(path.parent)  # the new file's name must survive a crash too
+        if sync:
+            self.fsync()
+            fsync_dir(path.parent)  # the new file's name must survive a crash too
 
     def append(self, batch: pa.RecordBatch | EncodedBatch) -> tuple[int, int]:
         """Write one batch (encoded here unless it comes encoded); returns ``(byte offset, byte
@@ -123,12 +126,14 @@ class SegmentWriter:
             finally:
                 os.close(fd)
 
-    def close(self) -> None:
-        """Write the end-of-stream marker so the file is a complete IPC stream."""
+    def close(self, *, sync: bool = True) -> None:
+        """Write the end-of-stream marker so the file is a complete IPC stream; ``sync=False``:
+        the caller fsyncs a duplicate descriptor (:meth:`dup_fd`) before acknowledging."""
         if self._fd < 0:
             return
         self._write(END_OF_STREAM)
-        self.fsync()
+        if sync:
+            self.fsync()
         os.close(self._fd)
         self._fd = -1
 
@@ -240,6 +245,12 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_dir(directory: Path) -> int:
+    """A descriptor of ``directory``, for an fsync of the names in it made since (the caller
+    fsyncs and closes it)."""
+    return os.open(directory, os.O_RDONLY)
 
 
 @dataclass

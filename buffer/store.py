@@ -90,6 +90,7 @@ from buffer.segments import (
     SegmentScan,
     SegmentWriter,
     list_segments,
+    open_dir,
     quarantine_messages,
     quarantine_segment,
     release_pages,
@@ -186,6 +187,10 @@ class ReplayStore:
         self._scanner: ThreadPoolExecutor | None = None  # see _roll_segment
         self._roll_scans: dict[int, Future] = {}  # segment id -> its read-back, running
         self._fsync_error: OSError | None = None
+        # Under group commit, what a roll leaves for the next fsync instead of fsyncing on the
+        # inserting thread: the rolled segment's tail (a duplicate descriptor) and the folder,
+        # for the new segment's name. Every later fsync (round or inline) takes them first.
+        self._unsynced_fds: list[int] = []
 
     # ------------------------------------------------------------------ recovery
 
@@ -466,7 +471,10 @@ class ReplayStore:
         if self._writer is None:
             self._writer_id += 1
             path = segment_path(self.dir, self._writer_id)
-            self._writer = SegmentWriter(path, TRAJECTORY_SCHEMA)
+            deferred = self.group_commit is not None  # the next fsync covers header and name
+            self._writer = SegmentWriter(path, TRAJECTORY_SCHEMA, sync=not deferred)
+            if deferred:
+                self._unsynced_fds.append(open_dir(self.dir))
             self.segments[self._writer_id] = Segment(path=path, bytes=self._writer.size)
         return self._writer_id
 
@@ -475,7 +483,11 @@ class ReplayStore:
         :meth:`_finish_rolls` then swaps its in-memory batches for memory-mapped ones. Until
         then the rows are served from memory, as they were while it was active."""
         seg_id, writer = self._writer_id, self._writer
-        writer.close()
+        if self.group_commit is not None:  # its tail is fsynced by the next round, not here
+            self._unsynced_fds.append(writer.dup_fd())
+            writer.close(sync=False)
+        else:
+            writer.close()
         self._writer = None
         if self._scanner is None:
             self._scanner = ThreadPoolExecutor(1, thread_name_prefix="buffer-roll-scan")
@@ -520,6 +532,7 @@ class ReplayStore:
         if self._fsync_error is not None:  # what that fsync failed to write may be gone
             raise self._fsync_error
         try:
+            self._fsync_unsynced()
             if self._writer is not None:
                 self._writer.fsync()
             self.journal.fsync()
@@ -538,9 +551,21 @@ class ReplayStore:
         self._last_fsync = time.monotonic()
         # A clean journal is left out: an fsync with nothing to write still flushes the disk.
         fds = [self.journal.dup_fd()] if self.journal.dirty else []
+        fds += self._unsynced_fds  # handed over: the round fsyncs and closes them
+        self._unsynced_fds = []
         if self._writer is not None:
             fds.append(self._writer.dup_fd())
         return fds
+
+    def _fsync_unsynced(self) -> None:
+        """Fsync here what rolls left for the next fsync (see ``_unsynced_fds``)."""
+        while self._unsynced_fds:
+            fd = self._unsynced_fds[0]
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                self._unsynced_fds.pop(0)
 
     def tick(self) -> None:
         """Periodic work for the service loop: the interval fsync, releasing mapped pages."""
@@ -953,12 +978,15 @@ class ReplayStore:
             self._finish_rolls(wait=True)
             self._scanner.shutdown()
             self._scanner = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self.journal is not None:
-            self.journal.close()
-        self.retired.close()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._fsync_unsynced()
+        finally:
+            if self.journal is not None:
+                self.journal.close()
+            self.retired.close()
 
 
 class RetiredGroups:

@@ -219,3 +219,65 @@ def test_inserts_the_rate_limiter_refuses_within_a_window_are_retried_until_the_
     assert refused.is_set()
     assert acks == [{"accepted": 4, "duplicates": 0, "fsynced": True}] * 5
     assert sorted(sampled) == sorted(f"g{i}" for i in range(8))
+
+
+def _batch_ends(path) -> dict[str, int]:
+    """traj_id -> the byte offset where the batch holding it ends in a segment file."""
+    data = pa.py_buffer(path.read_bytes())
+    source = pa.BufferReader(data)
+    schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+    ends = {}
+    while True:
+        try:
+            message = pa.ipc.read_message(source)
+        except (EOFError, OSError, pa.ArrowInvalid):
+            return ends
+        batch = pa.ipc.read_record_batch(message, schema)
+        ends.update(dict.fromkeys(batch.column("traj_id").to_pylist(), source.tell()))
+
+
+def test_an_ack_in_a_rolled_to_segment_follows_the_fsyncs_of_its_name_and_of_the_rolled_tail(tmp_path, monkeypatch):
+    """Under group commit a roll leaves its fsyncs (the rolled segment's tail, the folder
+    holding the new segment's name) to the next round instead of the inserting thread: every
+    ack must still come after both, for whichever segment holds its rows."""
+    real_fsync, lock = os.fsync, threading.Lock()
+    fsynced: dict[str, int] = {}  # segment -> bytes an fsync covered; "names" -> segments named
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        listed = {p for p in os.listdir(path) if p.endswith(".arrows")} if os.path.isdir(path) else None
+        size = os.fstat(fd).st_size
+        time.sleep(SLOW_FSYNC_S / 10)  # rounds in flight while segments roll
+        real_fsync(fd)
+        with lock:
+            if listed is not None:
+                fsynced.setdefault("names", set()).update(listed)
+            else:
+                fsynced[os.path.basename(path)] = max(fsynced.get(os.path.basename(path), 0), size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    one = synthetic_batch(groups=["x"], response_len=64)
+    acked: list[tuple[str, set, dict]] = []
+    with _serving(tmp_path, segment_bytes=2 * one.nbytes) as service:
+
+        def write(w):
+            with BufferClient(service.address) as client:
+                for i in range(6):
+                    batch = synthetic_batch(groups=[f"w{w}-{i}"], response_len=64, seed=i)
+                    assert client.insert(batch)["fsynced"] is True
+                    with lock:
+                        acked.append((batch.column("traj_id")[0].as_py(), set(fsynced.get("names", ())),
+                                      {k: v for k, v in fsynced.items() if k != "names"}))
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    ends = {traj: (path.name, end) for path in tmp_path.glob("seg-*.arrows") for traj, end in _batch_ends(path).items()}
+    assert len({segment for segment, _ in ends.values()}) >= 5  # it rolled, several times
+    assert len(acked) == 24
+    for traj, names, sizes in acked:
+        segment, end = ends[traj]
+        assert segment in names, f"{traj} acked before the name of {segment} was fsynced"
+        assert sizes.get(segment, 0) >= end, f"{traj} acked before an fsync covered it in {segment}"

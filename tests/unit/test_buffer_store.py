@@ -1,6 +1,7 @@
 """The durable store: idempotent inserts, group-aware sampling, every policy, restarts."""
 
 import json
+import os
 import threading
 from collections import Counter
 
@@ -561,3 +562,27 @@ def test_repeated_ids_hash_once_per_value_to_the_same_hashes():
     taken = ids.take(pa.array([5, 3]))  # a slice of another batch, as dedup takes it
     assert hash_repeated_ids(taken).tolist() == hash_ids(["g1", "g2"]).tolist()
     assert hash_repeated_ids(pa.array([], pa.string())).tolist() == []
+
+
+def test_under_group_commit_a_roll_leaves_the_rolled_tail_and_the_new_name_to_the_next_round(tmp_path, monkeypatch):
+    """The inserting thread does not fsync when a segment rolls under group commit: the round
+    that covers the first rows of the new segment fsyncs the rolled segment (its last batches
+    may still wait for their round) and the folder (the new segment's name)."""
+    one = synthetic_batch(groups=["x"])
+    store = _store(tmp_path, fsync="batch", segment_bytes=one.nbytes)  # rolls after every batch
+    commit = store.start_group_commit()
+    rounds, real_start, inline = [], commit.start, []
+    monkeypatch.setattr(commit, "start", lambda fds: (rounds.append(
+        sorted(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) for fd in fds)), real_start(fds))[1])
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (inline.append(threading.current_thread().name), real_fsync(fd))[1])
+    for name in ["a", "b", "c"]:
+        ack = store.insert(synthetic_batch(groups=[name]), sync=False)
+        commit.wait()
+        assert ack.round == commit.started
+    fsynced_on = set(inline)
+    store.close()
+    assert rounds[0] == ["seg-000001.arrows", tmp_path.name]  # the first segment's name, too
+    assert rounds[1] == ["seg-000001.arrows", "seg-000002.arrows", tmp_path.name]
+    assert rounds[2] == ["seg-000002.arrows", "seg-000003.arrows", tmp_path.name]
+    assert fsynced_on == {"buffer-fsync"}  # nothing on the inserting thread
