@@ -25,9 +25,11 @@ from test_job import cli, metrics, start_job, status, wait_for
 from async_rl.config import BufferConfig
 from async_rl.job.learner_role import TRAINED_LOG
 from async_rl.job.runfolder import read_run_json
+from buffer.client import BufferClient
 from buffer.cursor import group_id, read_record
 from buffer.index import hash_ids
 from buffer.journal import JOURNAL_NAME
+from buffer.service import SERVICE_FILE
 from buffer.store import ReplayStore
 
 pytestmark = pytest.mark.slow
@@ -148,15 +150,23 @@ def test_one_epoch_through_a_learner_kill_and_a_job_kill_trains_every_prompt_onc
         # 2. Kill everything while the learner holds a sampled batch and prompts are in flight.
         wait_for("two learner steps", lambda: len(trained(run_dir)) >= 2, every_s=0.5)
 
-        def mid_step():  # file reads only: a step of the tiny model takes about a second
-            done = set(hash_ids([g for step in trained(run_dir) for g in step]).tolist())
-            held = [g for groups in leases(journal(run_dir))[0].values() for g in groups if g not in done]
-            record = read_record(run_dir / "buffer")
-            outstanding = [key for key in record.outstanding if key[0] == 0]
-            return held and record.epoch == 0 and len(outstanding) >= 2
+        address = json.loads((run_dir / "buffer" / SERVICE_FILE).read_text())["address"]
+        with BufferClient(address) as buffer:
 
-        wait_for("the learner mid-step with prompts in flight", mid_step, every_s=0.05)
-        killed = kill_tree(job.pid)
+            def mid_step():  # a step of the tiny model takes about a second
+                done = set(hash_ids([g for step in trained(run_dir) for g in step]).tolist())
+                held = [g for groups in leases(journal(run_dir))[0].values() for g in groups if g not in done]
+                record = read_record(run_dir / "buffer")
+                outstanding = [key for key in record.outstanding if key[0] == 0]
+                if not (held and record.epoch == 0 and len(outstanding) >= 2):
+                    return False
+                # The record lists what was handed out and not yet *known* done (it is rewritten
+                # only before a hand-out): ask the buffer which of those are durable already.
+                durable = buffer.durable_groups([group_id(record.cursor_id, key) for key in outstanding])
+                return durable.count(False) >= 2
+
+            wait_for("the learner mid-step with prompts in flight", mid_step, every_s=0.05)
+            killed = kill_tree(job.pid)
     finally:
         if job.poll() is None:
             kill_tree(job.pid)

@@ -176,11 +176,20 @@ def test_a_response_generated_across_an_update_carries_both_versions(served, oth
     old, new = engine.version, engine.version + 1
     prompt = encode_prompt(engine.tokenizer, MESSAGES)
 
+    room = engine.max_model_len - len(prompt)  # the longest response the engine allows
+    # The update comes a few tokens into the responses, timed on this machine: a fixed delay was
+    # longer than a whole response on a faster one (every token then had the old version).
+    per_token_s = float("inf")
+    for _ in range(2):  # the faster of two: the first may still warm something up
+        started = time.perf_counter()
+        longest = max(len(s.token_ids) for s in loop.run(engine.generate(prompt, n=2, max_tokens=64)))
+        per_token_s = min(per_token_s, (time.perf_counter() - started) / longest)
+
     async def update_mid_generation():
-        running = asyncio.ensure_future(engine.generate(prompt, n=2, max_tokens=120))
+        running = asyncio.ensure_future(engine.generate(prompt, n=2, max_tokens=room))
         while engine.num_unfinished() == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # some tokens under the old weights, most still to come
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(4 * per_token_s)  # some tokens under the old weights, most still to come
         report = await engine.update_weights(new, weights_of(other_model_dir))
         return await running, report
 
