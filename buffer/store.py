@@ -7,7 +7,9 @@ the ``fsync`` policy (or, under group commit, starts the round that covers it), 
 rows (while that round runs) and returns the ack. What depends on the batch alone (validation,
 hashes, row facts: :func:`prepare_batch`) comes first, so a single writer with more batches
 (``insert_many``) prepares the next one while this one is encoded and written on the append
-thread. A segment that rolls is read back on another thread (:meth:`ReplayStore._roll_segment`).
+thread. A segment that rolls is read back on another thread (:meth:`ReplayStore._roll_segment`);
+under group commit its last fsync and the one of the new segment's name are left to the next
+round, which every ack of rows in either segment waits for.
 ``sample`` returns whole groups that are complete, fresh enough (staleness ≤ max_staleness),
 not yet used ``max_times_sampled`` times and not zero-advantage; every sample is journaled
 (and under ``fsync: batch`` fsynced) before it is returned, so a restart, even after a power
