@@ -308,6 +308,7 @@ class BufferSummary(Record):
     groups_sampled_total: int
     evicted_rows: dict[str, int]
     prompts: dict[str, Any] | None  # the data cursor's progress, ``buffer/cursor.progress``
+    leases: dict[str, int]  # held by the learner until its checkpoint covers them: outstanding, groups
 
 
 class NodeState(Record):

@@ -80,6 +80,7 @@ def render(snap: Snapshot, elapsed_s: float):
         ("staleness mean / max", f"{_fmt(snap.staleness_mean, '.2f')} / {_fmt(snap.staleness_max, '.0f')}"),
         ("buffer rows / groups", f"{_fmt(buffer and buffer.rows)} / {_fmt(buffer and buffer.groups)}"),
         ("prompts of the epoch", _prompts(buffer and buffer.prompts)),
+        ("leased to the learner", _leases(buffer and buffer.leases)),
         ("actors alive", _fmt(snap.actors_alive)),
         ("actor buffer writes", f"{_fmt(snap.buffer_batches_refused)} refused, "
                                 f"stalled {_fmt(snap.buffer_stalled_s, '.0f')} s"),
@@ -97,6 +98,13 @@ def _prompts(p: dict | None) -> str:
     if not p or "error" in p:
         return "-"
     return f"epoch {p['epoch']}: {p['done']} done / {p['in_flight']} in flight / {p['pending']} pending"
+
+
+def _leases(leases: dict | None) -> str:
+    """Groups the learner holds until a checkpoint covers their training (``buffer/store.py``)."""
+    if not leases:
+        return "-"
+    return f"{leases['groups']} groups in {leases['outstanding']} leases"
 
 
 def plain_line(snap: Snapshot, elapsed_s: float) -> str:

@@ -65,6 +65,23 @@ def test_snapshot_and_plain_line_show_the_latest_figures(tmp_path):
     assert line.startswith("[  1.5 min] v5 reward=0.500 heldout=0.600")
 
 
+def test_status_shows_the_groups_leased_to_the_learner(tmp_path):
+    from rich.console import Console
+
+    from async_rl.job.display import render
+    from async_rl.records import BufferSummary
+
+    buffer = BufferSummary(rows=64, groups=8, groups_live=8, groups_sampleable=3, bytes=1, learner_version=2,
+                           groups_sampled_total=5, evicted_rows={}, prompts=None,
+                           leases={"outstanding": 2, "groups": 4})
+    status = JobStatus(pids={}, buffer_stats=buffer, actors=[0], learner_ranks=1, finished=False, failure=None,
+                       restarts={}, events=[], buffer_address=None, weights_address="", buffer_pid=None)
+    console = Console(record=True, width=120)
+    console.print(render(snapshot(tmp_path, status), 0.0))
+    row = next(line for line in console.export_text().splitlines() if "leased to the learner" in line)
+    assert row.split("│")[2].strip() == "4 groups in 2 leases"
+
+
 def test_the_plain_view_prints_each_event_once_in_order(tmp_path):
     from rich.console import Console
 

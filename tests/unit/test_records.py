@@ -47,7 +47,8 @@ def test_a_launch_spec_crosses_a_json_wire_and_comes_back_equal():
 
 def test_pick_takes_a_records_keys_out_of_a_larger_mapping_and_names_a_missing_one():
     stats = {"rows": 8, "groups": 2, "groups_live": 2, "groups_sampleable": 1, "bytes": 100, "learner_version": 3,
-             "groups_sampled_total": 4, "evicted_rows": {"stale": 1}, "prompts": None, "segments": 1, "dir": "/x"}
+             "groups_sampled_total": 4, "evicted_rows": {"stale": 1}, "prompts": None, "segments": 1, "dir": "/x",
+             "leases": {"outstanding": 1, "groups": 2}}
     summary = BufferSummary.pick(stats)
     assert summary.model_dump() == {k: v for k, v in stats.items() if k not in ("segments", "dir")}
     del stats["groups_live"]
