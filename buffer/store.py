@@ -54,7 +54,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -750,18 +750,19 @@ class ReplayStore:
 
     def _live_slice(self) -> int:
         """First group number that may still be LIVE: groups only ever leave LIVE, so the
-        oldest LIVE group bounds every scan (old, retired groups are never looked at). Found
-        in growing chunks from the last answer: usually the first group looked at."""
-        status = self.index.group_status.view
-        start, chunk = self._live_from, 64
-        while start < len(status):
-            live = np.flatnonzero(status[start : start + chunk] == Status.LIVE)
-            if len(live):
-                start += int(live[0])
-                break
-            start, chunk = start + chunk, chunk * 2
-        self._live_from = min(start, len(status))
+        oldest LIVE group bounds every scan (old, retired groups are never looked at). Looked
+        for from the last answer on: usually it is the first group looked at."""
+        first = next((live for live in self._live_groups_from(self._live_from, 64) if len(live)), None)
+        self._live_from = int(first[0]) if first is not None else self.index.n_groups
         return self._live_from
+
+    def _live_groups_from(self, start: int, chunk: int) -> Iterator[np.ndarray]:
+        """The LIVE group numbers from ``start`` on, in chunks that double in size (the callers
+        usually stop at the first): a scan costs what it looks at, not what is stored."""
+        status = self.index.group_status.view
+        while start < len(status):
+            yield np.flatnonzero(status[start : start + chunk] == Status.LIVE) + start
+            start, chunk = start + chunk, chunk * 2
 
     def _candidates(self) -> np.ndarray:
         idx, lo = self.index, self._live_slice()
@@ -893,12 +894,9 @@ class ReplayStore:
 
     def _oldest_live_groups(self, rows: int) -> np.ndarray:
         """The fewest oldest LIVE groups holding at least ``rows`` rows (group numbers follow
-        insertion order). Scanned from the oldest LIVE group in growing chunks: the work is
-        proportional to what is evicted, not to what is stored."""
-        status, count = self.index.group_status.view, self.index.group_count.view
-        start, chunk, held, picked = self._live_slice(), 1024, 0, []
-        while start < len(status):
-            live = np.flatnonzero(status[start : start + chunk] == Status.LIVE) + start
+        insertion order): the work is proportional to what is evicted, not to what is stored."""
+        count, held, picked = self.index.group_count.view, 0, []
+        for live in self._live_groups_from(self._live_slice(), 1024):
             reached = np.cumsum(count[live]) + held
             enough = int(np.searchsorted(reached, rows))  # first group at which `rows` is reached
             if enough < len(live):
@@ -906,7 +904,6 @@ class ReplayStore:
                 break
             picked.append(live)
             held = int(reached[-1]) if len(live) else held
-            start, chunk = start + chunk, chunk * 2
         return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
 
     def _disk_bytes(self) -> int:
