@@ -224,12 +224,16 @@ def baseline_ingest_zmq(directory: Path, dict_batches) -> float:
     return sum(len(r) for r in dict_batches) / elapsed
 
 
-def disk_ceiling(directory: Path, batches) -> float:
-    """rows/s of writing the bytes a segment holds (checksummed IPC messages) with os.write +
-    fsync per batch: no validation, no index, no wire."""
+def segment_messages(batches) -> list:
+    """The bytes a segment holds for each batch (checksummed IPC messages): what the ceiling writes."""
     from buffer.segments import encode_batch
 
-    payloads = [encode_batch(batch).message for batch in batches]
+    return [encode_batch(batch).message for batch in batches]
+
+
+def disk_ceiling(directory: Path, batches, payloads: list) -> float:
+    """rows/s of writing ``payloads`` (:func:`segment_messages` of ``batches``) with os.write +
+    fsync per batch: no validation, no index, no wire."""
     path = directory / "raw.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     recycle_page_cache(directory, batches)
@@ -372,6 +376,7 @@ def _ingest_rows(results: dict, n_batches: int, baseline_batches: int, repeats: 
     baselines once (their rows are Python dicts: memory, not the disk, limits, so they get
     fewer batches)."""
     batches = _batches(n_batches)
+    payloads = segment_messages(batches)  # encoded once for every ceiling
     work = Path(tempfile.mkdtemp(prefix="buffer-bench-"))
     rows = results["rows"]
     runs: dict[str, list[float]] = {name: [] for name, _, _ in INGEST_FIGURES}
@@ -381,12 +386,12 @@ def _ingest_rows(results: dict, n_batches: int, baseline_batches: int, repeats: 
     try:
         rows["row_bytes"] = batches[0].nbytes / batches[0].num_rows
         rows["ingest_batches"], rows["baseline_batches"], rows["ingest_repeats"] = n_batches, baseline_batches, repeats
-        ceilings.append(disk_ceiling(work, batches))
+        ceilings.append(disk_ceiling(work, batches, payloads))
         for repeat in range(repeats):
             for name, fn, extra in INGEST_FIGURES:
                 runs[name].append(fn(work / name, batches, *extra))
                 shutil.rmtree(work / name)  # every figure starts from an empty buffer and disk
-                ceilings.append(disk_ceiling(work, batches))
+                ceilings.append(disk_ceiling(work, batches, payloads))
                 ratios[name].append(runs[name][-1] / statistics.fmean(ceilings[-2:]))
                 load[name] = os.getloadavg()[0]  # the machine is shared: what each figure ran beside
             print(f"ingest repetition {repeat + 1}/{repeats}: "

@@ -28,6 +28,7 @@ def test_the_page_cache_is_recycled_with_at_least_the_bytes_measured_and_nothing
 
 def test_the_ceiling_writes_a_new_file_each_time_and_deletes_it(bench, tmp_path):
     batches = bench._batches(2, response_len=64, prompt_len=16)
-    assert bench.disk_ceiling(tmp_path, batches) > 0
-    assert bench.disk_ceiling(tmp_path, batches) > 0  # O_EXCL: the first one's file is gone
+    payloads = bench.segment_messages(batches)
+    assert bench.disk_ceiling(tmp_path, batches, payloads) > 0
+    assert bench.disk_ceiling(tmp_path, batches, payloads) > 0  # O_EXCL: the first one's file is gone
     assert list(tmp_path.iterdir()) == []
